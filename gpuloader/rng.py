@@ -1,0 +1,221 @@
+"""Counter-based random numbers: every decision is a pure function of its coordinates.
+
+Design decision 3: a random word is ``philox4x32_10(counter, key)`` with
+
+* ``key = (seed & 0xffffffff, seed >> 32)``
+* ``counter = (c0, index, epoch, purpose)`` where ``c0`` counts draws inside one
+  (sample, purpose) stream: a ray row, a voxel block, a round number.
+
+The same function is written in CUDA (``kernels/philox.cuh``) and gives the same words, so
+the CPU fallback and the GPU make the same decisions whatever the number of workers,
+processes or devices. Floats are made from integers the same way on both sides.
+
+Subsampling without replacement (design decision 4) uses a keyed Feistel bijection of
+``[0, 2**bits)`` with cycle-walking down to ``[0, n)``: O(k) for k rows, no n-sized buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Purpose",
+    "SampleContext",
+    "philox4x32",
+    "random_words",
+    "uniform24",
+    "bernoulli_threshold",
+    "normal_pairs",
+    "feistel_keys",
+    "feistel_permute",
+    "select_rows",
+    "permutation",
+]
+
+_M0 = np.uint64(0xD2511F53)
+_M1 = np.uint64(0xCD9E8D57)
+_W0 = np.uint32(0x9E3779B9)
+_W1 = np.uint32(0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+
+
+class Purpose:
+    """Purpose codes (counter word 3). Values are part of the on-wire contract with CUDA."""
+
+    SHUFFLE = 1  # sampler order
+    SYMMETRY = 2  # rotation / flip draws
+    SUBSAMPLE = 3  # Feistel round keys of the ray selection
+    ORIGIN_NOISE = 4
+    DIRECTION_NOISE = 5
+    JITTER = 6
+    SEGMENT_STRIDE = 16  # a Compose with several fused segments offsets purposes by this
+
+
+@dataclass(frozen=True)
+class SampleContext:
+    """Coordinates of one sample's random stream: (seed, epoch, dataset index)."""
+
+    seed: int
+    epoch: int
+    index: int
+
+
+def _key(seed: int) -> tuple[np.uint32, np.uint32]:
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+
+
+def philox4x32(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """Philox4x32-10 block function.
+
+    Args:
+        counter: (..., 4) uint32 counters.
+        key: two 32-bit key words.
+
+    Returns:
+        (..., 4) uint32 random words.
+    """
+    c = np.asarray(counter, dtype=np.uint32)
+    c0, c1, c2, c3 = (c[..., i].astype(np.uint64) for i in range(4))
+    k0 = np.uint32(key[0])
+    k1 = np.uint32(key[1])
+    for r in range(10):
+        if r:
+            k0 = np.uint32((int(k0) + int(_W0)) & 0xFFFFFFFF)
+            k1 = np.uint32((int(k1) + int(_W1)) & 0xFFFFFFFF)
+        p0 = _M0 * c0
+        p1 = _M1 * c2
+        hi0, lo0 = p0 >> _SHIFT32, p0 & _MASK32
+        hi1, lo1 = p1 >> _SHIFT32, p1 & _MASK32
+        c0 = hi1 ^ c1 ^ np.uint64(k0)
+        c1 = lo1
+        c2 = hi0 ^ c3 ^ np.uint64(k1)
+        c3 = lo0
+    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
+
+
+def random_words(
+    seed: int, epoch: int, index: np.ndarray | int, purpose: int, c0: np.ndarray | int
+) -> np.ndarray:
+    """Four random uint32 words per (index, c0) pair (broadcast): shape (..., 4) uint32."""
+    index = np.asarray(index, dtype=np.uint64)
+    c0 = np.asarray(c0, dtype=np.uint64)
+    c0, index = np.broadcast_arrays(c0, index)
+    counter = np.empty(c0.shape + (4,), dtype=np.uint32)
+    counter[..., 0] = c0 & _MASK32
+    counter[..., 1] = index & _MASK32
+    counter[..., 2] = np.uint32(int(epoch) & 0xFFFFFFFF)
+    counter[..., 3] = np.uint32(int(purpose) & 0xFFFFFFFF)
+    return philox4x32(counter, _key(seed))
+
+
+def uniform24(words: np.ndarray) -> np.ndarray:
+    """uint32 words -> float64 uniforms in [0, 1) with 24 bits (exact in float32 too)."""
+    return (np.asarray(words, dtype=np.uint32) >> np.uint32(8)).astype(np.float64) * (2.0**-24)
+
+
+def bernoulli_threshold(p: float) -> int:
+    """Integer threshold t so that ``(word >> 8) < t`` has probability ``p`` (clamped to [0,1])."""
+    p = min(max(float(p), 0.0), 1.0)
+    return int(round(p * (1 << 24)))
+
+
+def normal_pairs(words: np.ndarray) -> np.ndarray:
+    """Box-Muller on the four words of a Philox block: (..., 4) uint32 -> (..., 4) float64 N(0,1).
+
+    Pairs (w0, w1) and (w2, w3) each give (r cos t, r sin t) with u1 in (0, 1].
+    """
+    w = np.asarray(words, dtype=np.uint32)
+    u = uniform24(w)
+    out = np.empty(w.shape, dtype=np.float64)
+    for a, b in ((0, 1), (2, 3)):
+        u1 = u[..., a] + 2.0**-24  # (0, 1]
+        r = np.sqrt(-2.0 * np.log(u1))
+        theta = (2.0 * np.pi) * u[..., b]
+        out[..., a] = r * np.cos(theta)
+        out[..., b] = r * np.sin(theta)
+    return out
+
+
+# --- Feistel bijection -------------------------------------------------------------------
+
+FEISTEL_ROUNDS = 4
+
+
+def _hash32(x: np.ndarray) -> np.ndarray:
+    """A 32-bit integer finalizer (xorshift-multiply), identical in ``kernels/feistel.cuh``."""
+    x = np.asarray(x, dtype=np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    x = (x.astype(np.uint64) * np.uint64(0x7FEB352D) & _MASK32).astype(np.uint32)
+    x = x ^ (x >> np.uint32(15))
+    x = (x.astype(np.uint64) * np.uint64(0x846CA68B) & _MASK32).astype(np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    return x
+
+
+def feistel_bits(n: int) -> int:
+    """Even number of bits of the Feistel domain ``[0, 2**bits)`` that covers ``[0, n)``."""
+    bits = max(2, int(n - 1).bit_length()) if n > 1 else 2
+    return bits + (bits & 1)
+
+
+def feistel_keys(seed: int, epoch: int, index: int, purpose: int = Purpose.SUBSAMPLE) -> np.ndarray:
+    """The round keys of one sample's bijection: (FEISTEL_ROUNDS,) uint32 (word 0 of Philox)."""
+    return random_words(seed, epoch, index, purpose, np.arange(FEISTEL_ROUNDS))[:, 0].copy()
+
+
+def _feistel_once(x: np.ndarray, bits: int, keys: np.ndarray) -> np.ndarray:
+    half = bits // 2
+    mask = np.uint32((1 << half) - 1)
+    left = (x >> np.uint32(half)) & mask
+    right = x & mask
+    for r in range(FEISTEL_ROUNDS):
+        f = _hash32(right ^ keys[r]) & mask
+        left, right = right, left ^ f
+    return (left << np.uint32(half)) | right
+
+
+def feistel_permute(i: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+    """Image of positions ``i`` (< n) under the keyed bijection of ``[0, n)``.
+
+    Args:
+        i: (k,) integer positions in [0, n).
+        n: domain size, 1 <= n < 2**32.
+        keys: (FEISTEL_ROUNDS,) uint32 round keys (see :func:`feistel_keys`).
+
+    Returns:
+        (k,) int64, distinct for distinct ``i``.
+    """
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    bits = feistel_bits(n)
+    keys = np.asarray(keys, dtype=np.uint32)
+    x = np.asarray(i, dtype=np.uint32).copy()
+    todo = np.ones(x.shape, dtype=bool)
+    while True:  # cycle-walking: at most a few rounds on average (2**bits < 4 n)
+        x[todo] = _feistel_once(x[todo], bits, keys)
+        todo = x >= np.uint32(n)
+        if not todo.any():
+            return x.astype(np.int64)
+
+
+def select_rows(n: int, k: int | None, seed: int, epoch: int, index: int) -> np.ndarray:
+    """The ray rows one sample keeps: (k,) int64.
+
+    ``arange(n)`` when ``k`` is None or ``k >= n`` (file order); else the first ``k`` images
+    of the sample's Feistel bijection of ``[0, n)``: distinct rows, without replacement, a pure
+    function of (seed, epoch, index).
+    """
+    if k is None or k >= n:
+        return np.arange(n, dtype=np.int64)
+    keys = feistel_keys(seed, epoch, index, Purpose.SUBSAMPLE)
+    return feistel_permute(np.arange(max(k, 0)), n, keys)
+
+
+def permutation(n: int, seed: int, epoch: int, purpose: int = Purpose.SHUFFLE, index: int = 0):
+    """A permutation of ``[0, n)`` that is a pure function of (seed, epoch, purpose, index)."""
+    keys = feistel_keys(seed, epoch, index, purpose)
+    return feistel_permute(np.arange(n), n, keys)

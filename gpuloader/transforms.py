@@ -1,0 +1,409 @@
+"""The seed's transforms, with the seed's names and arguments, made consistent and seeded.
+
+Known transforms (this module's classes) are not applied one after the other: a run of them
+inside a :class:`Compose` is a *segment* that draws one :class:`~gpuloader.plan.SamplePlan`
+from the sample's counter-based random stream and applies it in one pass (numpy here, CUDA
+in the GPU loader). So every rotation and flip of a sample is one signed permutation applied
+once to the grid, the rays and the view positions, which keeps
+``trace(voxels', origins', directions') == distances``.
+
+Any other callable in a ``Compose`` is applied as it is, in its place, to the sample dict.
+
+Transforms take a sample dict (the seed's keys) of numpy arrays or torch tensors and return
+a new dict of the same kind; inputs are never modified in place. Random draws come from a
+:class:`~gpuloader.rng.SampleContext` (seed, epoch, index) that the dataset passes; called
+without one, a transform uses seed 0, epoch 0 and a running call counter.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from gpuloader import augment_numpy, rng, symmetry
+from gpuloader.errors import UnsupportedTransformError
+from gpuloader.plan import SamplePlan, to_batch_params
+
+__all__ = [
+    "Transform",
+    "Compose",
+    "RandomRotation90",
+    "RandomFlip",
+    "NormalizeRayOrigins",
+    "RandomRaySubsample",
+    "AddNoise",
+    "VoxelOccupancyJitter",
+    "ToDevice",
+    "apply_transform",
+    "ray_budget",
+    "draw_plan",
+    "apply_plan",
+    "split_for_device",
+]
+
+#: per-ray keys that follow the row selection
+RAY_KEYS = ("origins", "directions", "distances", "hits", "view_ids", "face_ids")
+_calls = itertools.count()
+
+
+def _default_context() -> rng.SampleContext:
+    return rng.SampleContext(seed=0, epoch=0, index=next(_calls))
+
+
+class Transform:
+    """Base class of the known transforms: ``t(sample, context=None) -> new sample``."""
+
+    def __call__(self, sample: dict, context: rng.SampleContext | None = None) -> dict:
+        return Compose([self])(sample, context)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class RandomRotation90(Transform):
+    """With probability ``p``, rotate by ``k * 90`` degrees (k in 1..3) about a world axis
+    drawn uniformly from ``axes`` (default: x, y and z). Rays, view positions and the grid
+    turn together."""
+
+    def __init__(self, p: float = 0.5, axes: Sequence[str | int] = ("x", "y", "z")):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomRotation90: p must be in [0, 1]; got {p}")
+        if not axes:
+            raise ValueError("RandomRotation90: axes must not be empty")
+        self.p = float(p)
+        self.axes = tuple(axes)
+        for a in self.axes:
+            symmetry.rotation(a, 1)  # validates the axis name
+
+    def draw(self, words: np.ndarray) -> int:
+        """Four Philox words -> symmetry index."""
+        if int(words[0]) >> 8 >= rng.bernoulli_threshold(self.p):
+            return symmetry.IDENTITY
+        axis = self.axes[(int(words[1]) >> 8) * len(self.axes) >> 24]
+        k = 1 + ((int(words[2]) >> 8) * 3 >> 24)
+        return symmetry.rotation(axis, k)
+
+
+class RandomFlip(Transform):
+    """Flip each world axis in ``axes`` (0 = x, 1 = y, 2 = z) independently with prob. ``p``."""
+
+    def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float = 0.5):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomFlip: p must be in [0, 1]; got {p}")
+        axes = tuple(int(a) for a in axes)
+        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"RandomFlip: axes must be distinct values of 0, 1, 2; got {axes}")
+        self.axes = axes
+        self.p = float(p)
+
+    def draw(self, words: np.ndarray) -> int:
+        s = symmetry.IDENTITY
+        thr = rng.bernoulli_threshold(self.p)
+        for j, a in enumerate(self.axes):
+            if int(words[j]) >> 8 < thr:
+                s = symmetry.compose(symmetry.flip(a), s)
+        return s
+
+
+class NormalizeRayOrigins(Transform):
+    """Scale origins (and view positions) by ``2 / (voxel_size * side)`` so the grid's box
+    maps to [-1, 1]^3. ``scale_distances=True`` scales distances by the same factor (off by
+    default, as the seed)."""
+
+    def __init__(self, voxel_size: float = 1.0, scale_distances: bool = False):
+        if voxel_size <= 0:
+            raise ValueError(f"NormalizeRayOrigins: voxel_size must be > 0; got {voxel_size}")
+        self.voxel_size = float(voxel_size)
+        self.scale_distances = bool(scale_distances)
+
+    def factor(self, grid_side: int) -> float:
+        return 2.0 / (self.voxel_size * float(grid_side))
+
+
+class RandomRaySubsample(Transform):
+    """Keep ``num_rays`` rays drawn without replacement (all of them when there are fewer)."""
+
+    def __init__(self, num_rays: int = 1024):
+        if int(num_rays) < 1:
+            raise ValueError(f"RandomRaySubsample: num_rays must be >= 1; got {num_rays}")
+        self.num_rays = int(num_rays)
+
+
+class AddNoise(Transform):
+    """Gaussian noise on origins (std in world units) and directions (renormalized)."""
+
+    def __init__(self, origin_std: float = 0.01, direction_std: float = 0.001):
+        if origin_std < 0 or direction_std < 0:
+            raise ValueError("AddNoise: standard deviations must be >= 0")
+        self.origin_std = float(origin_std)
+        self.direction_std = float(direction_std)
+
+
+class VoxelOccupancyJitter(Transform):
+    """Flip each voxel's occupancy with probability ``flip_prob`` (labels unchanged)."""
+
+    def __init__(self, flip_prob: float = 0.01):
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"VoxelOccupancyJitter: flip_prob must be in [0, 1]; got {flip_prob}")
+        self.flip_prob = float(flip_prob)
+
+
+class ToDevice(Transform):
+    """Turn every array of the sample into a torch tensor on ``device``."""
+
+    def __init__(self, device: Any = "cpu"):
+        self.device = device
+
+    def __call__(self, sample: dict, context: rng.SampleContext | None = None) -> dict:
+        import torch
+
+        out = {}
+        for k, v in sample.items():
+            if isinstance(v, np.ndarray):
+                v = torch.from_numpy(np.ascontiguousarray(v))
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device)
+            out[k] = v
+        return out
+
+
+_PLANNED = (
+    RandomRotation90,
+    RandomFlip,
+    NormalizeRayOrigins,
+    RandomRaySubsample,
+    AddNoise,
+    VoxelOccupancyJitter,
+)
+
+
+class Compose:
+    """Chain transforms. Runs of known transforms are fused into one plan each."""
+
+    def __init__(self, transforms: Sequence[Callable]):
+        self.transforms = list(transforms)
+        self.segments: list[list[Transform] | Callable] = []
+        for t in self.transforms:
+            if isinstance(t, Compose):
+                raise TypeError("Compose: nest the inner list instead of a Compose in a Compose")
+            if isinstance(t, _PLANNED):
+                if self.segments and isinstance(self.segments[-1], list):
+                    self.segments[-1].append(t)
+                else:
+                    self.segments.append([t])
+            elif callable(t):
+                self.segments.append(t)
+            else:
+                raise TypeError(f"Compose: {t!r} is not callable")
+
+    def __call__(self, sample: dict, context: rng.SampleContext | None = None) -> dict:
+        context = context or _default_context()
+        planned = 0
+        for seg in self.segments:
+            if isinstance(seg, list):
+                side = _grid_side(sample)
+                plan = draw_plan(seg, context, side, segment=planned)
+                sample = apply_plan(plan, sample, context)
+                planned += 1
+            elif isinstance(seg, Transform):
+                sample = seg(sample, context)
+            else:
+                sample = seg(sample)
+        return sample
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n    {t!r}," for t in self.transforms)
+        return f"Compose([{inner}\n])"
+
+
+def _grid_side(sample: dict) -> int:
+    return int(max(tuple(sample["voxels"].shape)[-3:]))
+
+
+def draw_plan(
+    transforms: Sequence[Transform],
+    context: rng.SampleContext,
+    grid_side: int,
+    segment: int = 0,
+) -> SamplePlan:
+    """Fold one run of known transforms into a :class:`SamplePlan` for one sample.
+
+    Args:
+        transforms: the known transforms of the run, in list order.
+        context: the sample's (seed, epoch, index).
+        grid_side: the side of the sample's (cubic) grid, for NormalizeRayOrigins.
+        segment: which run of the Compose this is (offsets the random purposes).
+    """
+    offset = segment * rng.Purpose.SEGMENT_STRIDE
+    sym = symmetry.IDENTITY
+    oscale = dscale = 1.0
+    ostd = dstd = jitter = 0.0
+    num_rays: int | None = None
+    for slot, t in enumerate(transforms):
+        if isinstance(t, (RandomRotation90, RandomFlip)):
+            words = rng.random_words(
+                context.seed, context.epoch, context.index, rng.Purpose.SYMMETRY + offset, slot
+            )
+            sym = symmetry.compose(t.draw(words), sym)
+        elif isinstance(t, NormalizeRayOrigins):
+            f = t.factor(grid_side)
+            oscale *= f
+            ostd *= f
+            if t.scale_distances:
+                dscale *= f
+        elif isinstance(t, AddNoise):
+            ostd = float(np.hypot(ostd, t.origin_std))
+            dstd = float(np.hypot(dstd, t.direction_std))
+        elif isinstance(t, RandomRaySubsample):
+            num_rays = t.num_rays if num_rays is None else min(num_rays, t.num_rays)
+        elif isinstance(t, VoxelOccupancyJitter):
+            jitter = jitter + t.flip_prob - 2.0 * jitter * t.flip_prob
+        else:
+            raise TypeError(f"draw_plan: {t!r} is not a known transform")
+    return SamplePlan(
+        symmetry=sym,
+        origin_scale=oscale,
+        distance_scale=dscale,
+        origin_std=ostd,
+        direction_std=dstd,
+        jitter_prob=jitter,
+        num_rays=num_rays,
+        purpose_offset=offset,
+    )
+
+
+def _to_numpy(v: Any) -> tuple[np.ndarray, Any]:
+    """(array, how to turn it back): torch tensors go to CPU numpy and come back likewise."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(v, torch.Tensor):
+        dev, dt = v.device, v.dtype
+        return v.detach().cpu().numpy(), lambda a: torch.from_numpy(
+            np.ascontiguousarray(a)
+        ).to(device=dev, dtype=dt)
+    arr = np.asarray(v)
+    return arr, lambda a: np.asarray(a, dtype=arr.dtype)
+
+
+def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> dict:
+    """Apply one plan to one sample dict (numpy back end); returns a new dict."""
+    out = dict(sample)
+    conv = {}
+    arrays = {}
+    for k in (*RAY_KEYS, "view_positions", "voxels"):
+        if k in sample and sample[k] is not None:
+            arrays[k], conv[k] = _to_numpy(sample[k])
+    n = int(arrays["origins"].shape[0])
+    rows = None
+    if plan.num_rays is not None and plan.num_rays < n:
+        keys = rng.feistel_keys(
+            context.seed,
+            context.epoch,
+            context.index,
+            rng.Purpose.SUBSAMPLE + plan.purpose_offset,
+        )
+        rows = rng.feistel_permute(np.arange(plan.num_rays), n, keys)
+        for k in RAY_KEYS:
+            if k in arrays:
+                arrays[k] = arrays[k][rows]
+        n = rows.size
+    if not plan.is_identity:
+        params = to_batch_params([plan], [context])
+        zeros = np.zeros(n, dtype=np.int32)
+        o, d, dist = augment_numpy.transform_rays(
+            arrays["origins"],
+            arrays["directions"],
+            arrays["distances"],
+            zeros,
+            np.arange(n, dtype=np.int32),
+            params,
+        )
+        arrays["origins"], arrays["directions"], arrays["distances"] = o, d, dist
+        if "view_positions" in arrays:
+            vp = arrays["view_positions"]
+            arrays["view_positions"] = augment_numpy.transform_points(
+                vp, np.zeros(vp.shape[0], np.int32), params
+            )
+        if "voxels" in arrays and (plan.symmetry != 0 or plan.jitter_prob > 0):
+            vox = arrays["voxels"]
+            grid = vox.reshape(vox.shape[-3:])
+            if len(set(grid.shape)) != 1:
+                raise ValueError(
+                    f"geometric transforms need a cubic grid; got voxels of shape {vox.shape}"
+                )
+            new = augment_numpy.transform_voxels(
+                (grid != 0).astype(np.uint8)[None], np.array([grid.shape[0]]), params
+            )[0]
+            arrays["voxels"] = new.reshape(vox.shape)
+    elif rows is None:
+        return out
+    for k, a in arrays.items():
+        out[k] = conv[k](a)
+    return out
+
+
+def apply_transform(
+    transform: Callable | None, sample: dict, context: rng.SampleContext
+) -> dict:
+    """Call ``transform`` on a sample: ours get the context, plain callables only the sample."""
+    if transform is None:
+        return sample
+    if isinstance(transform, (Transform, Compose)):
+        return transform(sample, context)
+    return transform(sample)
+
+
+def ray_budget(transform: Callable | None) -> int | None:
+    """Rays the transform keeps when it subsamples before anything else could change the rays.
+
+    The dataset reads only that many rows (``select_rows`` with the same key gives the same
+    rows the transform would pick), so the transform's own selection is then a no-op.
+    """
+    if isinstance(transform, RandomRaySubsample):
+        return transform.num_rays
+    if isinstance(transform, Compose) and transform.segments:
+        first = transform.segments[0]
+        if isinstance(first, list):
+            subs = [t.num_rays for t in first if isinstance(t, RandomRaySubsample)]
+            return min(subs) if subs else None
+    return None
+
+
+def split_for_device(
+    transform: Callable | None,
+) -> tuple[list[Callable], list[Transform], Any]:
+    """Split a transform for the GPU loader: (CPU callables first, known run, ToDevice target).
+
+    Custom callables run per sample in the reader, before the known transforms, which run in
+    the batched kernels. A custom callable after a known transform cannot keep its place and
+    is rejected (:class:`UnsupportedTransformError`) rather than silently moved or dropped.
+    """
+    if transform is None:
+        return [], [], None
+    items = transform.transforms if isinstance(transform, Compose) else [transform]
+    cpu: list[Callable] = []
+    known: list[Transform] = []
+    device = None
+    for t in items:
+        if isinstance(t, ToDevice):
+            device = t.device
+        elif isinstance(t, _PLANNED):
+            known.append(t)
+        elif callable(t):
+            if known:
+                raise UnsupportedTransformError(
+                    f"{t!r} comes after {known[-1]!r}: the GPU loader applies the known "
+                    "transforms in one batched pass after the reader, so a custom transform "
+                    "must come before all of them (move it to the front of the Compose), or "
+                    "use the CPU API (HierarchicalVoxelRayDataset + DataLoader)."
+                )
+            cpu.append(t)
+        else:
+            raise UnsupportedTransformError(f"{t!r} is not callable")
+    return cpu, known, device
