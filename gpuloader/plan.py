@@ -64,9 +64,7 @@ def _replace(plan: SamplePlan, **changes) -> SamplePlan:
     return replace(plan, **changes)
 
 
-def to_batch_params(
-    plans: list[SamplePlan], contexts: list[rng.SampleContext]
-) -> BatchParams:
+def to_batch_params(plans: list[SamplePlan], contexts: list[rng.SampleContext]) -> BatchParams:
     """Stack per-sample plans into the struct of arrays the back ends take."""
     if len(plans) != len(contexts):
         raise ValueError(f"{len(plans)} plans for {len(contexts)} contexts")

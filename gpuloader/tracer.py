@@ -26,9 +26,7 @@ def _as_rays(origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, n
     o = np.asarray(origins, dtype=np.float64)
     d = np.asarray(directions, dtype=np.float64)
     if o.ndim != 2 or o.shape[1] != 3 or d.shape != o.shape:
-        raise ValueError(
-            f"origins and directions must both be (N, 3); got {o.shape} and {d.shape}"
-        )
+        raise ValueError(f"origins and directions must both be (N, 3); got {o.shape} and {d.shape}")
     return o, d
 
 

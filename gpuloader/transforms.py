@@ -284,9 +284,9 @@ def _to_numpy(v: Any) -> tuple[np.ndarray, Any]:
         torch = None
     if torch is not None and isinstance(v, torch.Tensor):
         dev, dt = v.device, v.dtype
-        return v.detach().cpu().numpy(), lambda a: torch.from_numpy(
-            np.ascontiguousarray(a)
-        ).to(device=dev, dtype=dt)
+        return v.detach().cpu().numpy(), lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(
+            device=dev, dtype=dt
+        )
     arr = np.asarray(v)
     return arr, lambda a: np.asarray(a, dtype=arr.dtype)
 
@@ -348,9 +348,7 @@ def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> di
     return out
 
 
-def apply_transform(
-    transform: Callable | None, sample: dict, context: rng.SampleContext
-) -> dict:
+def apply_transform(transform: Callable | None, sample: dict, context: rng.SampleContext) -> dict:
     """Call ``transform`` on a sample: ours get the context, plain callables only the sample."""
     if transform is None:
         return sample
