@@ -1,0 +1,108 @@
+"""Collate samples into one ray batch.
+
+``collate_ray_batch(batch)`` turns B sample dicts (as returned by
+:class:`~gpuloader.dataset.HierarchicalVoxelRayDataset`) into::
+
+    voxels          (B, 1, D, H, W)  stacked grids (dtype of the samples, float32 by default)
+    voxel_shapes    (B, 3) long      each grid's own (D, H, W)
+    origins         (N, 3) float32   rays of all samples, concatenated (N = sum of N_i)
+    directions      (N, 3) float32
+    distances       (N,)   float32
+    hits            (N,)   float32
+    view_ids        (N,)   long
+    face_ids        (N,)   long
+    ray_to_voxel    (N,)   long      which grid (0..B-1) each ray belongs to
+    num_rays        (B,)   long      N_i
+    levels          (B,)   long
+    hashes          list[str]
+    view_positions  list of (V_i, 3) float32 tensors (V differs between files)
+
+Grids of different sizes (a batch that mixes levels) are zero-padded to the largest size.
+Padding is added at the **end** of each axis (``pad='end'``, default): grid ``i`` occupies
+``voxels[i, 0, :D_i, :H_i, :W_i]``; crop with ``voxel_shapes``. Note the world frame of
+each sample stays its own grid's centre. With ``pad='center'`` each grid sits in the middle
+of the padded box instead (sizes are powers of two, so the offset is a whole number of
+voxels), which keeps the padded grid centred on the origin: its rays still trace the same
+distances through it. Optional ray keys missing from any sample are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = ["collate_ray_batch"]
+
+_RAY_KEYS: dict[str, torch.dtype] = {
+    "origins": torch.float32,
+    "directions": torch.float32,
+    "distances": torch.float32,
+    "hits": torch.float32,
+    "view_ids": torch.long,
+    "face_ids": torch.long,
+}
+_REQUIRED = ("voxels", "origins", "directions", "distances", "hits")
+
+
+def _tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x if x.flags.writeable else x.copy())
+    t = torch.as_tensor(x)
+    return t if dtype is None else t.to(dtype)
+
+
+def collate_ray_batch(
+    batch: Sequence[dict[str, Any]], pad: Literal["end", "center"] = "end"
+) -> dict[str, Any]:
+    """Concatenate rays and stack (zero-padding) grids of B samples; see the module doc.
+
+    Raises:
+        ValueError: empty batch, a missing required key, or a grid that is not (1, D, H, W).
+    """
+    if len(batch) == 0:
+        raise ValueError("collate_ray_batch got an empty batch")
+    if pad not in ("end", "center"):
+        raise ValueError(f"pad must be 'end' or 'center'; got {pad!r}")
+    for i, s in enumerate(batch):
+        missing = [k for k in _REQUIRED if k not in s]
+        if missing:
+            raise ValueError(f"sample {i} of the batch lacks {missing}")
+
+    grids = [_tensor(s["voxels"]) for s in batch]
+    for i, g in enumerate(grids):
+        if g.dim() == 3:
+            grids[i] = g = g.unsqueeze(0)
+        if g.dim() != 4 or g.shape[0] != 1:
+            raise ValueError(f"sample {i}: voxels must be (1, D, H, W); got {tuple(g.shape)}")
+    dtype = grids[0].dtype
+    for g in grids[1:]:
+        dtype = torch.promote_types(dtype, g.dtype)
+    shapes = torch.tensor([list(g.shape[1:]) for g in grids], dtype=torch.long)
+    big = shapes.max(dim=0).values.tolist()
+    if all(list(g.shape[1:]) == big for g in grids):
+        voxels = torch.stack([g.to(dtype) for g in grids])
+    else:
+        voxels = torch.zeros((len(grids), 1, *big), dtype=dtype, device=grids[0].device)
+        for i, g in enumerate(grids):
+            d, h, w = g.shape[1:]
+            if pad == "end":
+                z0 = y0 = x0 = 0
+            else:
+                z0, y0, x0 = (big[0] - d) // 2, (big[1] - h) // 2, (big[2] - w) // 2
+            voxels[i, :, z0 : z0 + d, y0 : y0 + h, x0 : x0 + w] = g.to(dtype)
+
+    out: dict[str, Any] = {"voxels": voxels, "voxel_shapes": shapes}
+    for key, kdtype in _RAY_KEYS.items():
+        if all(key in s and s[key] is not None for s in batch):
+            out[key] = torch.cat([_tensor(s[key], kdtype) for s in batch], dim=0)
+    num_rays = torch.tensor([len(s["distances"]) for s in batch], dtype=torch.long)
+    out["ray_to_voxel"] = torch.repeat_interleave(torch.arange(len(batch)), num_rays)
+    out["num_rays"] = num_rays
+    out["levels"] = torch.tensor([int(s.get("level", -1)) for s in batch], dtype=torch.long)
+    out["hashes"] = [str(s.get("hash", "")) for s in batch]
+    if all("view_positions" in s and s["view_positions"] is not None for s in batch):
+        out["view_positions"] = [_tensor(s["view_positions"], torch.float32) for s in batch]
+    return out

@@ -1,0 +1,251 @@
+"""The torch Dataset: drop-in for upstream ``HierarchicalVoxelRayDataset``.
+
+One item is one sub-volume (or, at level 0, one whole object) with some of its rays::
+
+    voxels          (1, D, H, W) float32 tensor (0/1)
+    origins         (N, 3) float32      directions (N, 3) float32
+    distances       (N,)   float32      hits       (N,)   float32 (0/1)
+    view_ids        (N,)   int64        face_ids   (N,)   int64
+    view_positions  (V, 3) float32      one row per view, all of them
+    level           int                 hash       str
+
+Indices: an ``int`` (rays drawn with the dataset's current epoch, see :meth:`set_epoch`) or
+a :class:`~gpuloader.sampler.RayRequest` ``(index, epoch, num_rays)`` as yielded by
+:class:`~gpuloader.sampler.RayBatchSampler`; a request's epoch wins over the dataset's.
+
+Rows read: ``k = min(n, samples_per_subvolume, request.num_rays, ray_budget(transform))``
+(Nones ignored) and ``rows = rng.select_rows(n, k, seed, epoch, index)``: only those rows are
+gathered, and the draw is a pure function of (seed, epoch, index), so it is the same in any
+worker process.
+
+Transforms get the seed's sample dict (torch tensors with the dtypes above), as upstream
+transforms did, so a user's own callables keep working. They are called as
+``apply_transform(transform, sample, SampleContext(seed, epoch, index))``: gpuloader
+transforms draw from the dataset's counter-based streams, plain callables get
+``transform(sample)``. The voxel tensor is a fresh float32 copy of the cached grid, so no
+transform can corrupt the cache. :meth:`read_sample` gives the raw sample (numpy arrays with
+the on-disk dtypes, voxels bool and read-only): that is what the GPU loader's reader uses.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gpuloader.cache import LRUCache
+from gpuloader.index import Isolation, build_index
+from gpuloader.raystore import NpzRayStore, RayStore, read_voxel_file
+from gpuloader.rng import SampleContext, select_rows
+from gpuloader.sampler import RayRequest
+from gpuloader.transforms import apply_transform, ray_budget
+
+__all__ = ["HierarchicalVoxelRayDataset"]
+
+#: Output dtype of every array key of a sample.
+SAMPLE_DTYPES: dict[str, torch.dtype] = {
+    "voxels": torch.float32,
+    "origins": torch.float32,
+    "directions": torch.float32,
+    "distances": torch.float32,
+    "hits": torch.float32,
+    "view_ids": torch.long,
+    "face_ids": torch.long,
+    "view_positions": torch.float32,
+}
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
+    torch.float32: np.dtype(np.float32),
+    torch.long: np.dtype(np.int64),
+}
+
+
+def _to_torch(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    arr = np.asarray(value)
+    target = _NUMPY_DTYPES[dtype]
+    if arr.dtype != target:
+        arr = arr.astype(target)  # a new, writable array
+    elif not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr)
+
+
+def _min_ignoring_none(*values: int | None) -> int | None:
+    present = [int(v) for v in values if v is not None]
+    return min(present) if present else None
+
+
+class HierarchicalVoxelRayDataset(Dataset):
+    """Voxel grids with their rays, one sample per (level, sub-volume) of a split.
+
+    Args:
+        dataset_dir: voxel dataset root (metadata.json, splits.json, objects/, subvolumes/).
+        ray_dataset_dir: ray dataset root (level_<L>/<hh>/<hash>_rays.npz).
+        split: "train", "val" or "test".
+        levels: keep only these octree levels (None: all).
+        samples_per_subvolume: most rays read per sample (None: all).
+        cache_size: voxel grids kept in the per-process LRU cache (0 disables).
+        include_empty: keep all-empty sub-volumes (skipped by default).
+        transform: gpuloader transform or any callable ``sample -> sample`` (torch dicts).
+        seed: seed of every random draw (rays, augmentations; sampler default).
+        isolation: "shared" (upstream: val/test may reuse sub-volumes of train objects) or
+            "strict" (val/test drop every non-trivial sub-volume a train object uses).
+        ray_store: where rays are read from (default: the npz files).
+
+    Raises:
+        DatasetLayoutError, NoSamplesError, DamagedFileError: see :mod:`gpuloader.index`.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: Path | str,
+        ray_dataset_dir: Path | str,
+        split: str = "train",
+        levels: Sequence[int] | None = None,
+        samples_per_subvolume: int | None = None,
+        cache_size: int = 100,
+        include_empty: bool = False,
+        transform: Any = None,
+        seed: int = 42,
+        isolation: Isolation = "shared",
+        ray_store: RayStore | None = None,
+    ) -> None:
+        if samples_per_subvolume is not None and samples_per_subvolume < 0:
+            raise ValueError(f"samples_per_subvolume must be >= 0; got {samples_per_subvolume}")
+        self.dataset_dir = Path(dataset_dir)
+        self.ray_dataset_dir = Path(ray_dataset_dir)
+        self.split = split
+        self.levels = None if levels is None else sorted({int(lv) for lv in levels})
+        self.samples_per_subvolume = samples_per_subvolume
+        self.include_empty = include_empty
+        self.transform = transform
+        self.seed = int(seed)
+        self.isolation = isolation
+        self.epoch = 0
+        self.samples: list[dict[str, Any]] = build_index(
+            self.dataset_dir,
+            self.ray_dataset_dir,
+            split=split,
+            levels=self.levels,
+            include_empty=include_empty,
+            isolation=isolation,
+        )
+        self.voxel_cache: LRUCache[np.ndarray] = LRUCache(cache_size)
+        self.ray_store: RayStore = ray_store if ray_store is not None else NpzRayStore()
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, "
+            f"levels={sorted(self.get_level_distribution())}, seed={self.seed})"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used by integer indices (a RayRequest carries its own)."""
+        self.epoch = int(epoch)
+
+    def get_level_distribution(self) -> dict[int, int]:
+        """``{level: number of samples}``, levels ascending."""
+        counts = Counter(s["level"] for s in self.samples)
+        return dict(sorted(counts.items()))
+
+    def available_rays(self, index: int) -> int:
+        """Rows a sample may yield: ``min(num_rays, samples_per_subvolume, ray_budget)``."""
+        k = _min_ignoring_none(
+            self.samples[index]["num_rays"],
+            self.samples_per_subvolume,
+            ray_budget(self.transform) if self.transform is not None else None,
+        )
+        return int(k)
+
+    def cache_info(self) -> dict[str, int | float]:
+        """Voxel cache counters of this process: hits, misses, size, capacity, hit_rate."""
+        return self.voxel_cache.info()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _normalize_index(self, index: int) -> int:
+        n = len(self.samples)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {index} out of range for {n} samples")
+        return i
+
+    def voxels(self, index: int) -> np.ndarray:
+        """Grid of sample ``index`` through the cache: (D, H, W) bool, read-only."""
+        s = self.samples[self._normalize_index(index)]
+        key = (s["level"], s["hash"])
+        return self.voxel_cache.get_or_load(key, lambda: read_voxel_file(s["voxel_path"]))
+
+    def read_sample(
+        self, index: int, epoch: int | None = None, num_rays: int | None = None
+    ) -> dict[str, Any]:
+        """The raw, untransformed sample: numpy arrays with on-disk dtypes (module doc).
+
+        Args:
+            index: sample position in ``self.samples``.
+            epoch: epoch of the ray draw (None: the dataset's current epoch).
+            num_rays: most rays wanted (None: no limit beyond the dataset's own).
+
+        Returns:
+            dict with ``voxels`` (1, D, H, W) bool read-only, ray arrays of k rows,
+            ``view_positions`` (V, 3), ``level``, ``hash``, ``index``, ``epoch``.
+        """
+        i = self._normalize_index(index)
+        epoch = self.epoch if epoch is None else int(epoch)
+        s = self.samples[i]
+        n = int(s["num_rays"])
+        k = _min_ignoring_none(
+            n,
+            self.samples_per_subvolume,
+            num_rays,
+            ray_budget(self.transform) if self.transform is not None else None,
+        )
+        rows = None if k >= n else select_rows(n, k, self.seed, epoch, i)
+        rays = self.ray_store.read(s, rows)
+        sample: dict[str, Any] = {"voxels": self.voxels(i)[None]}
+        sample.update(rays)
+        sample["level"] = int(s["level"])
+        sample["hash"] = str(s["hash"])
+        sample["index"] = i
+        sample["epoch"] = epoch
+        return sample
+
+    def __getitem__(self, idx: int | RayRequest) -> dict[str, Any]:
+        if isinstance(idx, RayRequest):
+            index, epoch, num_rays = idx
+        elif isinstance(idx, tuple) and len(idx) == 3:
+            index, epoch, num_rays = idx
+        else:
+            index, epoch, num_rays = idx, None, None
+        sample = self.read_sample(index, epoch, num_rays)
+        i, epoch = sample.pop("index"), sample.pop("epoch")
+        sample = self._to_output(sample)
+        if self.transform is not None:
+            sample = apply_transform(self.transform, sample, SampleContext(self.seed, epoch, i))
+            sample = self._to_output(sample)
+        return sample
+
+    @staticmethod
+    def _to_output(sample: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in sample.items():
+            dtype = SAMPLE_DTYPES.get(key)
+            out[key] = value if dtype is None or value is None else _to_torch(value, dtype)
+        if "level" in out:
+            out["level"] = int(out["level"])
+        if "hash" in out:
+            out["hash"] = str(out["hash"])
+        return out

@@ -1,0 +1,351 @@
+"""Index a dataset: which samples a split holds, and where their files are.
+
+Inputs (shared/format.md): ``dataset/metadata.json``, ``dataset/splits.json``, the ray tree
+``ray_dataset_hierarchical/level_<L>/<hh>/<hash>_rays.npz`` and, only for hashes that
+``splits.json`` does not describe, the objects' ``subdivision_map.json``.
+
+One sample is one ray file: a top-level object at level 0 (``hash`` is the object ID, e.g.
+``"0007"``, voxels at ``objects/object_0007/level_0.npz``) or a unique sub-volume at level
+``L >= 1`` (``hash`` is the SHA-256 of its grid, voxels under ``subvolumes/``). A sample is a
+plain ``dict``::
+
+    level: int            octree level
+    hash: str             sub-volume hash, or the object ID at level 0
+    object_ids: list[str] objects that use the sub-volume (sorted)
+    ray_path: Path        its ray file
+    voxel_path: Path      its voxel file
+    num_rays: int         rows in the ray file (read from the npz member header only)
+    is_empty: bool        all-zero voxels (so no ray hits)
+    is_trivial: bool      listed in ``trivial_hashes`` (all-empty or all-full)
+
+Split membership follows the format: a sub-volume belongs to a split when it is trivial or
+when any object using it is in that split. ``isolation='strict'`` additionally drops from
+val/test every non-trivial sub-volume that a train object also uses, so nothing a model
+trained on can reappear in evaluation.
+
+Filters run in this order: split (and isolation), levels, empty. When nothing survives,
+:class:`~gpuloader.errors.NoSamplesError` says how many samples each filter left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from gpuloader import layout
+from gpuloader.errors import DamagedFileError, DatasetLayoutError, NoSamplesError
+
+__all__ = [
+    "SPLITS",
+    "build_index",
+    "npz_member_header",
+    "read_splits",
+    "scan_ray_tree",
+    "split_membership",
+]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+Isolation = Literal["shared", "strict"]
+
+_NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError)
+
+
+def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of array ``key`` in an ``.npz`` file, without inflating the array.
+
+    Opens the zip member and parses only the ``.npy`` header (a few hundred bytes).
+
+    Raises:
+        DatasetLayoutError: the file does not exist.
+        DamagedFileError: not a zip, no such member, or a bad ``.npy`` header.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:  # 2.0, or 3.0 (same layout, utf-8; our dtypes keep the header ASCII)
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except FileNotFoundError as exc:
+        raise DatasetLayoutError(f"{path}: file not found") from exc
+    except _NPZ_ERRORS as exc:
+        raise DamagedFileError(
+            f"{path}: cannot read the header of array {key!r} ({type(exc).__name__}: {exc}); "
+            "the file is damaged or not an npz written by numpy.savez_compressed: "
+            "regenerate it (gpuloader generate) or delete it"
+        ) from exc
+    return tuple(int(s) for s in shape), np.dtype(dtype)
+
+
+def read_splits(dataset_dir: Path) -> dict[str, Any]:
+    """``dataset/splits.json``, checked for ``object_splits``.
+
+    Raises:
+        DatasetLayoutError: ``metadata.json`` or ``splits.json`` is missing.
+        DamagedFileError: either file is not valid JSON or lacks ``object_splits``.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise DatasetLayoutError(
+            f"{dataset_dir}: dataset directory not found; pass the folder that holds "
+            "metadata.json, splits.json, objects/ and subvolumes/ (e.g. OUT/dataset)"
+        )
+    for name in ("metadata.json", "splits.json"):
+        p = dataset_dir / name
+        if not p.is_file():
+            raise DatasetLayoutError(
+                f"{p}: missing; dataset_dir must be the voxel dataset root written by the "
+                "generator (it holds metadata.json and splits.json); re-run the generator "
+                "or point dataset_dir at the right folder"
+            )
+    splits = _read_json_checked(dataset_dir / "splits.json")
+    _read_json_checked(dataset_dir / "metadata.json")
+    if not isinstance(splits, dict) or not isinstance(splits.get("object_splits"), dict):
+        raise DamagedFileError(
+            f"{dataset_dir / 'splits.json'}: no 'object_splits' mapping; "
+            "regenerate the splits with the dataset generator"
+        )
+    return splits
+
+
+def _read_json_checked(path: Path) -> Any:
+    try:
+        return layout.read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedFileError(
+            f"{path}: not valid JSON ({exc}); the file is damaged: regenerate it"
+        ) from exc
+
+
+def scan_ray_tree(ray_dataset_dir: Path) -> list[tuple[int, str, Path]]:
+    """All ray files under ``ray_dataset_hierarchical/``: sorted ``(level, hash, path)``.
+
+    Only names are read (``os.scandir``); files are not opened.
+    """
+    root = Path(ray_dataset_dir)
+    if not root.is_dir():
+        raise DatasetLayoutError(
+            f"{root}: ray dataset directory not found; pass the folder that holds "
+            "level_<L>/ sub-folders of *_rays.npz (e.g. OUT/ray_dataset_hierarchical)"
+        )
+    found: list[tuple[int, str, Path]] = []
+    with os.scandir(root) as top:
+        level_dirs = [e for e in top if e.is_dir() and e.name.startswith("level_")]
+    for level_entry in level_dirs:
+        try:
+            level = int(level_entry.name.split("_", 1)[1])
+        except ValueError:
+            continue
+        with os.scandir(level_entry.path) as prefixes:
+            prefix_dirs = [e for e in prefixes if e.is_dir()]
+        for prefix in prefix_dirs:
+            with os.scandir(prefix.path) as files:
+                for f in files:
+                    if f.name.endswith("_rays.npz") and not f.name.startswith("."):
+                        hash_ = f.name[: -len("_rays.npz")]
+                        found.append((level, hash_, Path(f.path)))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return found
+
+
+def _usage_from_subdivision_maps(
+    dataset_dir: Path, object_ids: Iterable[str]
+) -> tuple[dict[str, set[str]], set[str]]:
+    """Fallback usage: ``{hash: {object ID}}`` and the set of empty hashes, from the maps."""
+    usage: dict[str, set[str]] = {}
+    empty: set[str] = set()
+    for oid in object_ids:
+        p = layout.object_dir(dataset_dir, oid) / "subdivision_map.json"
+        if not p.is_file():
+            continue
+        records = _read_json_checked(p)
+        if not isinstance(records, list):
+            raise DamagedFileError(f"{p}: expected a JSON list of octant records; regenerate it")
+        for r in records:
+            h = r.get("hash")
+            if h is None:
+                continue
+            usage.setdefault(h, set()).add(str(r.get("object_id", oid)))
+            if r.get("is_empty"):
+                empty.add(h)
+    return usage, empty
+
+
+def split_membership(
+    hash_: str,
+    level: int,
+    object_splits: dict[str, str],
+    usage: dict[str, dict[str, str]] | dict[str, set[str]],
+    trivial: set[str],
+) -> set[str]:
+    """Splits a sample belongs to: every split if trivial, else the splits of its users."""
+    if level == 0:
+        s = object_splits.get(hash_)
+        return {s} if s is not None else set()
+    if hash_ in trivial:
+        return set(SPLITS)
+    users = usage.get(hash_, ())
+    if isinstance(users, dict):
+        return {object_splits.get(oid, s) for oid, s in users.items()}
+    return {object_splits[oid] for oid in users if oid in object_splits}
+
+
+def _zero_hash(side: int) -> str:
+    """SHA-256 of an all-False ``(side, side, side)`` bool grid, hashed in chunks."""
+    h = hashlib.sha256()
+    total = side**3
+    chunk = bytes(min(total, 1 << 20))
+    while total > 0:
+        n = min(total, len(chunk))
+        h.update(chunk[:n])
+        total -= n
+    return h.hexdigest()
+
+
+def build_index(
+    dataset_dir: Path,
+    ray_dataset_dir: Path,
+    split: str = "train",
+    levels: Sequence[int] | None = None,
+    include_empty: bool = False,
+    isolation: Isolation = "shared",
+) -> list[dict[str, Any]]:
+    """Samples of one split, sorted by (level, hash).
+
+    Args:
+        dataset_dir: voxel dataset root (holds metadata.json, splits.json).
+        ray_dataset_dir: ray dataset root (holds level_<L>/).
+        split: "train", "val" or "test".
+        levels: keep only these levels (None: all).
+        include_empty: keep all-empty sub-volumes (skipped by default).
+        isolation: "shared" (upstream) or "strict" (no val/test sample a train object uses).
+
+    Raises:
+        DatasetLayoutError: a required file is missing (named, with the fix).
+        NoSamplesError: no sample survives the filters (says which filter removed them).
+        DamagedFileError: a JSON or npz header cannot be parsed.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+    if isolation not in ("shared", "strict"):
+        raise ValueError(f"isolation must be 'shared' or 'strict'; got {isolation!r}")
+    dataset_dir = Path(dataset_dir)
+    ray_dataset_dir = Path(ray_dataset_dir)
+    splits = read_splits(dataset_dir)
+    object_splits: dict[str, str] = {str(k): str(v) for k, v in splits["object_splits"].items()}
+    usage: dict[str, Any] = dict(splits.get("hash_object_usage") or {})
+    trivial: set[str] = set(splits.get("trivial_hashes") or ())
+
+    ray_files = scan_ray_tree(ray_dataset_dir)
+    if not ray_files:
+        raise NoSamplesError(
+            f"{ray_dataset_dir}: no *_rays.npz files under level_<L>/<hh>/; generate the rays "
+            "(gpuloader generate) or point ray_dataset_dir at the ray dataset root"
+        )
+
+    # Hashes that splits.json does not describe: fall back to the subdivision maps.
+    map_empty: set[str] = set()
+    unknown = [h for lv, h, _ in ray_files if lv > 0 and h not in usage and h not in trivial]
+    if unknown:
+        map_usage, map_empty = _usage_from_subdivision_maps(dataset_dir, object_splits)
+        for h, users in map_usage.items():
+            usage.setdefault(h, users)
+
+    # Filter 1: split (+ isolation).
+    in_split = []
+    leaked = 0
+    for level, hash_, path in ray_files:
+        member = split_membership(hash_, level, object_splits, usage, trivial)
+        if split not in member:
+            continue
+        if (
+            isolation == "strict"
+            and split != "train"
+            and level > 0
+            and hash_ not in trivial
+            and "train" in member
+        ):
+            leaked += 1
+            continue
+        in_split.append((level, hash_, path))
+    n_split = len(in_split)
+
+    # Filter 2: levels.
+    present_levels = sorted({lv for lv, _, _ in ray_files})
+    if levels is not None:
+        wanted = {int(lv) for lv in levels}
+        in_levels = [t for t in in_split if t[0] in wanted]
+    else:
+        in_levels = in_split
+    n_levels = len(in_levels)
+
+    # Filter 3: empty sub-volumes (hash equals the all-zero grid's hash at that level's side).
+    side_of_level: dict[int, int] = {}
+    zero_hashes: dict[int, str] = {}
+    kept: list[dict[str, Any]] = []
+    for level, hash_, path in in_levels:
+        vpath = layout.voxel_path(dataset_dir, level, hash_)
+        if not vpath.is_file():
+            raise DatasetLayoutError(
+                f"ray file {path} has no voxel file: {vpath} is missing; the ray and voxel "
+                "datasets do not match (regenerate one from the other, or pass the "
+                "dataset_dir that the rays were made from)"
+            )
+        if level > 0 and level not in zero_hashes:
+            shape, _ = npz_member_header(vpath, "voxels")
+            side_of_level[level] = shape[0] if shape else 0
+            zero_hashes[level] = _zero_hash(side_of_level[level])
+        is_empty = level > 0 and (hash_ == zero_hashes[level] or hash_ in map_empty)
+        if is_empty and not include_empty:
+            continue
+        users = usage.get(hash_, ())
+        object_ids = [hash_] if level == 0 else sorted(str(u) for u in users)
+        kept.append(
+            {
+                "level": level,
+                "hash": hash_,
+                "object_ids": object_ids,
+                "ray_path": path,
+                "voxel_path": vpath,
+                "num_rays": 0,
+                "is_empty": bool(is_empty),
+                "is_trivial": hash_ in trivial,
+            }
+        )
+
+    if not kept:
+        steps = [f"{len(ray_files)} ray files under {ray_dataset_dir}"]
+        steps.append(
+            f"split {split!r} had {n_split}"
+            + (f" ({leaked} dropped by isolation='strict')" if leaked else "")
+        )
+        if levels is not None:
+            steps.append(
+                f"level filter levels={sorted(set(levels))} left {n_levels} "
+                f"(levels present: {present_levels})"
+            )
+        steps.append(f"empty filter (include_empty={include_empty}) left 0")
+        raise NoSamplesError(
+            "no samples found for split: "
+            + "; ".join(steps)
+            + f". Check {dataset_dir / 'splits.json'} assigns objects to {split!r}, that the "
+            "ray dataset matches the voxel dataset, and that the level filter is not too "
+            "restrictive (or pass include_empty=True)"
+        )
+
+    for s in kept:
+        shape, _ = npz_member_header(s["ray_path"], "origins")
+        if len(shape) != 2 or shape[1] != 3:
+            raise DamagedFileError(
+                f"{s['ray_path']}: 'origins' has shape {shape}, expected (N, 3); regenerate it"
+            )
+        s["num_rays"] = shape[0]
+    return kept
