@@ -23,7 +23,7 @@ Gaussian draws are float64 (Box-Muller) rounded once to float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,7 +66,18 @@ class BatchParams:
     jitter_threshold: np.ndarray  # (B,) uint32
     epoch: np.ndarray  # (B,) uint32
     index: np.ndarray  # (B,) uint32
-    purpose_offset: np.ndarray = field(default=None)  # (B,) uint32
+    purpose_offset: np.ndarray | None = None  # (B,) uint32 (None: zeros)
+
+    def __post_init__(self) -> None:
+        # Cast every field, so that a hand-built BatchParams computes in float32 like CUDA.
+        b = int(np.size(self.symmetry))
+        self.symmetry = np.broadcast_to(np.asarray(self.symmetry, np.int32), (b,)).copy()
+        for name in ("origin_scale", "distance_scale", "origin_std", "direction_std"):
+            setattr(self, name, _f32(getattr(self, name), b))
+        for name in ("jitter_threshold", "epoch", "index"):
+            setattr(self, name, _u32(getattr(self, name), b))
+        offset = 0 if self.purpose_offset is None else self.purpose_offset
+        self.purpose_offset = _u32(offset, b)
 
     @classmethod
     def make(
@@ -202,6 +213,8 @@ def transform_voxels(voxels: np.ndarray, sides: np.ndarray, params: BatchParams)
     out = np.zeros_like(vox)
     for b in range(vox.shape[0]):
         n = int(sides[b])
+        if not 0 <= n <= vox.shape[1]:
+            raise ValueError(f"sample {b}: side {n} outside [0, {vox.shape[1]}]")
         grid = symmetry.apply_grid(int(params.symmetry[b]), vox[b, :n, :n, :n])
         thr = int(params.jitter_threshold[b])
         if thr > 0:

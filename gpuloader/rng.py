@@ -146,7 +146,7 @@ FEISTEL_ROUNDS = 4
 
 
 def _hash32(x: np.ndarray) -> np.ndarray:
-    """A 32-bit integer finalizer (xorshift-multiply), identical in ``kernels/feistel.cuh``."""
+    """A 32-bit integer finalizer (xorshift-multiply), identical in ``kernels/philox.cuh``."""
     x = np.asarray(x, dtype=np.uint32)
     x = x ^ (x >> np.uint32(16))
     x = (x.astype(np.uint64) * np.uint64(0x7FEB352D) & _MASK32).astype(np.uint32)
