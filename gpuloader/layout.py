@@ -6,13 +6,10 @@ Every other module asks this one where a file lives, so the layout is written do
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK  # what open() would give: mkstemp alone gives 0600
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +83,14 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file (mkstemp alone gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: never half a file."""
     path = Path(path)
@@ -94,7 +99,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -114,7 +119,7 @@ def atomic_savez_compressed(path: Path, **arrays: Any) -> None:
     os.close(fd)
     try:
         np.savez_compressed(tmp, **arrays)
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
