@@ -1,0 +1,530 @@
+"""``GPURayLoader``: the batches of ``DataLoader(..., RayBatchSampler, collate_ray_batch)``,
+read by parallel workers, moved to the device and augmented there in one batched pass.
+
+Data flow of one batch::
+
+    RayBatchSampler order (pure function of seed, epoch)
+      -> RayReader per sample (DALI parallel external source, or torch DataLoader workers):
+         only the rows needed, custom CPU transforms
+      -> each output concatenated over the batch (on the GPU: DALI's copy, then device to
+         device; no host round trip)
+      -> per-sample SamplePlans (draw_plan with SampleContext(dataset.seed, epoch, index)),
+         stacked by plan.to_batch_params -> one pass per known segment: select_rows_batch,
+         transform_rays, transform_points, transform_voxels (augment_cupy on CUDA,
+         augment_numpy on the CPU)
+      -> the dict of ``collate_ray_batch`` (same keys, dtypes and shapes), on the device.
+
+The decisions (order, rows, symmetries, noise) are those of the CPU API for the same dataset
+seed, sampler arguments and transform, whatever the back end, device or number of workers.
+``seed`` is the order seed (as ``RayBatchSampler``'s); per-sample draws use ``dataset.seed``,
+as the dataset does.
+
+Scripts that use the DALI back end start its workers with ``spawn``: guard the entry point
+with ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpuloader import augment_numpy
+from gpuloader.errors import UnsupportedTransformError
+from gpuloader.pipeline import RawBatch, RayPipeline, dali_available
+from gpuloader.plan import to_batch_params
+from gpuloader.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
+from gpuloader.rng import SampleContext
+from gpuloader.sampler import RayBatchSampler
+from gpuloader.transforms import (
+    Compose,
+    Transform,
+    draw_plan,
+    ray_budget,
+    split_for_device,
+)
+
+__all__ = ["GPURayLoader", "known_segments"]
+
+log = logging.getLogger("gpuloader")
+_warned_no_dali = False
+
+#: torch dtype of each output key of collate_ray_batch that comes from a reader output.
+_OUT_DTYPES: dict[str, torch.dtype] = {
+    "origins": torch.float32,
+    "directions": torch.float32,
+    "distances": torch.float32,
+    "hits": torch.float32,
+    "view_ids": torch.long,
+    "face_ids": torch.long,
+}
+
+
+def known_segments(transform: Callable | None) -> tuple[list[Callable], list[list[Transform]], Any]:
+    """Split a transform for the loader: (custom CPU callables, known segments, ToDevice target).
+
+    Known segments are the runs of known transforms that ``Compose`` fuses (segment ``j``
+    draws with ``segment=j``), so the loader draws exactly what the CPU API draws.
+
+    Raises:
+        UnsupportedTransformError: a custom callable after a known transform.
+    """
+    cpu, known, target = split_for_device(transform)
+    if not known:
+        return cpu, [], target
+    if isinstance(transform, Compose):
+        segments = [list(seg) for seg in transform.segments if isinstance(seg, list)]
+    else:
+        segments = [list(known)]
+    return cpu, segments, target
+
+
+def _cuda_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no working CuPy means no GPU augmentation
+        return False
+
+
+def _resolve_device(device: Any, target: Any) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        if target is not None:
+            device = target
+        else:
+            device = "cuda" if _cuda_usable() else "cpu"
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device; got {device!r}")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _dali_picklable(reader: RayReader) -> bool:
+    try:
+        from nvidia.dali import pickling
+
+        pickling._DaliPickle.dumps(reader)
+    except Exception:  # noqa: BLE001 - any failure: the reader cannot go to spawned workers
+        return False
+    return True
+
+
+class _ReaderDataset(torch.utils.data.Dataset):
+    """Map-style view of a reader for the torch DataLoader back end: request -> outputs."""
+
+    def __init__(self, reader: RayReader) -> None:
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader.dataset.samples)
+
+    def __getitem__(self, request: Any) -> tuple[np.ndarray, ...]:
+        return self.reader.read(request)
+
+
+class _EpochBatches:
+    """Batch sampler for the torch back end: the reader's batches of ``self.epoch``."""
+
+    def __init__(self, reader: RayReader) -> None:
+        self.reader = reader
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list]:
+        return iter(self.reader.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.reader.batches(self.epoch))
+
+
+def _owners(counts: np.ndarray, xp: Any) -> Any:
+    """(sum(counts),) int32 on the array module's device: item -> its sample (on the GPU
+    computed there, so no per-item array crosses from the host)."""
+    if xp is np:
+        return np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    ends = xp.asarray(np.cumsum(counts))
+    total = int(counts.sum())
+    return xp.searchsorted(ends, xp.arange(total), side="right").astype(xp.int32)
+
+
+def _keep(batch: list) -> list:
+    return batch
+
+
+def _raw_from_samples(samples: list[tuple[np.ndarray, ...]]) -> RawBatch:
+    """Per-sample reader outputs -> a RawBatch of concatenated numpy arrays."""
+    arrays: dict[str, Any] = {}
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for j, name in enumerate(OUTPUT_NAMES):
+        if name == "meta":
+            continue
+        parts = [s[j] for s in samples]
+        shapes[name] = [tuple(p.shape) for p in parts]
+        if name == "voxels":
+            parts = [p.reshape(-1) for p in parts]
+        arrays[name] = np.concatenate(parts, axis=0)
+    meta = np.stack([s[OUTPUT_NAMES.index("meta")] for s in samples]).astype(np.int64)
+    return RawBatch(arrays=arrays, shapes=shapes, meta=meta)
+
+
+class GPURayLoader:
+    """Ray batches of ``collate_ray_batch`` form, read in parallel and augmented on the device.
+
+    Args:
+        dataset: a :class:`~gpuloader.dataset.HierarchicalVoxelRayDataset`.
+        rays_per_batch, subvolumes_per_batch, shuffle, drop_last: as ``RayBatchSampler``.
+        transform: the transform (None: ``dataset.transform``). Custom callables must come
+            before the known transforms; they run per sample in the reader.
+        seed: order seed (None: ``dataset.seed``).
+        num_workers: reader processes (DALI: >= 1; torch: 0 reads in this process).
+        prefetch: batches read ahead.
+        device: "auto" (ToDevice's target if the transform has one, else CUDA when torch
+            and CuPy can use it, else CPU), "cpu", "cuda" or "cuda:N".
+        backend: "auto" (DALI if importable, else torch), "dali" or "torch".
+        start_method: how DALI starts its workers ("spawn" or "fork").
+
+    Attributes:
+        backend: "dali" or "torch". device: the torch device of the batches.
+        sampler: the RayBatchSampler that decides order and ray counts.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        rays_per_batch: int | None = 4096,
+        subvolumes_per_batch: int = 8,
+        transform: Callable | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int | None = None,
+        num_workers: int = 2,
+        prefetch: int = 2,
+        device: Any = "auto",
+        backend: str = "auto",
+        start_method: str = "spawn",
+    ) -> None:
+        self._closed = True  # until fully built: makes close()/__del__ safe on errors
+        self._pipe: RayPipeline | None = None
+        self._torch_loader: torch.utils.data.DataLoader | None = None
+        if backend not in ("auto", "dali", "torch"):
+            raise ValueError(f"backend must be 'auto', 'dali' or 'torch'; got {backend!r}")
+        self.dataset = dataset
+        self.transform = dataset.transform if transform is None else transform
+        cpu, segments, target = known_segments(self.transform)
+        self._segments = segments
+        self.device = _resolve_device(device, target)
+        # the sampler and the reader see the loader's transform (its ray budget)
+        view = copy.copy(dataset)
+        view.transform = self.transform
+        self.sampler = RayBatchSampler(
+            view,
+            rays_per_batch=rays_per_batch,
+            subvolumes_per_batch=subvolumes_per_batch,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            seed=seed,
+        )
+        self.seed = self.sampler.seed
+        self.num_workers = int(num_workers)
+        self.prefetch = max(1, int(prefetch))
+        self.start_method = start_method
+        self._cpu_transforms = cpu
+        self._budget = ray_budget(self.transform)
+        self._data_seed = int(getattr(dataset, "seed", 0))
+        self._hashes = [str(s["hash"]) for s in dataset.samples]
+        self.epoch = 0
+        self._pipe_epoch: int | None = None  # epoch the pipeline's next DALI epoch reads
+        self._pipe_fresh = False
+        self.backend = self._choose_backend(backend)
+        if self.device.type == "cuda":
+            from gpuloader import augment_cupy
+
+            self._aug: Any = augment_cupy
+        else:
+            self._aug = augment_numpy
+        self._closed = False
+        log.info(
+            "GPURayLoader: backend=%s, device=%s, workers=%d, %d batches per epoch",
+            self.backend,
+            self.device,
+            self.num_workers,
+            len(self),
+        )
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _reader(self, first_epoch: int) -> RayReader:
+        return RayReader(
+            self.sampler.dataset,
+            self.sampler,
+            first_epoch=first_epoch,
+            cpu_transforms=self._cpu_transforms,
+            ray_budget=self._budget,
+            batch_size=self.sampler.subvolumes_per_batch,
+        )
+
+    def _choose_backend(self, backend: str) -> str:
+        global _warned_no_dali
+        if backend == "torch":
+            return "torch"
+        if not dali_available():
+            if backend == "dali":
+                raise ImportError(
+                    "backend='dali' needs NVIDIA DALI (pip install nvidia-dali-cuda120); "
+                    "or use backend='torch'"
+                )
+            if not _warned_no_dali:
+                _warned_no_dali = True
+                warnings.warn(
+                    "GPURayLoader: NVIDIA DALI is not installed; reading with a torch "
+                    "DataLoader instead (pip install nvidia-dali-cuda120 for the DALI reader)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return "torch"
+        if self.num_workers < 1:
+            if backend == "dali":
+                raise ValueError("backend='dali' needs num_workers >= 1")
+            return "torch"
+        if self.start_method == "spawn" and not _dali_picklable(self._reader(0)):
+            msg = (
+                "GPURayLoader: the reader (dataset or a custom CPU transform) cannot be "
+                "pickled for DALI's spawned workers"
+            )
+            if backend == "dali":
+                raise UnsupportedTransformError(
+                    msg + "; define custom transforms at module level, or use backend='torch'"
+                )
+            warnings.warn(msg + "; reading with a torch DataLoader instead", stacklevel=3)
+            return "torch"
+        return "dali"
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the next pass (order and every draw); each pass then advances it by one."""
+        self.epoch = int(epoch)
+
+    def __repr__(self) -> str:
+        return (
+            f"GPURayLoader(backend={self.backend!r}, device={str(self.device)!r}, "
+            f"batches={len(self)}, workers={self.num_workers})"
+        )
+
+    # -- iteration -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._closed:
+            raise RuntimeError("GPURayLoader is closed")
+        epoch = self.epoch
+        self.epoch = epoch + 1
+        if self.backend == "dali":
+            return self._iter_dali(epoch)
+        return self._iter_torch(epoch)
+
+    def _iter_dali(self, epoch: int) -> Iterator[dict[str, Any]]:
+        if self._pipe is None or not self._pipe_fresh or self._pipe_epoch != epoch:
+            if self._pipe is not None:
+                self._pipe.close()
+                self._pipe = None
+            self._pipe = RayPipeline(
+                self._reader(epoch),
+                batch_size=self.sampler.subvolumes_per_batch,
+                num_workers=self.num_workers,
+                prefetch=self.prefetch,
+                device_id=self.device.index if self.device.type == "cuda" else None,
+                start_method=self.start_method,
+            )
+            self._pipe_epoch = epoch
+        pipe = self._pipe
+        self._pipe_fresh = False
+        done = False
+        try:
+            while True:
+                try:
+                    raw = pipe.next_batch()
+                except StopIteration:
+                    done = True
+                    break
+                yield self._assemble(raw)
+        finally:
+            if done and pipe is self._pipe and not pipe._closed:
+                pipe.reset()
+                self._pipe_epoch = epoch + 1
+                self._pipe_fresh = True
+
+    def _iter_torch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        if self._torch_loader is None:
+            reader = self._reader(epoch)
+            nw = self.num_workers
+            self._torch_loader = torch.utils.data.DataLoader(
+                _ReaderDataset(reader),
+                batch_sampler=_EpochBatches(reader),
+                collate_fn=_keep,
+                num_workers=nw,
+                prefetch_factor=self.prefetch if nw > 0 else None,
+                persistent_workers=nw > 0,
+            )
+        self._torch_loader.batch_sampler.epoch = epoch
+        for samples in self._torch_loader:
+            yield self._assemble(_raw_from_samples(samples))
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def _assemble(self, raw: RawBatch) -> dict[str, Any]:
+        """Concatenated reader outputs -> augmented collate_ray_batch dict on the device."""
+        if self.device.type == "cuda":
+            import cupy
+
+            stream = torch.cuda.current_stream(self.device)
+            with cupy.cuda.Device(self.device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+                return self._assemble_xp(raw, cupy)
+        return self._assemble_xp(raw, np)
+
+    def _assemble_xp(self, raw: RawBatch, xp: Any) -> dict[str, Any]:
+        meta = raw.meta
+        real = np.flatnonzero(meta[:, 0] >= 0)
+        if real.size and real[-1] != real.size - 1:
+            raise RuntimeError("filler slots must come after the real samples of a batch")
+        b = int(real.size)
+        index, epochs, levels = meta[:b, 0], meta[:b, 1], meta[:b, 2]
+        counts = np.array([s[0] for s in raw.shapes["origins"][:b]], dtype=np.int64)
+        vcounts = np.array([s[0] for s in raw.shapes["view_positions"][:b]], dtype=np.int64)
+        vshapes = [tuple(s) for s in raw.shapes["voxels"][:b]]
+        arrays = {k: xp.asarray(v) for k, v in raw.arrays.items()}  # zero-copy views
+        vox, sides = self._stack_voxels(arrays["voxels"], vshapes, xp)
+        rays = {k: arrays[k] for k in RAY_OUTPUTS}
+        vp = arrays["view_positions"]
+        contexts = [SampleContext(self._data_seed, int(epochs[i]), int(index[i])) for i in range(b)]
+        for j, seg in enumerate(self._segments):
+            plans = [draw_plan(seg, contexts[i], int(sides[i]), segment=j) for i in range(b)]
+            params = to_batch_params(plans, contexts)
+            want = np.array(
+                [
+                    c if p.num_rays is None else p.num_rays
+                    for p, c in zip(plans, counts, strict=True)
+                ],
+                dtype=np.int64,
+            )
+            if np.any(want < counts):
+                rows, owner = self._aug.select_rows_batch(counts, want, params)
+                starts = xp.asarray(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+                take = starts[xp.asarray(owner).astype(xp.int64)] + xp.asarray(rows)
+                rays = {k: v[take] for k, v in rays.items()}
+                counts = np.minimum(want, counts)
+            if all(p.is_identity for p in plans):
+                continue
+            total = int(counts.sum())
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            ray_sample = _owners(counts, xp)
+            ray_row = xp.arange(total, dtype=xp.int64) - xp.asarray(starts)[ray_sample]
+            o, d, dist = self._aug.transform_rays(
+                rays["origins"],
+                rays["directions"],
+                rays["distances"],
+                ray_sample,
+                ray_row.astype(xp.int32),
+                params,
+            )
+            rays.update(origins=o, directions=d, distances=dist)
+            vp_sample = _owners(vcounts, xp)
+            vp = self._aug.transform_points(vp, vp_sample, params)
+            if any(p.symmetry != 0 or p.jitter_prob > 0 for p in plans):
+                vox = self._aug.transform_voxels(vox, sides, params)
+        return self._to_torch(vox, vshapes, rays, vp, vcounts, counts, levels, index, xp)
+
+    @staticmethod
+    def _stack_voxels(flat: Any, shapes: list[tuple[int, ...]], xp: Any) -> tuple[Any, np.ndarray]:
+        """Flat grids -> (B, S, S, S) uint8 zero-padded at the end of each axis, and sides."""
+        b = len(shapes)
+        sides = np.array([max(s) if s else 0 for s in shapes], dtype=np.int64)
+        side = int(sides.max()) if b else 0
+        if all(s == (side, side, side) for s in shapes):
+            return flat[: b * side**3].reshape(b, side, side, side), sides
+        out = xp.zeros((b, side, side, side), dtype=xp.uint8)
+        off = 0
+        for i, (d, h, w) in enumerate(shapes):
+            size = d * h * w
+            out[i, :d, :h, :w] = flat[off : off + size].reshape(d, h, w)
+            off += size
+        return out, sides
+
+    def _tensor(self, a: Any, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(a, np.ndarray):
+            t = torch.from_numpy(np.ascontiguousarray(a))
+        else:  # a CuPy array: zero-copy through DLPack
+            t = torch.from_dlpack(a)
+        return t.to(dtype)
+
+    def _to_torch(
+        self,
+        vox: Any,
+        vshapes: list[tuple[int, ...]],
+        rays: dict[str, Any],
+        vp: Any,
+        vcounts: np.ndarray,
+        counts: np.ndarray,
+        levels: np.ndarray,
+        index: np.ndarray,
+        xp: Any,
+    ) -> dict[str, Any]:
+        dev = self.device
+        b = len(vshapes)
+        voxels = self._tensor(vox, torch.float32).reshape(b, 1, *vox.shape[1:])
+        out: dict[str, Any] = {
+            "voxels": voxels,
+            "voxel_shapes": torch.tensor(
+                [list(s) for s in vshapes], dtype=torch.long, device=dev
+            ).reshape(b, 3),
+        }
+        for k, dtype in _OUT_DTYPES.items():
+            out[k] = self._tensor(rays[k], dtype)
+        num_rays = torch.from_numpy(counts.astype(np.int64)).to(dev)
+        out["ray_to_voxel"] = self._tensor(_owners(counts, xp), torch.long)
+        out["num_rays"] = num_rays
+        out["levels"] = torch.from_numpy(levels.astype(np.int64)).to(dev)
+        out["hashes"] = [self._hashes[int(i)] for i in index]
+        vpt = self._tensor(vp, torch.float32)
+        out["view_positions"] = list(torch.split(vpt, vcounts.tolist()))
+        return out
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every worker (DALI pool or DataLoader workers) and free their shared memory."""
+        if getattr(self, "_closed", True) and self._pipe is None and self._torch_loader is None:
+            return
+        self._closed = True
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.close()
+        loader, self._torch_loader = self._torch_loader, None
+        if loader is not None:
+            it = getattr(loader, "_iterator", None)
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+            loader._iterator = None
+
+    def __enter__(self) -> GPURayLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
