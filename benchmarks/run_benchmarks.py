@@ -1,0 +1,404 @@
+"""Throughput suite: upstream baseline vs gpuloader's CPU API vs GPURayLoader, same data.
+
+Three loaders read the train split of one dataset with the same batch shape
+(``--subvolumes-per-batch`` sub-volumes of ``--rays-per-batch / subvolumes`` rays each):
+
+* ``upstream``   benchmarks/upstream_baseline.py (the upstream loader's behaviour), with a
+  torch DataLoader;
+* ``cpu_api``    HierarchicalVoxelRayDataset + RayBatchSampler + collate_ray_batch in a torch
+  DataLoader (the seed's API);
+* ``gpu_loader`` GPURayLoader (DALI pipeline, on the CPU when there is no GPU).
+
+Each runs for every ``--workers`` count, in two scenarios: ``plain`` (no transform) and
+``augment`` (rotation + flip + ray subsample). After one warm-up epoch (worker start-up,
+pipeline build) ``--epochs`` epochs are timed. Every figure is also given as a ratio against
+the baseline measured in this run with the same workers and scenario. Writes
+``benchmarks/results/<timestamp>.json`` and a PNG bar plot beside it.
+
+    python benchmarks/run_benchmarks.py --quick          # demo data, < 1 minute
+    python benchmarks/run_benchmarks.py                  # demo data, more workers/epochs
+    python benchmarks/run_benchmarks.py --data bench_data  # the bench preset (made if missing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import upstream_baseline as up  # noqa: E402  (baseline only, not part of gpuloader)
+
+from gpuloader import transforms  # noqa: E402
+from gpuloader.collate import collate_ray_batch  # noqa: E402
+from gpuloader.dataset import HierarchicalVoxelRayDataset  # noqa: E402
+from gpuloader.demo import DEFAULT_OUT, ensure_data  # noqa: E402
+from gpuloader.sampler import RayBatchSampler  # noqa: E402
+
+LOADERS = ("upstream", "cpu_api", "gpu_loader")
+SCENARIOS = ("plain", "augment")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="folder of the bench preset (generated if missing); "
+        f"default: the demo preset in {DEFAULT_OUT}",
+    )
+    p.add_argument("--preset", choices=["demo", "bench"], help="preset in --data (bench)")
+    p.add_argument("--quick", action="store_true", help="demo-sized run in under a minute")
+    p.add_argument("--workers", type=int, nargs="+", help="num_workers values (0 1 2 4)")
+    p.add_argument("--epochs", type=int, help="timed epochs after the warm-up (2; quick 3)")
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        help="batches per epoch (all); a cut epoch costs "
+        "GPURayLoader a pipeline restart, so leave it off when timing it",
+    )
+    p.add_argument("--rays-per-batch", type=int, default=4096, help="rays per batch (4096)")
+    p.add_argument("--subvolumes-per-batch", type=int, default=8, help="sub-volumes (8)")
+    p.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS))
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    p.add_argument("--device", default="auto", help="GPURayLoader device (auto)")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    p.add_argument("--torch-threads", type=int, default=1, help="main-process torch threads (1)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.workers = args.workers or [0, 2]
+        args.epochs = args.epochs or 3
+    args.workers = args.workers or [0, 1, 2, 4]
+    args.epochs = args.epochs or 2
+    return args
+
+
+def _time_epochs(
+    loader: Iterable[dict],
+    epochs: int,
+    max_batches: int | None,
+    set_epoch: Callable[[int], None] | None,
+) -> dict[str, float]:
+    """Warm-up epoch, then ``epochs`` timed ones: totals of rays, samples, batches, seconds."""
+    out = {"rays": 0, "samples": 0, "batches": 0, "seconds": 0.0}
+    for e in range(epochs + 1):
+        if set_epoch is not None:
+            set_epoch(e)
+        tick = time.perf_counter()
+        n = rays = samples = 0
+        for batch in loader:
+            rays += int(batch["origins"].shape[0])
+            samples += int(batch["voxels"].shape[0])
+            n += 1
+            if max_batches is not None and n >= max_batches:
+                break
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - tick
+        if e > 0:
+            out["rays"] += rays
+            out["samples"] += samples
+            out["batches"] += n
+            out["seconds"] += secs
+    s = max(out["seconds"], 1e-9)
+    return out | {"rays_per_s": out["rays"] / s, "samples_per_s": out["samples"] / s}
+
+
+class Runner:
+    """Builds each loader on the same data and settings."""
+
+    def __init__(self, args: argparse.Namespace, dataset_dir: Path, ray_dir: Path) -> None:
+        self.args = args
+        self.kw = {"dataset_dir": dataset_dir, "ray_dataset_dir": ray_dir, "split": "train"}
+        self.spb = args.subvolumes_per_batch
+        self.per_sample = max(1, args.rays_per_batch // self.spb)
+
+    def _ours_transform(self, scenario: str) -> Any:
+        if scenario == "plain":
+            return None
+        return transforms.Compose(
+            [
+                transforms.RandomRotation90(p=0.5),
+                transforms.RandomFlip(p=0.5),
+                transforms.RandomRaySubsample(self.per_sample),
+            ]
+        )
+
+    def upstream(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
+        tf = (
+            None
+            if scenario == "plain"
+            else up.UpstreamCompose(
+                [
+                    up.UpstreamRotation90(p=0.5),
+                    up.UpstreamFlip(p=0.5),
+                    up.UpstreamRaySubsample(self.per_sample),
+                ]
+            )
+        )
+        ds = up.UpstreamDataset(**self.kw, samples_per_subvolume=self.per_sample, transform=tf)
+        sampler = up.UpstreamRayBatchSampler(
+            ds, self.args.rays_per_batch, self.spb, group_by_level=True
+        )
+        dl = DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=up.upstream_collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+        return dl, None, {"backend": "torch DataLoader", "device": "cpu"}
+
+    def cpu_api(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
+        ds = HierarchicalVoxelRayDataset(**self.kw, transform=self._ours_transform(scenario))
+        sampler = RayBatchSampler(ds, self.args.rays_per_batch, self.spb)
+        dl = DataLoader(
+            ds,
+            batch_sampler=sampler,
+            collate_fn=collate_ray_batch,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+        return dl, sampler.set_epoch, {"backend": "torch DataLoader", "device": "cpu"}
+
+    def gpu_loader(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
+        from gpuloader.loader import GPURayLoader
+
+        ds = HierarchicalVoxelRayDataset(**self.kw)
+        loader = GPURayLoader(
+            ds,
+            rays_per_batch=self.args.rays_per_batch,
+            subvolumes_per_batch=self.spb,
+            transform=self._ours_transform(scenario),
+            shuffle=True,
+            drop_last=False,
+            seed=0,
+            num_workers=workers,
+            prefetch=2,
+            device=self.args.device,
+            backend="auto",
+        )
+        info = {
+            "backend": str(getattr(loader, "backend", "?")),
+            "device": str(getattr(loader, "device", "?")),
+        }
+        return loader, getattr(loader, "set_epoch", None), info
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import nvidia.dali as dali
+
+        info["dali"] = dali.__version__
+    except ImportError:
+        info["dali"] = None
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """Ratio of each figure to the baseline's with the same scenario and workers."""
+    base = {
+        (r["scenario"], r["num_workers"]): r
+        for r in results
+        if r["loader"] == "upstream" and "error" not in r
+    }
+    best = {}
+    for (scen, _), r in base.items():
+        best[scen] = max(best.get(scen, 0.0), r["rays_per_s"])
+    for r in results:
+        b = base.get((r["scenario"], r["num_workers"]))
+        if "error" in r or b is None:
+            continue
+        r["ratio_rays_per_s"] = r["rays_per_s"] / b["rays_per_s"]
+        r["ratio_samples_per_s"] = r["samples_per_s"] / b["samples_per_s"]
+        r["ratio_vs_best_baseline"] = r["rays_per_s"] / best[r["scenario"]]
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best rays/s of each loader per scenario, and its ratio to the best baseline."""
+    out: dict[str, Any] = {}
+    for scen in {r["scenario"] for r in results}:
+        rows = [r for r in results if r["scenario"] == scen and "error" not in r]
+        best: dict[str, Any] = {}
+        for r in rows:
+            if r["loader"] not in best or r["rays_per_s"] > best[r["loader"]]["rays_per_s"]:
+                best[r["loader"]] = r
+        base = best.get("upstream")
+        out[scen] = {
+            name: {
+                "rays_per_s": r["rays_per_s"],
+                "samples_per_s": r["samples_per_s"],
+                "num_workers": r["num_workers"],
+                "ratio_vs_best_baseline": r["rays_per_s"] / base["rays_per_s"] if base else None,
+            }
+            for name, r in best.items()
+        }
+    return out
+
+
+def plot(path: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    results = [r for r in report["results"] if "error" not in r]
+    if not results:
+        return
+    scenarios = [s for s in SCENARIOS if any(r["scenario"] == s for r in results)]
+    workers = sorted({r["num_workers"] for r in results})
+    loaders = [lo for lo in LOADERS if any(r["loader"] == lo for r in results)]
+    fig, axes = plt.subplots(
+        1, len(scenarios), figsize=(6.5 * len(scenarios), 4.8), squeeze=False, sharey=True
+    )
+    width = 0.8 / max(1, len(loaders))
+    lowest = min(r["rays_per_s"] for r in results)
+    highest = max(r["rays_per_s"] for r in results)
+    colors = {"upstream": "tab:gray", "cpu_api": "tab:blue", "gpu_loader": "tab:green"}
+    for ax, scen in zip(axes[0], scenarios, strict=True):
+        for j, lo in enumerate(loaders):
+            xs, ys, labels = [], [], []
+            for i, w in enumerate(workers):
+                r = next(
+                    (
+                        r
+                        for r in results
+                        if r["scenario"] == scen and r["loader"] == lo and r["num_workers"] == w
+                    ),
+                    None,
+                )
+                if r is None:
+                    continue
+                xs.append(i + (j - (len(loaders) - 1) / 2) * width)
+                ys.append(r["rays_per_s"])
+                ratio = r.get("ratio_rays_per_s")
+                label = "" if lo == "upstream" or ratio is None else f"{ratio:.2f}x"
+                if lo == "gpu_loader":
+                    label += f"\n{r['backend']}, {r['device']}"
+                labels.append(label)
+            bars = ax.bar(xs, ys, width, color=colors[lo], label=lo.replace("_", " "))
+            ax.bar_label(bars, labels, fontsize=8, padding=2)
+        ax.set_xticks(range(len(workers)), [f"{w} workers" for w in workers])
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(EngFormatter())
+        ax.yaxis.set_minor_formatter(EngFormatter())
+        ax.set_ylim(bottom=lowest / 3, top=highest * 2)
+        missing = sorted(
+            {r["loader"] for r in report["results"] if "error" in r and r["scenario"] == scen}
+        )
+        if missing:
+            ax.text(
+                0.99,
+                0.98,
+                "unavailable: " + ", ".join(missing),
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+                fontsize=8,
+                color="tab:red",
+            )
+        ax.set_title(f"{scen}: rays/s (label: ratio to upstream, same workers)")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0][0].set_ylabel("rays per second (log)")
+    axes[0][0].legend(loc="lower left")
+    d = report["data"]
+    fig.suptitle(
+        f"{d['preset']} data, {report['settings']['rays_per_batch']} rays x "
+        f"{report['settings']['subvolumes_per_batch']} sub-volumes per batch, "
+        f"{report['machine']['cpu_count']} CPUs"
+        + (f", {report['machine']['gpu']}" if report["machine"]["gpu"] else ", no GPU")
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    if args.data is not None:
+        preset, folder = args.preset or "bench", args.data
+    else:
+        preset, folder = args.preset or "demo", DEFAULT_OUT
+    dataset_dir, ray_dir = ensure_data(folder, preset)
+    runner = Runner(args, dataset_dir, ray_dir)
+    n_train = len(HierarchicalVoxelRayDataset(dataset_dir, ray_dir, split="train"))
+    print(
+        f"data: {folder} ({preset} preset, {n_train} train samples); "
+        f"workers {args.workers}; {args.epochs} timed epoch(s)"
+        + (f" of at most {args.max_batches} batches" if args.max_batches else "")
+    )
+    results: list[dict[str, Any]] = []
+    for scen in args.scenarios:
+        for w in args.workers:
+            for name in args.loaders:
+                row: dict[str, Any] = {"loader": name, "scenario": scen, "num_workers": w}
+                try:
+                    loader, set_epoch, info = getattr(runner, name)(scen, w)
+                    row |= info
+                    row |= _time_epochs(loader, args.epochs, args.max_batches, set_epoch)
+                    del loader
+                except Exception as exc:  # a missing back end must not lose the others
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                results.append(row)
+                if "error" in row:
+                    print(f"  {scen:8s} {name:11s} w={w}: unavailable ({row['error']})")
+                else:
+                    print(
+                        f"  {scen:8s} {name:11s} w={w}: {row['rays_per_s']:12,.0f} rays/s "
+                        f"{row['samples_per_s']:9,.0f} samples/s  [{row['backend']}, "
+                        f"{row['device']}]"
+                    )
+    add_ratios(results)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    report = {
+        "timestamp": stamp,
+        "machine": machine_info(),
+        "data": {"dir": str(folder), "preset": preset, "train_samples": n_train},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": results,
+        "summary": summarize(results),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=1))
+    png_path = json_path.with_suffix(".png")
+    plot(png_path, report)
+    print("\nratio to the upstream baseline (same workers, same scenario; > 1 is faster):")
+    for r in results:
+        if "ratio_rays_per_s" in r and r["loader"] != "upstream":
+            print(
+                f"  {r['scenario']:8s} {r['loader']:11s} w={r['num_workers']}: "
+                f"{r['ratio_rays_per_s']:6.2f}x rays/s, {r['ratio_samples_per_s']:6.2f}x "
+                f"samples/s"
+            )
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Quick timing check of the seed API, each figure next to the upstream-behaviour baseline.
+
+Times dataset initialization, single-sample loads, the voxel cache, DataLoader throughput,
+the ray batch sampler and the transform overhead, for gpuloader and for the upstream
+baseline (benchmarks/upstream_baseline.py) in the same run, and prints the ratios
+(> 1 means gpuloader is faster). Runs with no arguments on the demo data::
+
+    python examples/quick_timing_test.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from gpuloader import transforms
+from gpuloader.collate import collate_ray_batch
+from gpuloader.dataset import HierarchicalVoxelRayDataset
+from gpuloader.demo import DEFAULT_OUT, resolve_data_dirs
+from gpuloader.sampler import RayBatchSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import upstream_baseline as up  # noqa: E402  (baseline only, not part of gpuloader)
+
+RAYS_PER_SAMPLE = 512
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset-dir", type=Path, help="voxel dataset root (default: demo data)")
+    p.add_argument("--ray-dataset-dir", type=Path, help="ray dataset root")
+    p.add_argument("--demo-dir", type=Path, default=DEFAULT_OUT, help="where demo data lives")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--batch-size", type=int, default=8, help="sub-volumes per batch (8)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0)")
+    p.add_argument("--samples", type=int, default=30, help="single loads timed (30)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch threads of the main process (1, as in DataLoader workers: on a busy "
+        "machine several threads make tiny tensor ops slower, not faster)",
+    )
+    return p.parse_args(argv)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _rays_per_second(loader: Iterable[dict]) -> tuple[float, int]:
+    t = time.perf_counter()
+    rays = 0
+    for batch in loader:
+        rays += int(batch["origins"].shape[0])
+    return rays / max(time.perf_counter() - t, 1e-9), rays
+
+
+def _row(name: str, ours: float, base: float, unit: str, higher_is_better: bool) -> None:
+    ratio = ours / base if higher_is_better else base / ours
+    print(f"{name:34s} {ours:12,.2f} {base:12,.2f} {unit:9s} {ratio:7.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    dd, rd = resolve_data_dirs(args.dataset_dir, args.ray_dataset_dir, args.demo_dir)
+    kw = {"dataset_dir": dd, "ray_dataset_dir": rd, "split": args.split}
+    print(f"data: {dd.parent}  split: {args.split}  (ratio > 1: gpuloader is faster)\n")
+    print(f"{'':34s} {'gpuloader':>12s} {'upstream':>12s} {'':9s} {'ratio':>8s}")
+
+    t_ours = _timed(lambda: HierarchicalVoxelRayDataset(**kw))
+    t_base = _timed(lambda: up.UpstreamDataset(**kw))
+    _row("dataset init", t_ours * 1e3, t_base * 1e3, "ms", False)
+
+    ours = HierarchicalVoxelRayDataset(**kw, samples_per_subvolume=RAYS_PER_SAMPLE)
+    base = up.UpstreamDataset(**kw, samples_per_subvolume=RAYS_PER_SAMPLE)
+    n = min(args.samples, len(ours))
+    cold_o = statistics.median(_timed(lambda i=i: ours[i]) for i in range(n))
+    cold_b = statistics.median(_timed(lambda i=i: base[i]) for i in range(n))
+    _row(f"single sample, cold ({RAYS_PER_SAMPLE} rays)", cold_o * 1e3, cold_b * 1e3, "ms", False)
+    warm_o = statistics.median(_timed(lambda i=i: ours[i]) for i in range(n))
+    warm_b = statistics.median(_timed(lambda i=i: base[i]) for i in range(n))
+    _row("single sample, voxels cached", warm_o * 1e3, warm_b * 1e3, "ms", False)
+    info = ours.cache_info()
+    print(
+        f"{'  cache hit rate (2 passes)':34s} {info['hit_rate']:12.0%} "
+        f"{base.cache_hits / max(1, base.cache_hits + base.cache_misses):12.0%}"
+    )
+
+    workers = {"num_workers": args.num_workers}
+    plain_o = DataLoader(
+        ours, batch_size=args.batch_size, shuffle=True, collate_fn=collate_ray_batch, **workers
+    )
+    bs = up.UpstreamRayBatchSampler(base, subvolumes_per_batch=args.batch_size, group_by_level=True)
+    plain_b = DataLoader(base, batch_sampler=bs, collate_fn=up.upstream_collate, **workers)
+    o, _ = _rays_per_second(plain_o)
+    b, _ = _rays_per_second(plain_b)
+    _row("DataLoader", o, b, "rays/s", True)
+
+    rays_per_batch = args.batch_size * RAYS_PER_SAMPLE
+    sampler = RayBatchSampler(
+        ours, rays_per_batch=rays_per_batch, subvolumes_per_batch=args.batch_size
+    )
+    o, _ = _rays_per_second(
+        DataLoader(ours, batch_sampler=sampler, collate_fn=collate_ray_batch, **workers)
+    )
+    _row("RayBatchSampler", o, b, "rays/s", True)
+
+    aug_o = HierarchicalVoxelRayDataset(
+        **kw,
+        transform=transforms.Compose(
+            [
+                transforms.RandomRotation90(p=0.5),
+                transforms.RandomFlip(p=0.5),
+                transforms.RandomRaySubsample(num_rays=RAYS_PER_SAMPLE),
+            ]
+        ),
+    )
+    aug_b = up.UpstreamDataset(
+        **kw,
+        transform=up.UpstreamCompose(
+            [
+                up.UpstreamRotation90(p=0.5),
+                up.UpstreamFlip(p=0.5),
+                up.UpstreamRaySubsample(num_rays=RAYS_PER_SAMPLE),
+            ]
+        ),
+    )
+    ta = statistics.median(_timed(lambda i=i: aug_o[i]) for i in range(n))
+    tb = statistics.median(_timed(lambda i=i: aug_b[i]) for i in range(n))
+    _row("sample + rot/flip/subsample", ta * 1e3, tb * 1e3, "ms", False)
+    print(
+        f"{'  transform overhead':34s} {(ta - warm_o) * 1e3:12,.2f} {(tb - warm_b) * 1e3:12,.2f} ms"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
