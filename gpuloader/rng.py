@@ -146,13 +146,17 @@ FEISTEL_ROUNDS = 4
 
 
 def _hash32(x: np.ndarray) -> np.ndarray:
-    """A 32-bit integer finalizer (xorshift-multiply), identical in ``kernels/philox.cuh``."""
+    """A 32-bit integer finalizer (xorshift-multiply), identical in ``kernels/philox.cuh``.
+
+    uint32 array products wrap modulo 2**32 in numpy, as in C.
+    """
     x = np.asarray(x, dtype=np.uint32)
-    x = x ^ (x >> np.uint32(16))
-    x = (x.astype(np.uint64) * np.uint64(0x7FEB352D) & _MASK32).astype(np.uint32)
-    x = x ^ (x >> np.uint32(15))
-    x = (x.astype(np.uint64) * np.uint64(0x846CA68B) & _MASK32).astype(np.uint32)
-    x = x ^ (x >> np.uint32(16))
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        x = x ^ (x >> np.uint32(16))
     return x
 
 

@@ -288,3 +288,25 @@ def test_interrupted_then_closed_leaves_nothing(full_loader, geo_loader):
     assert not [p for p in multiprocessing.active_children() if "resource_tracker" not in p.name]
     with pytest.raises(RuntimeError, match="closed"):
         iter(full_loader)
+
+
+def _shared_mappings() -> list[str]:
+    """Shared-memory mappings of this process (DALI's worker buffers live in memfd/shm)."""
+    with open("/proc/self/maps") as f:
+        return sorted(line.strip() for line in f if "memfd" in line or "/dev/shm" in line)
+
+
+@needs_dali
+def test_closed_dali_loader_leaks_no_shared_memory(data_dirs):
+    ds = make_dataset(data_dirs)
+    before = _shared_mappings()
+    shm_before = set(os.listdir("/dev/shm"))
+    ld = GPURayLoader(ds, 64, 2, num_workers=2, device="cpu", backend="dali")
+    it = iter(ld)
+    next(it)
+    assert len(_shared_mappings()) > len(before)  # the workers' buffers are mapped
+    del it
+    ld.close()
+    gc.collect()
+    assert _shared_mappings() == before
+    assert set(os.listdir("/dev/shm")) <= shm_before
