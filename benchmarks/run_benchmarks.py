@@ -1,13 +1,15 @@
 """Throughput suite: upstream baseline vs gpuloader's CPU API vs GPURayLoader, same data.
 
-Three loaders read the train split of one dataset with the same batch shape
+Five loaders read the train split of one dataset with the same batch shape
 (``--subvolumes-per-batch`` sub-volumes of ``--rays-per-batch / subvolumes`` rays each):
 
 * ``upstream``   benchmarks/upstream_baseline.py (the upstream loader's behaviour), with a
   torch DataLoader;
 * ``cpu_api``    HierarchicalVoxelRayDataset + RayBatchSampler + collate_ray_batch in a torch
   DataLoader (the seed's API);
-* ``gpu_loader`` GPURayLoader (DALI pipeline, on the CPU when there is no GPU).
+* ``gpu_loader`` GPURayLoader (DALI pipeline, on the CPU when there is no GPU);
+* ``cpu_packed``, ``gpu_packed``: the same two with ``ray_store=PackedRayStore`` (the one-time
+  packed cache of gpuloader.packed, built before timing, its build timed on its own).
 
 Each runs for every ``--workers`` count, in two scenarios: ``plain`` (no transform) and
 ``augment`` (rotation + flip + ray subsample). After one warm-up epoch (worker start-up,
@@ -44,9 +46,10 @@ from gpuloader import transforms  # noqa: E402
 from gpuloader.collate import collate_ray_batch  # noqa: E402
 from gpuloader.dataset import HierarchicalVoxelRayDataset  # noqa: E402
 from gpuloader.demo import DEFAULT_OUT, ensure_data  # noqa: E402
+from gpuloader.packed import PackedRayStore, PackError, pack_rays  # noqa: E402
 from gpuloader.sampler import RayBatchSampler  # noqa: E402
 
-LOADERS = ("upstream", "cpu_api", "gpu_loader")
+LOADERS = ("upstream", "cpu_api", "gpu_loader", "cpu_packed", "gpu_packed")
 SCENARIOS = ("plain", "augment")
 
 
@@ -75,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="GPURayLoader device (auto)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
     p.add_argument("--torch-threads", type=int, default=1, help="main-process torch threads (1)")
+    p.add_argument(
+        "--pack-dir", type=Path, help="ray pack of the packed loaders (DATA/ray_pack; made once)"
+    )
+    p.add_argument("--repack", action="store_true", help="rebuild the pack (and time it)")
     args = p.parse_args(argv)
     if args.quick:
         args.workers = args.workers or [0, 2]
@@ -118,8 +125,15 @@ def _time_epochs(
 class Runner:
     """Builds each loader on the same data and settings."""
 
-    def __init__(self, args: argparse.Namespace, dataset_dir: Path, ray_dir: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        dataset_dir: Path,
+        ray_dir: Path,
+        pack_dir: Path | None = None,
+    ) -> None:
         self.args = args
+        self.pack_dir = pack_dir
         self.kw = {"dataset_dir": dataset_dir, "ray_dataset_dir": ray_dir, "split": "train"}
         self.spb = args.subvolumes_per_batch
         self.per_sample = max(1, args.rays_per_batch // self.spb)
@@ -160,8 +174,17 @@ class Runner:
         )
         return dl, None, {"backend": "torch DataLoader", "device": "cpu"}
 
-    def cpu_api(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
-        ds = HierarchicalVoxelRayDataset(**self.kw, transform=self._ours_transform(scenario))
+    def _store(self, packed: bool) -> PackedRayStore | None:
+        if not packed:
+            return None
+        if self.pack_dir is None:
+            raise RuntimeError("no ray pack (the pack step failed or was skipped)")
+        return PackedRayStore(self.pack_dir, check="fast")
+
+    def cpu_api(self, scenario: str, workers: int, packed: bool = False) -> tuple[Any, Any, dict]:
+        ds = HierarchicalVoxelRayDataset(
+            **self.kw, transform=self._ours_transform(scenario), ray_store=self._store(packed)
+        )
         sampler = RayBatchSampler(ds, self.args.rays_per_batch, self.spb)
         dl = DataLoader(
             ds,
@@ -172,10 +195,12 @@ class Runner:
         )
         return dl, sampler.set_epoch, {"backend": "torch DataLoader", "device": "cpu"}
 
-    def gpu_loader(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
+    def gpu_loader(
+        self, scenario: str, workers: int, packed: bool = False
+    ) -> tuple[Any, Any, dict]:
         from gpuloader.loader import GPURayLoader
 
-        ds = HierarchicalVoxelRayDataset(**self.kw)
+        ds = HierarchicalVoxelRayDataset(**self.kw, ray_store=self._store(packed))
         loader = GPURayLoader(
             ds,
             rays_per_batch=self.args.rays_per_batch,
@@ -194,6 +219,22 @@ class Runner:
             "device": str(getattr(loader, "device", "?")),
         }
         return loader, getattr(loader, "set_epoch", None), info
+
+    def cpu_packed(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
+        return self.cpu_api(scenario, workers, packed=True)
+
+    def gpu_packed(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
+        return self.gpu_loader(scenario, workers, packed=True)
+
+
+def build_pack(ray_dir: Path, pack_dir: Path, repack: bool) -> dict[str, Any]:
+    """Pack ``ray_dir`` into ``pack_dir`` unless an up-to-date pack is there (not timed with
+    the loaders); returns pack_rays' summary (``seconds``: this step, ``up_to_date``: kept)."""
+    try:
+        return pack_rays(ray_dir, pack_dir, progress=True, force=repack)
+    except PackError as exc:  # stale or interrupted: rebuild it
+        print(f"rebuilding the ray pack: {exc}")
+        return pack_rays(ray_dir, pack_dir, progress=True, force=True)
 
 
 def machine_info() -> dict[str, Any]:
@@ -278,7 +319,13 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     width = 0.8 / max(1, len(loaders))
     lowest = min(r["rays_per_s"] for r in results)
     highest = max(r["rays_per_s"] for r in results)
-    colors = {"upstream": "tab:gray", "cpu_api": "tab:blue", "gpu_loader": "tab:green"}
+    colors = {
+        "upstream": "tab:gray",
+        "cpu_api": "tab:blue",
+        "gpu_loader": "tab:green",
+        "cpu_packed": "tab:cyan",
+        "gpu_packed": "tab:olive",
+    }
     for ax, scen in zip(axes[0], scenarios, strict=True):
         for j, lo in enumerate(loaders):
             xs, ys, labels = [], [], []
@@ -297,7 +344,7 @@ def plot(path: Path, report: dict[str, Any]) -> None:
                 ys.append(r["rays_per_s"])
                 ratio = r.get("ratio_rays_per_s")
                 label = "" if lo == "upstream" or ratio is None else f"{ratio:.2f}x"
-                if lo == "gpu_loader":
+                if lo in ("gpu_loader", "gpu_packed"):
                     label += f"\n{r['backend']}, {r['device']}"
                 labels.append(label)
             bars = ax.bar(xs, ys, width, color=colors[lo], label=lo.replace("_", " "))
@@ -345,7 +392,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         preset, folder = args.preset or "demo", DEFAULT_OUT
     dataset_dir, ray_dir = ensure_data(folder, preset)
-    runner = Runner(args, dataset_dir, ray_dir)
+    pack: dict[str, Any] | None = None
+    pack_dir = None
+    if any(name.endswith("_packed") for name in args.loaders):
+        pack_dir = args.pack_dir or folder / "ray_pack"
+        try:
+            pack = build_pack(ray_dir, pack_dir, args.repack)
+            print(
+                f"ray pack: {pack_dir} ({pack['rays']:,} rays, {pack['bytes'] / 2**20:,.1f} MiB)"
+                + (
+                    f", up to date (checked in {pack['seconds']:.2f} s)"
+                    if pack["up_to_date"]
+                    else f", built in {pack['seconds']:.1f} s"
+                )
+            )
+        except Exception as exc:  # the packed loaders report it; the others still run
+            pack = {"error": f"{type(exc).__name__}: {exc}"}
+            pack_dir = None
+            print(f"ray pack: unavailable ({pack['error']})")
+    runner = Runner(args, dataset_dir, ray_dir, pack_dir)
     n_train = len(HierarchicalVoxelRayDataset(dataset_dir, ray_dir, split="train"))
     print(
         f"data: {folder} ({preset} preset, {n_train} train samples); "
@@ -379,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": stamp,
         "machine": machine_info(),
         "data": {"dir": str(folder), "preset": preset, "train_samples": n_train},
+        "pack": pack,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
         "summary": summarize(results),

@@ -13,6 +13,8 @@ from typing import Any
 from gpuloader import transforms
 from gpuloader.collate import collate_ray_batch
 from gpuloader.dataset import HierarchicalVoxelRayDataset
+from gpuloader.packed import PackedRayStore, open_ray_store, pack_rays
+from gpuloader.raystore import NpzRayStore
 from gpuloader.rng import SampleContext
 from gpuloader.sampler import RayBatchSampler, RayRequest
 from gpuloader.tracer import trace
@@ -22,10 +24,14 @@ __version__ = "0.1.0"
 __all__ = [
     "GPURayLoader",
     "HierarchicalVoxelRayDataset",
+    "NpzRayStore",
+    "PackedRayStore",
     "RayBatchSampler",
     "RayRequest",
     "SampleContext",
     "collate_ray_batch",
+    "open_ray_store",
+    "pack_rays",
     "trace",
     "transforms",
 ]

@@ -14,12 +14,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("gpuloader.generate.command", "write a dataset in the upstream format"),
     "verify": ("gpuloader.verify", "check a dataset's layout and re-trace a sample of rays"),
     "info": ("gpuloader.info", "summarize a dataset per split and level (optionally plot)"),
+    "pack": ("gpuloader.pack_command", "pack ray files into memory-mapped arrays for fast reading"),
     "demo": ("gpuloader.demo", "generate the demo data and run the loader on it"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpuloader", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gpuloader",
+        description="Generate, check, pack and load hierarchical voxel ray-tracing datasets.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_) in COMMANDS.items():
         module = importlib.import_module(module_name)

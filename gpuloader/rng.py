@@ -145,18 +145,23 @@ def normal_pairs(words: np.ndarray) -> np.ndarray:
 FEISTEL_ROUNDS = 4
 
 
+_H1 = np.uint32(0x7FEB352D)
+_H2 = np.uint32(0x846CA68B)
+_S15 = np.uint32(15)
+_S16 = np.uint32(16)
+
+
 def _hash32(x: np.ndarray) -> np.ndarray:
     """A 32-bit integer finalizer (xorshift-multiply), identical in ``kernels/philox.cuh``.
 
-    uint32 array products wrap modulo 2**32 in numpy, as in C.
+    x: uint32 array (products of uint32 arrays wrap modulo 2**32 in numpy, as in C).
     """
     x = np.asarray(x, dtype=np.uint32)
-    with np.errstate(over="ignore"):
-        x = x ^ (x >> np.uint32(16))
-        x = x * np.uint32(0x7FEB352D)
-        x = x ^ (x >> np.uint32(15))
-        x = x * np.uint32(0x846CA68B)
-        x = x ^ (x >> np.uint32(16))
+    x = x ^ (x >> _S16)
+    x *= _H1
+    x ^= x >> _S15
+    x *= _H2
+    x ^= x >> _S16
     return x
 
 
@@ -172,14 +177,37 @@ def feistel_keys(seed: int, epoch: int, index: int, purpose: int = Purpose.SUBSA
 
 
 def _feistel_once(x: np.ndarray, bits: int, keys: np.ndarray) -> np.ndarray:
-    half = bits // 2
-    mask = np.uint32((1 << half) - 1)
-    left = (x >> np.uint32(half)) & mask
+    half = np.uint32(bits // 2)
+    mask = np.uint32((1 << (bits // 2)) - 1)
+    left = (x >> half) & mask
     right = x & mask
     for r in range(FEISTEL_ROUNDS):
         f = _hash32(right ^ keys[r]) & mask
         left, right = right, left ^ f
-    return (left << np.uint32(half)) | right
+    return (left << half) | right
+
+
+def _feistel_walk_scalar(x: int, n: int, bits: int, keys: list[int]) -> int:
+    """Cycle-walk one value in plain Python ints (the same function as the vector path)."""
+    half = bits // 2
+    mask = (1 << half) - 1
+    while True:
+        left, right = (x >> half) & mask, x & mask
+        for key in keys:
+            h = right ^ key
+            h ^= h >> 16
+            h = (h * 0x7FEB352D) & 0xFFFFFFFF
+            h ^= h >> 15
+            h = (h * 0x846CA68B) & 0xFFFFFFFF
+            h ^= h >> 16
+            left, right = right, left ^ (h & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
+#: below this many values still walking, the walk finishes in scalar code (cheaper per call)
+_SCALAR_TAIL = 24
 
 
 def feistel_permute(i: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
@@ -199,11 +227,20 @@ def feistel_permute(i: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
     keys = np.asarray(keys, dtype=np.uint32)
     x = np.asarray(i, dtype=np.uint32).copy()
     todo = np.ones(x.shape, dtype=bool)
-    while True:  # cycle-walking: at most a few rounds on average (2**bits < 4 n)
+    # Cycle-walking: a few rounds on average (2**bits < 4 n), but the slowest of k values
+    # takes ~log(k) rounds; vector rounds while many walk, then the few left one by one.
+    while True:
         x[todo] = _feistel_once(x[todo], bits, keys)
         todo = x >= np.uint32(n)
-        if not todo.any():
+        left = np.flatnonzero(todo)
+        if left.size == 0:
             return x.astype(np.int64)
+        if left.size <= _SCALAR_TAIL:
+            out = x.astype(np.int64)
+            key_list = [int(k) for k in keys]
+            for j in left:
+                out[j] = _feistel_walk_scalar(int(x[j]), n, bits, key_list)
+            return out
 
 
 def select_rows(n: int, k: int | None, seed: int, epoch: int, index: int) -> np.ndarray:

@@ -82,3 +82,11 @@ def test_permutation():
     p = rng.permutation(100, 1, 0)
     assert sorted(p.tolist()) == list(range(100))
     assert not np.array_equal(p, rng.permutation(100, 1, 1))
+
+
+@pytest.mark.parametrize("n", [3, 17, 4400, 80000])
+def test_scalar_tail_of_the_walk_equals_the_vector_walk(n, monkeypatch):
+    keys = rng.feistel_keys(5, 0, n)
+    fast = rng.feistel_permute(np.arange(min(n, 700)), n, keys)
+    monkeypatch.setattr(rng, "_SCALAR_TAIL", -1)  # every round vectorized
+    assert np.array_equal(fast, rng.feistel_permute(np.arange(min(n, 700)), n, keys))

@@ -1,0 +1,54 @@
+"""Pack a ray dataset once into uncompressed, memory-mapped arrays for fast reading.
+
+Reads RAY_DIR (level_<L>/<hh>/<hash>_rays.npz) and writes OUT: per level, contiguous .npy
+arrays, an offsets index and a manifest that detects when the ray files change. Use it with
+``HierarchicalVoxelRayDataset(..., ray_store=PackedRayStore(OUT))``. Re-running on an
+up-to-date OUT does nothing; a stale or interrupted OUT needs --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from gpuloader.packed import pack_rays
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``gpuloader pack``."""
+    parser.add_argument("ray_dir", metavar="RAY_DIR", help="ray side (ray_dataset_hierarchical/)")
+    parser.add_argument("out", metavar="OUT", help="pack folder to write")
+    parser.add_argument(
+        "--levels", type=int, nargs="+", metavar="L", help="pack only these levels (all)"
+    )
+    parser.add_argument("--workers", type=int, help="processes inflating files (all cores)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace a stale or interrupted pack in OUT"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``gpuloader pack``; 0 on success."""
+    s = pack_rays(
+        args.ray_dir,
+        args.out,
+        levels=args.levels,
+        progress=not args.quiet,
+        workers=args.workers,
+        force=args.force,
+    )
+    if s["up_to_date"]:
+        print(f"{s['out_dir']}: up to date ({s['files']} files, {s['rays']:,} rays); nothing done")
+        return 0
+    for level, info in s["levels"].items():
+        print(
+            f"  level {level}: {info['files']:6d} files {info['rays']:12,d} rays "
+            f"{info['views']:8,d} views"
+        )
+    print(
+        f"packed {s['files']} files, {s['rays']:,} rays ({s['bytes'] / 2**20:,.1f} MiB) into "
+        f"{s['out_dir']} in {s['seconds']:.1f} s"
+    )
+    return 0
