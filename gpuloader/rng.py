@@ -166,9 +166,8 @@ def _hash32(x: np.ndarray) -> np.ndarray:
 
 
 def feistel_bits(n: int) -> int:
-    """Even number of bits of the Feistel domain ``[0, 2**bits)`` that covers ``[0, n)``."""
-    bits = max(2, int(n - 1).bit_length()) if n > 1 else 2
-    return bits + (bits & 1)
+    """Bits of the Feistel domain ``[0, 2**bits)`` that covers ``[0, n)`` (at least 2)."""
+    return max(2, int(n - 1).bit_length()) if n > 1 else 2
 
 
 def feistel_keys(seed: int, epoch: int, index: int, purpose: int = Purpose.SUBSAMPLE) -> np.ndarray:
@@ -177,22 +176,31 @@ def feistel_keys(seed: int, epoch: int, index: int, purpose: int = Purpose.SUBSA
 
 
 def _feistel_once(x: np.ndarray, bits: int, keys: np.ndarray) -> np.ndarray:
-    half = np.uint32(bits // 2)
-    mask = np.uint32((1 << (bits // 2)) - 1)
-    left = (x >> half) & mask
-    right = x & mask
+    """One pass of the 4-round Feistel network on ``[0, 2**bits)``.
+
+    ``x`` is split into a high part of ``bits - bits // 2`` bits and a low part of
+    ``bits // 2`` bits; a round maps ``(L, R)`` to ``(R, L ^ (hash32(R ^ key) & mask_L))``,
+    so the two widths swap each round (an unbalanced network for odd ``bits``) and are back in
+    place after the 4 rounds. Any ``bits`` works, so the domain is below ``2 n`` and
+    cycle-walking takes under 2 passes on average.
+    """
+    wr = bits // 2
+    wl = bits - wr
+    left = x >> np.uint32(wr)
+    right = x & np.uint32((1 << wr) - 1)
     for r in range(FEISTEL_ROUNDS):
-        f = _hash32(right ^ keys[r]) & mask
+        f = _hash32(right ^ keys[r]) & np.uint32((1 << wl) - 1)
         left, right = right, left ^ f
-    return (left << half) | right
+        wl, wr = wr, wl
+    return (left << np.uint32(wr)) | right
 
 
 def _feistel_walk_scalar(x: int, n: int, bits: int, keys: list[int]) -> int:
     """Cycle-walk one value in plain Python ints (the same function as the vector path)."""
-    half = bits // 2
-    mask = (1 << half) - 1
     while True:
-        left, right = (x >> half) & mask, x & mask
+        wr = bits // 2
+        wl = bits - wr
+        left, right = x >> wr, x & ((1 << wr) - 1)
         for key in keys:
             h = right ^ key
             h ^= h >> 16
@@ -200,8 +208,9 @@ def _feistel_walk_scalar(x: int, n: int, bits: int, keys: list[int]) -> int:
             h ^= h >> 15
             h = (h * 0x846CA68B) & 0xFFFFFFFF
             h ^= h >> 16
-            left, right = right, left ^ (h & mask)
-        x = (left << half) | right
+            left, right = right, left ^ (h & ((1 << wl) - 1))
+            wl, wr = wr, wl
+        x = (left << wr) | right
         if x < n:
             return x
 
@@ -227,7 +236,7 @@ def feistel_permute(i: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
     keys = np.asarray(keys, dtype=np.uint32)
     x = np.asarray(i, dtype=np.uint32).copy()
     todo = np.ones(x.shape, dtype=bool)
-    # Cycle-walking: a few rounds on average (2**bits < 4 n), but the slowest of k values
+    # Cycle-walking: under 2 rounds on average (2**bits < 2 n), but the slowest of k values
     # takes ~log(k) rounds; vector rounds while many walk, then the few left one by one.
     while True:
         x[todo] = _feistel_once(x[todo], bits, keys)

@@ -154,36 +154,42 @@ __device__ __forceinline__ unsigned int hash32(unsigned int x) {
     return x;
 }
 
-// rng.feistel_bits: even number of bits whose domain [0, 2^bits) covers [0, n); n >= 1.
+// rng.feistel_bits: number of bits (at least 2) whose domain [0, 2^bits) covers [0, n); n >= 1.
 __device__ __forceinline__ int feistel_bits(unsigned int n) {
     int bits = 2;
     if (n > 1) {
         const int len = 32 - __clz(n - 1);  // bit length of n - 1
         bits = len > 2 ? len : 2;
     }
-    return bits + (bits & 1);
+    return bits;
 }
 
-// rng._feistel_once: one pass of the balanced 4-round Feistel network on [0, 2^bits).
+// rng._feistel_once: one pass of the 4-round Feistel network on [0, 2^bits). The high part
+// has bits - bits/2 bits, the low part bits/2; a round maps (L, R) to
+// (R, L ^ (hash32(R ^ key) & mask_L)), so the widths swap each round (unbalanced for odd bits)
+// and are back in place after the 4 rounds.
 __device__ __forceinline__ unsigned int feistel_once(unsigned int x, int bits,
                                                      const unsigned int* keys) {
-    const int half = bits / 2;
-    const unsigned int mask = (1u << half) - 1u;
-    unsigned int left = (x >> half) & mask;
-    unsigned int right = x & mask;
+    int wr = bits / 2;
+    int wl = bits - wr;
+    unsigned int left = x >> wr;
+    unsigned int right = x & ((1u << wr) - 1u);
 #pragma unroll
     for (int r = 0; r < GPL_FEISTEL_ROUNDS; ++r) {
-        const unsigned int f = hash32(right ^ keys[r]) & mask;
+        const unsigned int f = hash32(right ^ keys[r]) & ((1u << wl) - 1u);
         const unsigned int t = left ^ f;
         left = right;
         right = t;
+        const int w = wl;
+        wl = wr;
+        wr = w;
     }
-    return (left << half) | right;
+    return (left << wr) | right;
 }
 
 // rng.feistel_permute for one position i < n (1 <= n < 2^32): the keyed bijection of
-// [0, 2^bits) applied until the value falls in [0, n) (cycle walking; 2^bits < 4n, so a
-// few passes on average). keys: GPL_FEISTEL_ROUNDS round keys (rng.feistel_keys).
+// [0, 2^bits) applied until the value falls in [0, n) (cycle walking; 2^bits < 2n, so under
+// 2 passes on average). keys: GPL_FEISTEL_ROUNDS round keys (rng.feistel_keys).
 __device__ __forceinline__ unsigned int feistel_permute(unsigned int i, unsigned int n,
                                                         const unsigned int* keys) {
     const int bits = feistel_bits(n);
