@@ -34,9 +34,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["collate_ray_batch"]
+__all__ = ["RAY_DTYPES", "collate_ray_batch"]
 
-_RAY_KEYS: dict[str, torch.dtype] = {
+#: torch dtype of every per-ray key of a sample and of a batch (the seed's dict).
+RAY_DTYPES: dict[str, torch.dtype] = {
     "origins": torch.float32,
     "directions": torch.float32,
     "distances": torch.float32,
@@ -95,7 +96,7 @@ def collate_ray_batch(
             voxels[i, :, z0 : z0 + d, y0 : y0 + h, x0 : x0 + w] = g.to(dtype)
 
     out: dict[str, Any] = {"voxels": voxels, "voxel_shapes": shapes}
-    for key, kdtype in _RAY_KEYS.items():
+    for key, kdtype in RAY_DTYPES.items():
         if all(key in s and s[key] is not None for s in batch):
             out[key] = torch.cat([_tensor(s[key], kdtype) for s in batch], dim=0)
     num_rays = torch.tensor([len(s["distances"]) for s in batch], dtype=torch.long)

@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gpuloader.cache import LRUCache
+from gpuloader.collate import RAY_DTYPES
 from gpuloader.index import Isolation, build_index
 from gpuloader.raystore import NpzRayStore, RayStore, read_voxel_file
 from gpuloader.rng import SampleContext, select_rows
@@ -50,12 +51,7 @@ __all__ = ["HierarchicalVoxelRayDataset"]
 #: Output dtype of every array key of a sample.
 SAMPLE_DTYPES: dict[str, torch.dtype] = {
     "voxels": torch.float32,
-    "origins": torch.float32,
-    "directions": torch.float32,
-    "distances": torch.float32,
-    "hits": torch.float32,
-    "view_ids": torch.long,
-    "face_ids": torch.long,
+    **RAY_DTYPES,
     "view_positions": torch.float32,
 }
 _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from gpuloader import augment_numpy
+from gpuloader.collate import RAY_DTYPES
 from gpuloader.errors import UnsupportedTransformError
 from gpuloader.pipeline import RawBatch, RayPipeline, dali_available
 from gpuloader.plan import to_batch_params
@@ -53,16 +54,6 @@ __all__ = ["GPURayLoader", "known_segments"]
 
 log = logging.getLogger("gpuloader")
 _warned_no_dali = False
-
-#: torch dtype of each output key of collate_ray_batch that comes from a reader output.
-_OUT_DTYPES: dict[str, torch.dtype] = {
-    "origins": torch.float32,
-    "directions": torch.float32,
-    "distances": torch.float32,
-    "hits": torch.float32,
-    "view_ids": torch.long,
-    "face_ids": torch.long,
-}
 
 
 def known_segments(transform: Callable | None) -> tuple[list[Callable], list[list[Transform]], Any]:
@@ -489,7 +480,7 @@ class GPURayLoader:
                 [list(s) for s in vshapes], dtype=torch.long, device=dev
             ).reshape(b, 3),
         }
-        for k, dtype in _OUT_DTYPES.items():
+        for k, dtype in RAY_DTYPES.items():
             out[k] = self._tensor(rays[k], dtype)
         num_rays = torch.from_numpy(counts.astype(np.int64)).to(dev)
         out["ray_to_voxel"] = self._tensor(_owners(counts, xp), torch.long)
