@@ -15,7 +15,6 @@ that noise; two noises add in quadrature), never the distribution of the result.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,19 +48,6 @@ class SamplePlan:
             and self.direction_std == 0.0
             and self.jitter_prob == 0.0
         )
-
-    def combined_noise(self, origin_std: float, direction_std: float) -> SamplePlan:
-        return _replace(
-            self,
-            origin_std=math.hypot(self.origin_std, origin_std),
-            direction_std=math.hypot(self.direction_std, direction_std),
-        )
-
-
-def _replace(plan: SamplePlan, **changes) -> SamplePlan:
-    from dataclasses import replace
-
-    return replace(plan, **changes)
 
 
 def to_batch_params(plans: list[SamplePlan], contexts: list[rng.SampleContext]) -> BatchParams:
