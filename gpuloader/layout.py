@@ -36,6 +36,20 @@ RAY_DTYPES: dict[str, np.dtype] = {
     "view_ids": np.dtype(np.int32),
     "view_positions": np.dtype(np.float32),
 }
+#: Keys of one subdivision_map.json record (one per octant at every level).
+SUBDIVISION_RECORD_KEYS: tuple[str, ...] = (
+    "object_id",
+    "level",
+    "octant_index",
+    "position_x",
+    "position_y",
+    "position_z",
+    "global_position_x",
+    "global_position_y",
+    "global_position_z",
+    "hash",
+    "is_empty",
+)
 #: Face ids: 0 -x, 1 +x, 2 -y, 3 +y, 4 -z, 5 +z.
 FACE_NAMES: tuple[str, ...] = ("-x", "+x", "-y", "+y", "-z", "+z")
 

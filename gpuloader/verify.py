@@ -38,19 +38,7 @@ REL_TOL = 1e-5
 #: Allowed deviation of |direction| from 1.
 UNIT_TOL = 1e-4
 #: Keys of one subdivision_map.json record.
-MAP_KEYS: tuple[str, ...] = (
-    "object_id",
-    "level",
-    "octant_index",
-    "position_x",
-    "position_y",
-    "position_z",
-    "global_position_x",
-    "global_position_y",
-    "global_position_z",
-    "hash",
-    "is_empty",
-)
+MAP_KEYS: tuple[str, ...] = layout.SUBDIVISION_RECORD_KEYS
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 # Problem kinds, in report order.

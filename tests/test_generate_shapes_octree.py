@@ -10,20 +10,9 @@ import pytest
 
 from gpuloader.errors import GenerationError
 from gpuloader.generate import octree, shapes, splits
+from gpuloader.layout import SUBDIVISION_RECORD_KEYS
 
-RECORD_KEYS = {
-    "object_id",
-    "level",
-    "octant_index",
-    "position_x",
-    "position_y",
-    "position_z",
-    "global_position_x",
-    "global_position_y",
-    "global_position_z",
-    "hash",
-    "is_empty",
-}
+RECORD_KEYS = set(SUBDIVISION_RECORD_KEYS)
 
 
 def cube_symmetries(grid: np.ndarray):
