@@ -9,7 +9,7 @@ Five loaders read the train split of one dataset with the same batch shape
   DataLoader (the seed's API);
 * ``gpu_loader`` GPURayLoader (DALI pipeline, on the CPU when there is no GPU);
 * ``cpu_packed``, ``gpu_packed``: the same two with ``ray_store=PackedRayStore`` (the one-time
-  packed cache of gpuloader.packed, built before timing, its build timed on its own).
+  packed cache of gpuloader.stores.packed, built before timing, its build timed on its own).
 
 Each runs for every ``--workers`` count, in two scenarios: ``plain`` (no transform) and
 ``augment`` (rotation + flip + ray subsample). After one warm-up epoch (worker start-up,
@@ -43,11 +43,11 @@ sys.path.insert(0, str(HERE))
 import upstream_baseline as up  # noqa: E402  (baseline only, not part of gpuloader)
 
 from gpuloader import transforms  # noqa: E402
-from gpuloader.collate import collate_ray_batch  # noqa: E402
-from gpuloader.dataset import HierarchicalVoxelRayDataset  # noqa: E402
-from gpuloader.demo import DEFAULT_OUT, ensure_data  # noqa: E402
-from gpuloader.packed import PackedRayStore, PackError, pack_rays  # noqa: E402
-from gpuloader.sampler import RayBatchSampler  # noqa: E402
+from gpuloader.commands.demo import DEFAULT_OUT, ensure_data  # noqa: E402
+from gpuloader.loading.collate import collate_ray_batch  # noqa: E402
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset  # noqa: E402
+from gpuloader.loading.sampler import RayBatchSampler  # noqa: E402
+from gpuloader.stores.packed import PackedRayStore, PackError, pack_rays  # noqa: E402
 
 LOADERS = ("upstream", "cpu_api", "gpu_loader", "cpu_packed", "gpu_packed")
 SCENARIOS = ("plain", "augment")
@@ -198,7 +198,7 @@ class Runner:
     def gpu_loader(
         self, scenario: str, workers: int, packed: bool = False
     ) -> tuple[Any, Any, dict]:
-        from gpuloader.loader import GPURayLoader
+        from gpuloader.loading.loader import GPURayLoader
 
         ds = HierarchicalVoxelRayDataset(**self.kw, ray_store=self._store(packed))
         loader = GPURayLoader(

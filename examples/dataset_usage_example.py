@@ -16,10 +16,10 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from gpuloader import transforms
-from gpuloader.collate import collate_ray_batch
-from gpuloader.dataset import HierarchicalVoxelRayDataset
-from gpuloader.demo import DEFAULT_OUT, resolve_data_dirs, retrace_error
-from gpuloader.sampler import RayBatchSampler
+from gpuloader.commands.demo import DEFAULT_OUT, resolve_data_dirs, retrace_error
+from gpuloader.loading.collate import collate_ray_batch
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.sampler import RayBatchSampler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

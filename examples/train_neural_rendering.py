@@ -33,10 +33,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gpuloader import transforms
-from gpuloader.collate import collate_ray_batch
-from gpuloader.dataset import HierarchicalVoxelRayDataset
-from gpuloader.demo import DEFAULT_OUT, resolve_data_dirs
-from gpuloader.sampler import RayBatchSampler
+from gpuloader.commands.demo import DEFAULT_OUT, resolve_data_dirs
+from gpuloader.loading.collate import collate_ray_batch
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.sampler import RayBatchSampler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,7 +202,7 @@ class Batches:
         workers = args.num_workers if train else 0
         common = {"split": split, "levels": args.levels, "seed": args.seed}
         if args.loader == "gpu":
-            from gpuloader.loader import GPURayLoader
+            from gpuloader.loading.loader import GPURayLoader
 
             self.dataset = HierarchicalVoxelRayDataset(dd, rd, **common)
             self.loader: Any = GPURayLoader(

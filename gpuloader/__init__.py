@@ -1,25 +1,30 @@
 """gpuloader: a GPU data loader for hierarchical voxel ray-tracing datasets.
 
 The seed's API (drop-in): :class:`HierarchicalVoxelRayDataset`, :class:`RayBatchSampler`,
-:func:`collate_ray_batch` and :mod:`gpuloader.transforms`. The GPU loader:
+:func:`collate_ray_batch` and :mod:`gpuloader.augment.transforms`. The GPU loader:
 :class:`GPURayLoader` (imported on first use, so that ``import gpuloader`` needs neither DALI
 nor CuPy). The exact tracer: :func:`trace`.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from gpuloader import transforms
-from gpuloader.collate import collate_ray_batch
-from gpuloader.dataset import HierarchicalVoxelRayDataset
-from gpuloader.packed import PackedRayStore, open_ray_store, pack_rays
-from gpuloader.raystore import NpzRayStore
-from gpuloader.rng import SampleContext
-from gpuloader.sampler import RayBatchSampler, RayRequest
-from gpuloader.tracer import trace
+from gpuloader.augment import transforms
+from gpuloader.augment.rng import SampleContext
+from gpuloader.generate.tracer import trace
+from gpuloader.loading.collate import collate_ray_batch
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.sampler import RayBatchSampler, RayRequest
+from gpuloader.stores.npz import NpzRayStore
+from gpuloader.stores.packed import PackedRayStore, open_ray_store, pack_rays
 
 __version__ = "0.1.0"
+
+# The seed's ``import gpuloader.transforms`` (and the tracer's old path) keep working.
+sys.modules.setdefault("gpuloader.transforms", transforms)
+sys.modules.setdefault("gpuloader.tracer", sys.modules["gpuloader.generate.tracer"])
 
 __all__ = [
     "GPURayLoader",
@@ -39,7 +44,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "GPURayLoader":
-        from gpuloader.loader import GPURayLoader
+        from gpuloader.loading.loader import GPURayLoader
 
         return GPURayLoader
     raise AttributeError(f"module 'gpuloader' has no attribute {name!r}")

@@ -18,7 +18,7 @@
 #define GPL_PHILOX_W1 0xBB67AE85u
 #define GPL_FEISTEL_ROUNDS 4
 
-// Purpose codes (counter word 3); must equal gpuloader.rng.Purpose.
+// Purpose codes (counter word 3); must equal gpuloader.augment.rng.Purpose.
 #define GPL_PURPOSE_SUBSAMPLE 3u
 #define GPL_PURPOSE_ORIGIN_NOISE 4u
 #define GPL_PURPOSE_DIRECTION_NOISE 5u

@@ -9,7 +9,7 @@ Five 16^3 objects built from 8^3 blocks, so level-1 sub-volumes are shared on pu
 
 Levels 0 and 1 by default (``max_level=2`` adds the 4^3 level). Rays follow the upstream
 recipe (views on a sphere, back faces sampled, rays toward the camera) and their distances
-come from :func:`gpuloader.tracer.trace`.
+come from :func:`gpuloader.generate.tracer.trace`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuloader import layout
-from gpuloader.tracer import trace
+from gpuloader.format import layout
+from gpuloader.generate.tracer import trace
 
 BASE = 16
 DIVISIONS = 3

@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpuloader import augment_cupy, augment_numpy, rng
-from gpuloader.augment_numpy import BatchParams
+from gpuloader.augment import cupy_backend as augment_cupy
+from gpuloader.augment import numpy_backend as augment_numpy
+from gpuloader.augment import rng
+from gpuloader.augment.numpy_backend import BatchParams
 
 pytestmark = pytest.mark.gpu
 FLOAT_TOL = {"rtol": 1e-5, "atol": 1e-5}

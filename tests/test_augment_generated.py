@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpuloader import HierarchicalVoxelRayDataset, transforms
+from gpuloader import HierarchicalVoxelRayDataset
+from gpuloader.augment import transforms
 from gpuloader.generate import PRESETS, generate_dataset
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
 
 
 @pytest.fixture(scope="module")

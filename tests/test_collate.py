@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpuloader.collate import collate_ray_batch
-from gpuloader.dataset import HierarchicalVoxelRayDataset
-from gpuloader.sampler import RayBatchSampler
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
+from gpuloader.loading.collate import collate_ray_batch
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.sampler import RayBatchSampler
 
 try:
     from tests._tiny_dataset import tiny_dataset  # noqa: F401

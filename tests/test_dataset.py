@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpuloader import transforms
-from gpuloader.cache import LRUCache
-from gpuloader.collate import collate_ray_batch
-from gpuloader.dataset import HierarchicalVoxelRayDataset
+from gpuloader.augment import transforms
+from gpuloader.augment.rng import SampleContext, select_rows
 from gpuloader.errors import DamagedFileError, DatasetLayoutError, NoSamplesError
-from gpuloader.rng import SampleContext, select_rows
-from gpuloader.sampler import RayBatchSampler, RayRequest
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
+from gpuloader.loading.collate import collate_ray_batch
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.sampler import RayBatchSampler, RayRequest
+from gpuloader.stores.cache import LRUCache
 
 try:
     from tests._tiny_dataset import tiny_dataset  # noqa: F401

@@ -42,7 +42,7 @@ def run(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo preset, generated once (a few seconds on 2 cores)."""
-    from gpuloader.demo import ensure_data
+    from gpuloader.commands.demo import ensure_data
 
     out = tmp_path_factory.mktemp("demo") / "demo_data"
     ensure_data(out, "demo", progress=False)
@@ -53,7 +53,7 @@ def test_demo_command(demo_dir: Path, tmp_path: Path) -> None:
     png = tmp_path / "demo.png"
     proc = run(
         "-m",
-        "gpuloader.cli",
+        "gpuloader.commands.cli",
         "demo",
         "--out",
         demo_dir,
@@ -77,7 +77,7 @@ def test_demo_command(demo_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_generates_into_a_fresh_folder(tmp_path: Path) -> None:
     """The README's first command on a fresh machine: no data yet, defaults otherwise."""
-    proc = run("-m", "gpuloader.cli", "demo", "--out", tmp_path / "fresh", "--quiet")
+    proc = run("-m", "gpuloader.commands.cli", "demo", "--out", tmp_path / "fresh", "--quiet")
     assert "OK" in proc.stdout
     assert (tmp_path / "fresh" / "ray_dataset_hierarchical" / "processing_summary.json").is_file()
 
@@ -205,7 +205,7 @@ def test_upstream_baseline_keeps_the_upstream_behaviour(demo_dir: Path) -> None:
         import upstream_baseline as up
     finally:
         sys.path.remove(str(BENCHMARKS))
-    from gpuloader.dataset import HierarchicalVoxelRayDataset
+    from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 
     kw = {
         "dataset_dir": demo_dir / "dataset",

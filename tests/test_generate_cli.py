@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from gpuloader import layout
+from gpuloader.format import layout
 from gpuloader.generate import command
 
 
@@ -17,7 +17,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def cli_main(argv: list[str]) -> int:
-    from gpuloader import cli
+    from gpuloader.commands import cli
 
     return cli.main(argv)
 

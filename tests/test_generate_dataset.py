@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuloader import layout
 from gpuloader.errors import GenerationError
+from gpuloader.format import layout
 from gpuloader.generate import PRESETS, GeneratorConfig, generate_dataset, octree
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
 
 SMALL = GeneratorConfig(
     shapes=["asym", "torus", "torus_rod", "box", "box_minus_sphere"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpuloader.generate import rays, shapes
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
 
 
 def test_view_positions_convention():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from gpuloader.errors import GenerationError
+from gpuloader.format.layout import SUBDIVISION_RECORD_KEYS
 from gpuloader.generate import octree, shapes, splits
-from gpuloader.layout import SUBDIVISION_RECORD_KEYS
 
 RECORD_KEYS = set(SUBDIVISION_RECORD_KEYS)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuloader import layout
 from gpuloader.errors import DamagedFileError, DatasetLayoutError, NoSamplesError
-from gpuloader.index import build_index, npz_member_header
+from gpuloader.format import layout
+from gpuloader.format.index import build_index, npz_member_header
 
 try:
     from tests._tiny_dataset import OBJECTS, tiny_dataset, write_tiny_dataset  # noqa: F401

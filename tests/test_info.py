@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuloader import info, layout
+from gpuloader.commands import info
 from gpuloader.errors import DatasetLayoutError
+from gpuloader.format import layout
 
 try:
     from tests._tiny_dataset import write_tiny_dataset
@@ -161,7 +162,7 @@ def test_missing_splits_json(tmp_path):
     (ds / "splits.json").unlink()
     with pytest.raises(DatasetLayoutError, match="splits.json"):
         info.dataset_info(ds, rays)
-    from gpuloader.cli import main
+    from gpuloader.commands.cli import main
 
     assert main(["info", str(ds), str(rays)]) == 2
 

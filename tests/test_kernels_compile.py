@@ -1,7 +1,7 @@
 """Every CUDA source in ``kernels/`` compiles with NVRTC (design decision 8; no GPU needed).
 
 NVRTC comes from the pip wheel ``nvidia-cuda-nvrtc-cu12`` (the ``dev`` extra);
-:func:`gpuloader.augment_cupy.ensure_nvrtc` makes CuPy find it. The tests skip only when
+:func:`gpuloader.augment.cupy_backend.ensure_nvrtc` makes CuPy find it. The tests skip only when
 CuPy or NVRTC cannot be loaded at all, and say why.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpuloader import augment_cupy
+from gpuloader.augment import cupy_backend as augment_cupy
 
 
 @pytest.fixture(scope="module")

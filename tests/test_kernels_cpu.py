@@ -4,8 +4,8 @@
 library per session) and called through ctypes. Two ways in:
 
 * the device helpers of ``kernels/philox.cuh`` directly (Philox, Box-Muller, hash, Feistel)
-  against :mod:`gpuloader.rng`;
-* the real :mod:`gpuloader.augment_cupy` wrappers, with CuPy replaced by a numpy stand-in
+  against :mod:`gpuloader.augment.rng`;
+* the real :mod:`gpuloader.augment.cupy_backend` wrappers, with CuPy replaced by a numpy stand-in
   whose kernels are the shim launchers. The launchers' ctypes signatures check every
   pointer's dtype and every scalar's type, so the wrappers' argument plumbing is tested
   too, not only the kernels.
@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuloader import augment_cupy, augment_numpy, rng
-from gpuloader.augment_numpy import BatchParams
+from gpuloader.augment import cupy_backend as augment_cupy
+from gpuloader.augment import numpy_backend as augment_numpy
+from gpuloader.augment import rng
+from gpuloader.augment.numpy_backend import BatchParams
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "tests" / "cuda_shim"
@@ -132,7 +134,7 @@ class _ShimKernel:
 
 @pytest.fixture
 def backend(lib, monkeypatch):
-    """``gpuloader.augment_cupy`` running on the CPU: numpy for CuPy, the shim for kernels."""
+    """``augment.cupy_backend`` running on the CPU: numpy for CuPy, the shim for kernels."""
     fake = types.SimpleNamespace(
         asarray=lambda a, dtype=None: np.asarray(a, dtype=dtype),
         ascontiguousarray=np.ascontiguousarray,

@@ -18,15 +18,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpuloader import transforms as T
-from gpuloader.collate import collate_ray_batch
-from gpuloader.dataset import HierarchicalVoxelRayDataset
+from gpuloader.augment import transforms as T
 from gpuloader.errors import DamagedFileError, UnsupportedTransformError
 from gpuloader.generate import GeneratorConfig, generate_dataset
-from gpuloader.loader import GPURayLoader
-from gpuloader.pipeline import dali_available
-from gpuloader.sampler import RayBatchSampler
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
+from gpuloader.loading.collate import collate_ray_batch
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.loader import GPURayLoader
+from gpuloader.loading.pipeline import dali_available
+from gpuloader.loading.sampler import RayBatchSampler
 
 RAYS, SPB = 300, 5
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")

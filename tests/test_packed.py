@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from gpuloader import cli
-from gpuloader import transforms as T
-from gpuloader.dataset import HierarchicalVoxelRayDataset
+from gpuloader.augment import transforms as T
+from gpuloader.augment.rng import select_rows
+from gpuloader.commands import cli
 from gpuloader.errors import DamagedFileError, GPULoaderError
 from gpuloader.generate import PRESETS, generate_dataset
-from gpuloader.packed import (
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.sampler import RayRequest
+from gpuloader.stores.npz import NpzRayStore
+from gpuloader.stores.packed import (
     MANIFEST,
     IncompletePackError,
     PackedRayStore,
@@ -27,9 +30,6 @@ from gpuloader.packed import (
     open_ray_store,
     pack_rays,
 )
-from gpuloader.raystore import NpzRayStore
-from gpuloader.rng import select_rows
-from gpuloader.sampler import RayRequest
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_dataset_with_packed_store_gives_the_same_samples(data) -> None:
 
 
 def test_gpu_loader_torch_backend_with_workers(data) -> None:
-    from gpuloader.loader import GPURayLoader
+    from gpuloader.loading.loader import GPURayLoader
 
     ds_dir, rd, pack = data
 
@@ -327,7 +327,7 @@ def test_open_ray_store_without_pack_is_npz(data) -> None:
 
 def test_cli(copy_of_rays, tmp_path: Path, monkeypatch, capsys) -> None:
     rd, _ = copy_of_rays
-    monkeypatch.setitem(cli.COMMANDS, "pack", ("gpuloader.pack_command", "pack rays"))
+    monkeypatch.setitem(cli.COMMANDS, "pack", ("gpuloader.commands.pack", "pack rays"))
     out = tmp_path / "cli_pack"
     assert cli.main(["pack", str(rd), str(out), "--quiet", "--workers", "1"]) == 0
     assert "packed" in capsys.readouterr().out

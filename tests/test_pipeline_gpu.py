@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpuloader import transforms as T
-from gpuloader.dataset import HierarchicalVoxelRayDataset
+from gpuloader.augment import transforms as T
 from gpuloader.generate import GeneratorConfig, generate_dataset
-from gpuloader.loader import GPURayLoader, _cuda_usable
-from gpuloader.pipeline import dali_available
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.loader import GPURayLoader, _cuda_usable
+from gpuloader.loading.pipeline import dali_available
 
 pytestmark = [
     pytest.mark.gpu,

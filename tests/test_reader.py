@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuloader import transforms as T
-from gpuloader.dataset import HierarchicalVoxelRayDataset
+from gpuloader.augment import transforms as T
+from gpuloader.augment.rng import select_rows
 from gpuloader.errors import DamagedFileError
 from gpuloader.generate import GeneratorConfig, generate_dataset
-from gpuloader.pipeline import RayPipeline, dali_available
-from gpuloader.reader import OUTPUT_DTYPES, OUTPUT_NAMES, RayReader, SampleReadError
-from gpuloader.rng import select_rows
-from gpuloader.sampler import RayBatchSampler, RayRequest
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.pipeline import RayPipeline, dali_available
+from gpuloader.loading.reader import OUTPUT_DTYPES, OUTPUT_NAMES, RayReader, SampleReadError
+from gpuloader.loading.sampler import RayBatchSampler, RayRequest
 
 
 class Info:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpuloader import rng
+from gpuloader.augment import rng
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from gpuloader.collate import collate_ray_batch
-from gpuloader.dataset import HierarchicalVoxelRayDataset
-from gpuloader.sampler import RayBatchSampler, RayRequest, allocate_rays
+from gpuloader.loading.collate import collate_ray_batch
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.sampler import RayBatchSampler, RayRequest, allocate_rays
 
 try:
     from tests._tiny_dataset import tiny_dataset, tiny_dataset3  # noqa: F401

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpuloader import symmetry as S
-from gpuloader.tracer import trace
+from gpuloader.augment import symmetry as S
+from gpuloader.generate.tracer import trace
 
 
 def test_group_structure():

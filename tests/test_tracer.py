@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
 
 
 def chord_sum(voxels: np.ndarray, o: np.ndarray, d: np.ndarray, voxel_size: float = 1.0):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from gpuloader import symmetry
-from gpuloader import transforms as T
+from gpuloader.augment import symmetry
+from gpuloader.augment import transforms as T
+from gpuloader.augment.rng import SampleContext
 from gpuloader.errors import UnsupportedTransformError
-from gpuloader.rng import SampleContext
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
 
 
 def asymmetric_grid(side: int) -> np.ndarray:
@@ -255,7 +255,7 @@ def test_flip_draws_all_combinations_independently():
     t = T.RandomFlip(axes=(0, 1, 2), p=0.5)
     counts = {}
     for index in range(800):
-        from gpuloader.rng import Purpose, random_words
+        from gpuloader.augment.rng import Purpose, random_words
 
         s = t.draw(random_words(1, 0, index, Purpose.SYMMETRY, 0))
         counts[s] = counts.get(s, 0) + 1

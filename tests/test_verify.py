@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuloader import layout, verify
-from gpuloader.verify import VerifyReport, verify_dataset
+from gpuloader.commands import verify
+from gpuloader.commands.verify import VerifyReport, verify_dataset
+from gpuloader.format import layout
 
 try:
     from tests._tiny_dataset import write_tiny_dataset
@@ -296,7 +297,7 @@ def test_cli_exit_codes(copy, capsys):
 
 
 def test_cli_through_gpuloader_main(generated, tmp_path, capsys):
-    from gpuloader.cli import main
+    from gpuloader.commands.cli import main
 
     ds, rays = generated
     assert main(["verify", str(ds), str(rays), "--quiet"]) == 0

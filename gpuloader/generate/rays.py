@@ -15,9 +15,10 @@ uses 3 faces, or 2 where a camera coordinate is exactly 0 (with the default 4 x 
 44,000 rays per file at 3000 samples per view, as upstream's "about 48,000").
 
 Adaptive sampling: level L uses ``max(samples_per_view >> L, ADAPTIVE_MIN_SAMPLES)``.
-Distances come from :func:`gpuloader.tracer.trace` on the float32 origins and directions that
-are stored, so a re-trace of a file reproduces its distances; rays that surely miss the
-occupied voxels' bounding box are not traced (their distance is exactly 0 either way).
+Distances come from :func:`gpuloader.generate.tracer.trace` on the float32 origins and
+directions that are stored, so a re-trace of a file reproduces its distances; rays that
+surely miss the occupied voxels' bounding box are not traced (their distance is exactly 0
+either way).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import hashlib
 
 import numpy as np
 
-from gpuloader.tracer import trace
+from gpuloader.generate.tracer import trace
 
 #: Fewest samples per view under adaptive sampling (10 points per used face).
 ADAPTIVE_MIN_SAMPLES = 30

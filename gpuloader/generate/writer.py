@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from gpuloader import layout
 from gpuloader.errors import GenerationError
+from gpuloader.format import layout
 from gpuloader.generate import octree, rays, shapes, splits
 
 if TYPE_CHECKING:

@@ -12,10 +12,19 @@ import sys
 #: sub-command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("gpuloader.generate.command", "write a dataset in the upstream format"),
-    "verify": ("gpuloader.verify", "check a dataset's layout and re-trace a sample of rays"),
-    "info": ("gpuloader.info", "summarize a dataset per split and level (optionally plot)"),
-    "pack": ("gpuloader.pack_command", "pack ray files into memory-mapped arrays for fast reading"),
-    "demo": ("gpuloader.demo", "generate the demo data and run the loader on it"),
+    "verify": (
+        "gpuloader.commands.verify",
+        "check a dataset's layout and re-trace a sample of rays",
+    ),
+    "info": (
+        "gpuloader.commands.info",
+        "summarize a dataset per split and level (optionally plot)",
+    ),
+    "pack": (
+        "gpuloader.commands.pack",
+        "pack ray files into memory-mapped arrays for fast reading",
+    ),
+    "demo": ("gpuloader.commands.demo", "generate the demo data and run the loader on it"),
 }
 
 

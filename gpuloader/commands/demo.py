@@ -2,7 +2,7 @@
 
 Generates the ``demo`` preset into ``--out`` when it is not there yet (a same-config folder is
 resumed, so an interrupted run picks up where it stopped), builds the train split and a
-:class:`~gpuloader.loader.GPURayLoader` with random rotations, flips and ray subsampling,
+:class:`~gpuloader.loading.loader.GPURayLoader` with random rotations, flips and ray subsampling,
 iterates ``--epochs`` epochs, re-traces the rays of a few batches through their augmented
 grids (the labels must still match), and prints the back end, the device and the
 throughput. ``--plot`` saves a figure of one augmented grid with a few of its rays and the
@@ -92,7 +92,7 @@ def retrace_error(batch: dict[str, Any]) -> tuple[float, int]:
     Returns:
         (largest |trace - distance| in world units, number of rays checked).
     """
-    from gpuloader.tracer import trace
+    from gpuloader.generate.tracer import trace
 
     voxels = batch["voxels"].detach().cpu().numpy()
     shapes = _shapes(batch)
@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _make_loader(dataset: Any, args: argparse.Namespace, transform: Any) -> Any:
-    from gpuloader.loader import GPURayLoader
+    from gpuloader.loading.loader import GPURayLoader
 
     return GPURayLoader(
         dataset,
@@ -160,8 +160,8 @@ def _describe(loader: Any) -> tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """Generate (if needed), load, check, report; 0 when every re-traced label matches."""
-    from gpuloader import transforms as T
-    from gpuloader.dataset import HierarchicalVoxelRayDataset
+    from gpuloader.augment import transforms as T
+    from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 
     t0 = time.perf_counter()
     dataset_dir, ray_dir = ensure_data(args.out, "demo", progress=not args.quiet)
@@ -251,7 +251,7 @@ def _plot(path: Path, batch: dict[str, Any], distances: np.ndarray | None) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gpuloader.tracer import trace
+    from gpuloader.generate.tracer import trace
 
     d, h, w = _shapes(batch)[0]
     grid = batch["voxels"][0, 0, :d, :h, :w].detach().cpu().numpy() != 0

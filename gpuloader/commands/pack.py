@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpuloader.packed import pack_rays
+from gpuloader.stores.packed import pack_rays
 
 __all__ = ["add_arguments", "run"]
 

@@ -1,7 +1,7 @@
 """The seed's transforms, with the seed's names and arguments, made consistent and seeded.
 
 Known transforms (this module's classes) are not applied one after the other: a run of them
-inside a :class:`Compose` is a *segment* that draws one :class:`~gpuloader.plan.SamplePlan`
+inside a :class:`Compose` is a *segment* that draws one :class:`~gpuloader.augment.plan.SamplePlan`
 from the sample's counter-based random stream and applies it in one pass (numpy here, CUDA
 in the GPU loader). So every rotation and flip of a sample is one signed permutation applied
 once to the grid, the rays and the view positions, which keeps
@@ -11,7 +11,7 @@ Any other callable in a ``Compose`` is applied as it is, in its place, to the sa
 
 Transforms take a sample dict (the seed's keys) of numpy arrays or torch tensors and return
 a new dict of the same kind; inputs are never modified in place. Random draws come from a
-:class:`~gpuloader.rng.SampleContext` (seed, epoch, index) that the dataset passes; called
+:class:`~gpuloader.augment.rng.SampleContext` (seed, epoch, index) that the dataset passes; called
 without one, a transform uses seed 0, epoch 0 and a running call counter.
 """
 
@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from gpuloader import augment_numpy, rng, symmetry
+from gpuloader.augment import numpy_backend as augment_numpy
+from gpuloader.augment import rng, symmetry
+from gpuloader.augment.plan import SamplePlan, to_batch_params
 from gpuloader.errors import UnsupportedTransformError
-from gpuloader.plan import SamplePlan, to_batch_params
 
 __all__ = [
     "Transform",

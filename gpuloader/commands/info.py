@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpuloader import layout
 from gpuloader.errors import DatasetLayoutError
+from gpuloader.format import layout
 
 __all__ = [
     "dataset_info",

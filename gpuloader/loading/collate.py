@@ -1,7 +1,7 @@
 """Collate samples into one ray batch.
 
 ``collate_ray_batch(batch)`` turns B sample dicts (as returned by
-:class:`~gpuloader.dataset.HierarchicalVoxelRayDataset`) into::
+:class:`~gpuloader.loading.dataset.HierarchicalVoxelRayDataset`) into::
 
     voxels          (B, 1, D, H, W)  stacked grids (dtype of the samples, float32 by default)
     voxel_shapes    (B, 3) long      each grid's own (D, H, W)

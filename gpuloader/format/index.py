@@ -39,8 +39,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpuloader import layout
 from gpuloader.errors import DamagedFileError, DatasetLayoutError, NoSamplesError
+from gpuloader.format import layout
 
 __all__ = [
     "SPLITS",

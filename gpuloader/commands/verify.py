@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpuloader import layout
-from gpuloader.tracer import trace
+from gpuloader.format import layout
+from gpuloader.generate.tracer import trace
 
 __all__ = ["Problem", "VerifyReport", "verify_dataset", "add_arguments", "run", "KINDS"]
 

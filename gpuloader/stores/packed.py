@@ -4,7 +4,7 @@ The npz ray files cost about 7 ms of zlib per file per core, however few rows a 
 needs (design decision 7). :func:`pack_rays` inflates every ray file once into plain
 ``.npy`` arrays, one set per level, and :class:`PackedRayStore` serves
 ``read(sample, rows)`` from them as a gather of ``rows`` (the :class:`RayStore` protocol
-of :mod:`gpuloader.raystore`), returning exactly what :class:`NpzRayStore` returns.
+of :mod:`gpuloader.stores.npz`), returning exactly what :class:`NpzRayStore` returns.
 
 Layout of a pack folder::
 
@@ -48,11 +48,11 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from gpuloader import layout
 from gpuloader.errors import DamagedFileError, DatasetLayoutError, GPULoaderError
-from gpuloader.index import npz_member_header, scan_ray_tree
-from gpuloader.layout import RAY_ROW_KEYS
-from gpuloader.raystore import NpzRayStore, RayStore, _check_dtype, _validate
+from gpuloader.format import layout
+from gpuloader.format.index import npz_member_header, scan_ray_tree
+from gpuloader.format.layout import RAY_ROW_KEYS
+from gpuloader.stores.npz import NpzRayStore, RayStore, _check_dtype, _validate
 
 __all__ = [
     "FORMAT_VERSION",
@@ -586,7 +586,7 @@ class _Level:
 class PackedRayStore:
     """Reads rays from a pack written by :func:`pack_rays` (the RayStore protocol).
 
-    ``read(sample, rows)`` returns exactly what :class:`~gpuloader.raystore.NpzRayStore`
+    ``read(sample, rows)`` returns exactly what :class:`~gpuloader.stores.npz.NpzRayStore`
     returns for the same sample and rows: fresh, writable arrays with the on-disk dtypes
     (``origins``/``directions`` (k, 3) float32, ``distances`` (k,) float32, ``hits`` (k,)
     uint8, ``face_ids``/``view_ids`` (k,) int32, ``view_positions`` (V, 3) float32).

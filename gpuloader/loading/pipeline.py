@@ -1,6 +1,6 @@
 """The DALI pipeline of the GPU loader: parallel reader workers -> (GPU) batch buffers.
 
-One external source in sample mode runs :class:`~gpuloader.reader.RayReader` in
+One external source in sample mode runs :class:`~gpuloader.loading.reader.RayReader` in
 ``num_workers`` Python worker processes (``parallel=True``, shared memory, ``prefetch``
 batches ahead). On a GPU (``device_id`` set) every output but ``meta`` goes ``.gpu()``, so the
 host->device copy is DALI's, overlapped with the workers; without one the pipeline runs on the
@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from gpuloader.reader import OUTPUT_DTYPES, OUTPUT_NAMES, OUTPUT_NDIM, RayReader, decode_error
+from gpuloader.loading.reader import (
+    OUTPUT_DTYPES,
+    OUTPUT_NAMES,
+    OUTPUT_NDIM,
+    RayReader,
+    decode_error,
+)
 
 __all__ = ["RawBatch", "RayPipeline", "dali_available", "concat_tensorlist"]
 
@@ -102,7 +108,7 @@ def concat_tensorlist(tl: Any, name: str, device: Any = None) -> tuple[Any, list
 
 
 class RayPipeline:
-    """A DALI pipeline around one :class:`~gpuloader.reader.RayReader`.
+    """A DALI pipeline around one :class:`~gpuloader.loading.reader.RayReader`.
 
     Args:
         reader: the per-sample callable (pickled into the workers).

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gpuloader.rng import Purpose, permutation
+from gpuloader.augment.rng import Purpose, permutation
 
 __all__ = ["RayBatchSampler", "RayRequest", "allocate_rays"]
 

@@ -1,7 +1,7 @@
 """Ray and voxel storage: *how* rows are stored, apart from *which* rows a sample needs.
 
 A :class:`RayStore` answers ``read(sample, rows)``: the rays of one sample (an index record,
-see :mod:`gpuloader.index`) restricted to ``rows``. :class:`NpzRayStore` reads the upstream
+see :mod:`gpuloader.format.index`) restricted to ``rows``. :class:`NpzRayStore` reads the upstream
 ``*_rays.npz`` files; a packed memory-mapped store can implement the same protocol.
 
 Arrays returned by ``read`` (dtypes as on disk, shapes with ``k = len(rows)`` or ``N``)::
@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from gpuloader.errors import DamagedFileError, DatasetLayoutError
-from gpuloader.layout import RAY_DTYPES, RAY_ROW_KEYS
+from gpuloader.format.layout import RAY_DTYPES, RAY_ROW_KEYS
 
 __all__ = ["NpzRayStore", "RayStore", "read_voxel_file"]
 

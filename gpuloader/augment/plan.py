@@ -3,7 +3,7 @@
 A :class:`SamplePlan` is the small per-sample record that the known transforms of one
 ``Compose`` segment boil down to: one symmetry (every rotation and flip composed), one
 origin scale, noise levels, a ray count and a jitter probability. It is drawn from the
-counter-based generator with the sample's :class:`~gpuloader.rng.SampleContext`, so the
+counter-based generator with the sample's :class:`~gpuloader.augment.rng.SampleContext`, so the
 same seed gives the same plan on every back end, and it is applied by one batched pass
 (``augment_numpy`` or ``augment_cupy``).
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpuloader import rng
-from gpuloader.augment_numpy import BatchParams
+from gpuloader.augment import rng
+from gpuloader.augment.numpy_backend import BatchParams
 
 __all__ = ["SamplePlan", "to_batch_params"]
 

@@ -1,14 +1,14 @@
 """The numpy augmentation back end: batched functions that apply per-sample parameters.
 
 Each function here has a CUDA twin in ``kernels/augment.cu`` (wrapped by
-``gpuloader.augment_cupy``) with the same arguments and the same results: integers bit for
+``gpuloader.augment.cupy_backend``) with the same arguments and the same results: integers bit for
 bit, floats to rounding. Rays of a batch are flat (concatenated over samples) and carry
 ``ray_sample`` (which sample) and ``ray_row`` (position among that sample's kept rays, the
 counter of its noise draws).
 
 Per-sample parameters (:class:`BatchParams`, struct of arrays, B samples):
 
-* ``symmetry`` (B,) int32: index into ``gpuloader.symmetry`` (signed permutation P)
+* ``symmetry`` (B,) int32: index into ``gpuloader.augment.symmetry`` (signed permutation P)
 * ``origin_scale`` (B,) float32: origins and view positions are multiplied by it after P
 * ``distance_scale`` (B,) float32: distances are multiplied by it
 * ``origin_std``, ``direction_std`` (B,) float32: Gaussian noise std (0 = none)
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpuloader import rng, symmetry
+from gpuloader.augment import rng, symmetry
 
 __all__ = [
     "BatchParams",

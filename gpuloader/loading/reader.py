@@ -4,7 +4,7 @@ A :class:`RayReader` is the callable that DALI's parallel external source calls 
 mode (``reader(sample_info) -> tuple``) and that the torch-DataLoader back end calls through
 :meth:`RayReader.read`. It is picklable (spawned workers get a copy): it holds a light copy of
 the dataset (its index and arguments, without its transform and with an empty voxel cache)
-and the batch order of :class:`~gpuloader.sampler.RayBatchSampler`, which is a pure function
+and the batch order of :class:`~gpuloader.loading.sampler.RayBatchSampler`, which is a pure function
 of ``(seed, epoch)``, so every worker computes the same batches on its own.
 
 Layout of one epoch: batch ``i`` of the sampler is DALI iteration ``i``; slot ``j`` of it is
@@ -28,7 +28,7 @@ Outputs of one sample (:data:`OUTPUT_NAMES`, :data:`OUTPUT_DTYPES`)::
 Only the rows the request needs are read (``dataset.read_sample``: the same rows, drawn with
 the same key, as the CPU API). Custom CPU transforms (the first part of
 ``transforms.split_for_device``) are applied here, per sample, with the sample's
-:class:`~gpuloader.rng.SampleContext`. A failure raises a named error that names the files.
+:class:`~gpuloader.augment.rng.SampleContext`. A failure raises a named error that names the files.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from gpuloader.augment.rng import SampleContext
+from gpuloader.augment.transforms import apply_transform
 from gpuloader.errors import GPULoaderError
-from gpuloader.rng import SampleContext
-from gpuloader.sampler import RayRequest
-from gpuloader.transforms import apply_transform
+from gpuloader.loading.sampler import RayRequest
 
 __all__ = [
     "OUTPUT_NAMES",
@@ -154,10 +154,10 @@ class RayReader:
     """Reads the samples of one epoch's batches, one sample per call.
 
     Args:
-        dataset: a :class:`~gpuloader.dataset.HierarchicalVoxelRayDataset` (or anything with
+        dataset: a :class:`~gpuloader.loading.dataset.HierarchicalVoxelRayDataset` (or anything with
             ``samples``, ``seed`` and ``read_sample(index, epoch, num_rays)``). A shallow copy
             without its transform is kept (and pickled into workers).
-        sampler: a :class:`~gpuloader.sampler.RayBatchSampler` over ``dataset``; a copy
+        sampler: a :class:`~gpuloader.loading.sampler.RayBatchSampler` over ``dataset``; a copy
             without its dataset is kept, only ``batches(epoch)`` is called.
         first_epoch: the epoch of DALI's epoch 0.
         cpu_transforms: custom callables applied per sample, in order, after reading.

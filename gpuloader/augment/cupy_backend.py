@@ -1,8 +1,8 @@
-"""The CuPy augmentation back end: ``gpuloader.augment_numpy`` on the GPU, one kernel per field.
+"""The CuPy augmentation back end: ``augment.numpy_backend`` on the GPU, one kernel per field.
 
 The functions here have the signatures and semantics of their numpy twins
-(:mod:`gpuloader.augment_numpy`; read its docstrings) and give the same results for the same
-:class:`~gpuloader.augment_numpy.BatchParams`: integers bit for bit, floats to rounding (the
+(:mod:`gpuloader.augment.numpy_backend`; read its docstrings) and give the same results for the same
+:class:`~gpuloader.augment.numpy_backend.BatchParams`: integers bit for bit, floats to rounding (the
 kernels round every float32 product and sum on their own, like numpy; only the float64
 ``log``/``cos``/``sin`` of the Gaussian draws may differ by an ulp before their rounding to
 float32). Array arguments are CuPy arrays or anything :func:`cupy.asarray` takes without a
@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 import gpuloader
-from gpuloader import rng, symmetry
-from gpuloader.augment_numpy import SYMMETRY_TABLE, BatchParams
+from gpuloader.augment import rng, symmetry
+from gpuloader.augment.numpy_backend import SYMMETRY_TABLE, BatchParams
 
 __all__ = [
     "BLOCK",
@@ -161,8 +161,8 @@ def _cupy():
         import cupy
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(
-            "gpuloader.augment_cupy needs CuPy: `pip install cupy-cuda12x` "
-            "(or use gpuloader.augment_numpy on the CPU)"
+            "gpuloader.augment.cupy_backend needs CuPy: `pip install cupy-cuda12x` "
+            "(or use gpuloader.augment.numpy_backend on the CPU)"
         ) from e
     return cupy
 

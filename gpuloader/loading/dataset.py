@@ -10,8 +10,8 @@ One item is one sub-volume (or, at level 0, one whole object) with some of its r
     level           int                 hash       str
 
 Indices: an ``int`` (rays drawn with the dataset's current epoch, see :meth:`set_epoch`) or
-a :class:`~gpuloader.sampler.RayRequest` ``(index, epoch, num_rays)`` as yielded by
-:class:`~gpuloader.sampler.RayBatchSampler`; a request's epoch wins over the dataset's.
+a :class:`~gpuloader.loading.sampler.RayRequest` ``(index, epoch, num_rays)`` as yielded by
+:class:`~gpuloader.loading.sampler.RayBatchSampler`; a request's epoch wins over the dataset's.
 
 Rows read: ``k = min(n, samples_per_subvolume, request.num_rays, ray_budget(transform))``
 (Nones ignored) and ``rows = rng.select_rows(n, k, seed, epoch, index)``: only those rows are
@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gpuloader.cache import LRUCache
-from gpuloader.collate import RAY_DTYPES
-from gpuloader.index import Isolation, build_index
-from gpuloader.raystore import NpzRayStore, RayStore, read_voxel_file
-from gpuloader.rng import SampleContext, select_rows
-from gpuloader.sampler import RayRequest
-from gpuloader.transforms import apply_transform, ray_budget
+from gpuloader.augment.rng import SampleContext, select_rows
+from gpuloader.augment.transforms import apply_transform, ray_budget
+from gpuloader.format.index import Isolation, build_index
+from gpuloader.loading.collate import RAY_DTYPES
+from gpuloader.loading.sampler import RayRequest
+from gpuloader.stores.cache import LRUCache
+from gpuloader.stores.npz import NpzRayStore, RayStore, read_voxel_file
 
 __all__ = ["HierarchicalVoxelRayDataset"]
 
@@ -95,7 +95,7 @@ class HierarchicalVoxelRayDataset(Dataset):
         ray_store: where rays are read from (default: the npz files).
 
     Raises:
-        DatasetLayoutError, NoSamplesError, DamagedFileError: see :mod:`gpuloader.index`.
+        DatasetLayoutError, NoSamplesError, DamagedFileError: see :mod:`gpuloader.format.index`.
     """
 
     def __init__(

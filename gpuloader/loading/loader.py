@@ -34,21 +34,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpuloader import augment_numpy
-from gpuloader.collate import RAY_DTYPES
-from gpuloader.errors import UnsupportedTransformError
-from gpuloader.pipeline import RawBatch, RayPipeline, dali_available
-from gpuloader.plan import to_batch_params
-from gpuloader.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
-from gpuloader.rng import SampleContext
-from gpuloader.sampler import RayBatchSampler
-from gpuloader.transforms import (
+from gpuloader.augment import numpy_backend as augment_numpy
+from gpuloader.augment.plan import to_batch_params
+from gpuloader.augment.rng import SampleContext
+from gpuloader.augment.transforms import (
     Compose,
     Transform,
     draw_plan,
     ray_budget,
     split_for_device,
 )
+from gpuloader.errors import UnsupportedTransformError
+from gpuloader.loading.collate import RAY_DTYPES
+from gpuloader.loading.pipeline import RawBatch, RayPipeline, dali_available
+from gpuloader.loading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
+from gpuloader.loading.sampler import RayBatchSampler
 
 __all__ = ["GPURayLoader", "known_segments"]
 
@@ -171,7 +171,7 @@ class GPURayLoader:
     """Ray batches of ``collate_ray_batch`` form, read in parallel and augmented on the device.
 
     Args:
-        dataset: a :class:`~gpuloader.dataset.HierarchicalVoxelRayDataset`.
+        dataset: a :class:`~gpuloader.loading.dataset.HierarchicalVoxelRayDataset`.
         rays_per_batch, subvolumes_per_batch, shuffle, drop_last: as ``RayBatchSampler``.
         transform: the transform (None: ``dataset.transform``). Custom callables must come
             before the known transforms; they run per sample in the reader.
@@ -237,7 +237,7 @@ class GPURayLoader:
         self._pipe_fresh = False
         self.backend = self._choose_backend(backend)
         if self.device.type == "cuda":
-            from gpuloader import augment_cupy
+            from gpuloader.augment import cupy_backend as augment_cupy
 
             self._aug: Any = augment_cupy
         else:

@@ -1,0 +1,1 @@
+"""The ``gpuloader`` command line: verify, info, pack, demo."""

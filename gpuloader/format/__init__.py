@@ -1,0 +1,1 @@
+"""The on-disk format: paths of the layout, the dataset index (metadata, splits, ray tree)."""

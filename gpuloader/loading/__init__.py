@@ -1,0 +1,1 @@
+"""The path of a batch: dataset, sampler, collate, the DALI reader and pipeline, the loader."""
