@@ -301,7 +301,9 @@ def test_cli_through_gpuloader_main(generated, tmp_path, capsys):
 
     ds, rays = generated
     assert main(["verify", str(ds), str(rays), "--quiet"]) == 0
-    assert main(["verify", str(tmp_path / "x"), str(tmp_path / "y"), "--quiet"]) == 1
+    # a root that is missing or not a folder is an argument error (exit 2), as for info
+    assert main(["verify", str(tmp_path / "x"), str(tmp_path / "y"), "--quiet"]) == 2
+    assert "does not exist; check the DATASET_DIR argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["verify", str(ds), str(rays), "--fraction", "2"])
     capsys.readouterr()

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
+import textwrap
 
 #: sub-command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,26 +31,86 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(~?)([^`]*)`")
+
+
+def plain_text(doc: str | None) -> str:
+    """A docstring as help text: Sphinx roles and double backquotes removed.
+
+    A role ``:class:`~a.b.Name` `` becomes ``Name`` (the last dotted part when the target
+    starts with ``~``), ``:func:`a.b` `` becomes ``a.b``; double backquotes are dropped.
+    """
+    if not doc:
+        return ""
+
+    def role(m: re.Match[str]) -> str:
+        target = m.group(2).strip()
+        return target.rsplit(".", 1)[-1] if m.group(1) else target
+
+    return _ROLE.sub(role, textwrap.dedent(doc).strip()).replace("``", "")
+
+
+class _ParagraphFormatter(argparse.HelpFormatter):
+    """Fills each blank-line-separated paragraph of a description on its own."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        paragraphs = re.split(r"\n\s*\n", text.strip())
+        return "\n\n".join(fill(p, width, indent) for p in paragraphs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gpuloader import __version__
+
     parser = argparse.ArgumentParser(
         prog="gpuloader",
         description="Generate, check, pack and load hierarchical voxel ray-tracing datasets.",
+        formatter_class=_ParagraphFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"gpuloader {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_, description=module.__doc__)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=plain_text(module.__doc__),
+            formatter_class=_ParagraphFormatter,
+        )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away (``gpuloader info ... | head``): stop without a traceback.
+
+    Points stdout at /dev/null so that the interpreter's final flush cannot fail again, and
+    returns 141, the status a shell gives a process ended by SIGPIPE.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     from gpuloader.errors import GPULoaderError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `gpuloader` alone
+        parser.print_help()
+        return 0
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here rather than at exit
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except GPULoaderError as exc:
         print(f"gpuloader {args.command}: error: {exc}", file=sys.stderr)
         return 2

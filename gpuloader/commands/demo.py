@@ -112,23 +112,80 @@ def retrace_error(batch: dict[str, Any]) -> tuple[float, int]:
     return worst, int(owner.size)
 
 
+def _int_at_least(low: int) -> Any:
+    """argparse type: an integer >= ``low``; otherwise a one-line error naming the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}; got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}; got {value}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """argparse type of ``--device``: auto, cpu, cuda or cuda:N, and CUDA only when usable."""
+    value = text.strip().lower()
+    accepted = "auto, cpu, cuda or cuda:N"
+    if value not in ("auto", "cpu", "cuda") and not (
+        value.startswith("cuda:") and value[5:].isdigit()
+    ):
+        raise argparse.ArgumentTypeError(f"expected {accepted}; got {text!r}")
+    if value.startswith("cuda"):
+        from gpuloader.loading.loader import _cuda_usable
+
+        if not _cuda_usable():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: no CUDA device usable here (torch sees no GPU, or CuPy is missing: "
+                "install the cuda12 or cuda13 extra); use auto or cpu"
+            )
+        import torch
+
+        if ":" in value and int(value[5:]) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gpuloader demo``."""
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"data folder ({DEFAULT_OUT})"
     )
-    parser.add_argument("--epochs", type=int, default=1, help="epochs to iterate (1)")
     parser.add_argument(
-        "--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu"
+        "--epochs", type=_int_at_least(1), default=1, help="epochs to iterate, >= 1 (1)"
+    )
+    parser.add_argument(
+        "--device",
+        type=_device,
+        default="auto",
+        help="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N (auto)",
     )
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="save a figure here")
-    parser.add_argument("--rays-per-batch", type=int, default=4096, help="rays per batch (4096)")
     parser.add_argument(
-        "--subvolumes-per-batch", type=int, default=8, help="sub-volumes per batch (8)"
+        "--rays-per-batch", type=_int_at_least(1), default=4096, help="rays per batch, >= 1 (4096)"
     )
-    parser.add_argument("--num-workers", type=int, default=2, help="reader workers (2)")
     parser.add_argument(
-        "--check-batches", type=int, default=3, help="batches re-traced per epoch (3)"
+        "--subvolumes-per-batch",
+        type=_int_at_least(1),
+        default=8,
+        help="sub-volumes per batch, >= 1 (8)",
+    )
+    parser.add_argument(
+        "--num-workers", type=_int_at_least(0), default=2, help="reader workers, >= 0 (2)"
+    )
+    parser.add_argument(
+        "--check-batches",
+        type=_int_at_least(0),
+        default=3,
+        help="batches re-traced per epoch, >= 0 (3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of order and augmentation (0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar while generating")

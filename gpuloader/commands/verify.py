@@ -17,6 +17,7 @@ import hashlib
 import multiprocessing as mp
 import re
 import sys
+import zipfile
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -167,6 +168,21 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def _npz_problem(exc: BaseException) -> str:
+    """What to say about an npz that numpy cannot open, as the dataset and ``pack`` say it.
+
+    numpy reads a file that is neither a zip nor a ``.npy`` as a pickle and then advises
+    ``allow_pickle=True``; that advice is wrong here (an npz never holds pickles), so such a
+    file, an empty one or a broken zip is reported as not a valid npz.
+    """
+    fix = "the file is damaged: regenerate it (gpuloader generate) or delete it"
+    if isinstance(exc, zipfile.BadZipFile):
+        return f"not a valid npz file (broken zip: {exc}); {fix}"
+    if isinstance(exc, EOFError) or (isinstance(exc, ValueError) and "pickle" in str(exc)):
+        return f"not a valid npz file (neither a zip archive nor a .npy array); {fix}"
+    return f"cannot read npz ({_describe(exc)}); {fix}"
+
+
 def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
@@ -310,7 +326,7 @@ def _check_voxel_file(
     try:
         data = _load_all(path)
     except Exception as exc:
-        res.add(path, f"cannot read npz ({_describe(exc)}); restore or re-generate it", UNREADABLE)
+        res.add(path, _npz_problem(exc), UNREADABLE)
         return None
     if "voxels" not in data:
         res.add(path, f"no key 'voxels' (keys: {sorted(data)})", FORMAT)
@@ -350,7 +366,7 @@ def _check_ray_file(
     try:
         data = _load_all(path)
     except Exception as exc:
-        res.add(path, f"cannot read npz ({_describe(exc)}); restore or re-generate it", UNREADABLE)
+        res.add(path, _npz_problem(exc), UNREADABLE)
         return None
     expected = (*layout.RAY_ROW_KEYS, "view_positions", *layout.RAY_SCALAR_KEYS)
     missing = [k for k in expected if k not in data]
@@ -794,7 +810,9 @@ def verify_dataset(
     )
     report.counts.update(rays=0, hits=0)
     for root, what in ((ds, "dataset folder (DATASET_DIR)"), (rays_root, "ray folder (RAY_DIR)")):
-        if not root.is_dir():
+        if root.exists() and not root.is_dir():
+            report.problems.append(Problem(str(root), f"{what} is not a folder", MISSING))
+        elif not root.is_dir():
             report.problems.append(Problem(str(root), f"{what} does not exist", MISSING))
 
     meta = _read_json(report, ds / "metadata.json", "dataset metadata.json")
@@ -952,7 +970,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``gpuloader verify``; 0 when clean, 1 on any problem."""
+    """Run ``gpuloader verify``; 0 when clean, 1 on any problem, 2 when a root is no folder."""
+    from gpuloader.errors import DatasetLayoutError
+
+    for root, arg in ((Path(args.dataset_dir), "DATASET_DIR"), (Path(args.ray_dir), "RAY_DIR")):
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise DatasetLayoutError(f"{root} {what}; check the {arg} argument")
     report = verify_dataset(
         args.dataset_dir,
         args.ray_dir,

@@ -82,7 +82,15 @@ class PackError(GPULoaderError):
 
 
 class StalePackError(PackError):
-    """The ray files changed since the pack was built; the message says how to rebuild."""
+    """The ray files changed since the pack was built; the message says how to rebuild.
+
+    ``reason`` is the message without the fix (what changed), for callers that give their
+    own.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 class IncompletePackError(PackError, DamagedFileError):
@@ -232,9 +240,11 @@ def check_pack(
     levels = manifest["levels"]
     rebuild = _rebuild_command(root, pack_dir, levels)
     if not root.is_dir():
+        reason = f"ray pack {pack_dir}: its source ray tree {root} is not there"
         raise StalePackError(
-            f"ray pack {pack_dir}: its source ray tree {root} is not there; pass the folder "
-            "it now lives in (ray_dataset_dir=...), or check='none' to use the pack alone"
+            f"{reason}; pass the folder it now lives in as the ray dataset folder, or turn "
+            "the pack's staleness check off (check 'none') to use the pack alone",
+            reason,
         )
     recorded: dict[str, list] = manifest["files"]
     current = _source_files(root, None if levels is None else set(levels))
@@ -263,10 +273,14 @@ def check_pack(
             if items:
                 more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
                 parts.append(f"{len(items)} {kind}: " + ", ".join(items[:_SHOW]) + more)
-        raise StalePackError(
+        reason = (
             f"ray pack {pack_dir} is stale: the ray files under {root} changed since it was "
-            f"built ({'; '.join(parts)}). Rebuild it: `{rebuild}` (or pass check='none' to "
-            "use it as it is)"
+            f"built ({'; '.join(parts)})"
+        )
+        raise StalePackError(
+            f"{reason}. Rebuild it: `{rebuild}` (or, to use it as it is, turn its staleness "
+            "check off: check 'none')",
+            reason,
         )
     return diff
 
@@ -396,12 +410,13 @@ def pack_rays(
                     check_pack(out_dir, "fast", root, manifest)
                     return _summary(manifest, out_dir, time.perf_counter() - start, True)
                 why = f"it packs {manifest['source_root']} at levels {manifest['levels']}"
-            except (IncompletePackError, StalePackError) as exc:
+            except StalePackError as exc:
+                why = exc.reason
+            except IncompletePackError as exc:
                 why = str(exc)
-            raise PackError(
-                f"{out_dir} already holds a ray pack that does not match ({why}); "
-                f"replace it: `{_rebuild_command(root, out_dir, level_list)}`"
-            )
+            rebuild = _rebuild_command(root, out_dir, level_list)
+            fix = "" if rebuild in why else f"; replace it: `{rebuild}`"
+            raise PackError(f"{out_dir} already holds a ray pack that does not match ({why}){fix}")
         if not _safe_to_replace(out_dir):
             raise PackError(
                 f"{out_dir}: exists and is not a ray pack; choose an empty or new folder"
