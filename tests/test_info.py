@@ -174,3 +174,47 @@ def test_damaged_ray_file_is_listed_not_fatal(tmp_path):
     got = info.dataset_info(ds, rays)
     assert got["unreadable_files"] == [str(bad)]
     assert "gpuloader verify" in info.format_info(got)
+
+
+def test_table_per_split_and_level(tiny):
+    """Per split and level: a sample counts in each split whose objects use it (the dataset's
+    rule), trivial blocks (E, F) in every split; numbers recounted from full loads."""
+    ds, rays = tiny
+    got = info.dataset_info(ds, rays)
+    rows = {(r["split"], r["level"]): r for r in got["per_split"]}
+    splits = json.loads((ds / "splits.json").read_text())
+    # blocks per split at level 1 (see _tiny_dataset.OBJECTS): train A B C D E F, val A G H E
+    # F, test H D E F
+    assert {s: rows[(s, 1)]["sub_volumes"] for s in ("train", "val", "test")} == {
+        "train": 6,
+        "val": 5,
+        "test": 4,
+    }
+    assert {s: rows[(s, 0)]["objects"] for s in ("train", "val", "test")} == got[
+        "objects_per_split"
+    ]
+    for (s, level), row in rows.items():
+        if level == "all":
+            parts = [r for (s2, lv), r in rows.items() if s2 == s and lv != "all"]
+            assert row["rays"] == sum(r["rays"] for r in parts)
+            continue
+        owned = []
+        for p in sorted(rays.glob(f"level_{level}/*/*_rays.npz")):
+            name = p.name[: -len("_rays.npz")]
+            if level == 0:
+                users = {splits["object_splits"][name]}
+            elif name in splits["trivial_hashes"]:
+                users = {"train", "val", "test"}
+            else:
+                users = set(splits["hash_object_usage"][name].values())
+            if s in users:
+                owned.append(p)
+        assert row["ray_files"] == len(owned), (s, level)
+        want_rays = want_hits = 0
+        for p in owned:
+            with np.load(p) as f:
+                want_rays += len(f["origins"])
+                want_hits += int(f["hits"].sum())
+        assert (row["rays"], row["hits"]) == (want_rays, want_hits), (s, level)
+    text = info.format_info(got)
+    assert "split  level  objects  sub-volumes" in text

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from gpuloader.errors import DatasetLayoutError
 from gpuloader.format import layout
+from gpuloader.format.index import split_membership
 
 __all__ = [
     "dataset_info",
@@ -174,6 +175,9 @@ def dataset_info(
     total = sum(len(voxel_files.get(lv, [])) + len(ray_files.get(lv, [])) for lv in levels)
     bar = tqdm(total=total, desc="info", unit="file", disable=not progress)
     rows = []
+    # per (level, name): voxel occupancy, and (rays, hits) of the ray file, for the split table
+    file_occupancy: dict[tuple[int, str], float] = {}
+    file_rays: dict[tuple[int, str], tuple[int, int]] = {}
     for lv in levels:
         occupancy, side = [], None
         for p in voxel_files.get(lv, []):
@@ -181,6 +185,7 @@ def dataset_info(
                 with np.load(p, allow_pickle=False) as f:
                     grid = f["voxels"]
                 occupancy.append(float(np.count_nonzero(grid)) / max(grid.size, 1))
+                file_occupancy[(lv, _sample_name(p, lv))] = occupancy[-1]
                 side = side or int(grid.shape[0])
             except Exception:
                 unreadable.append(str(p))
@@ -189,8 +194,10 @@ def dataset_info(
         for p in ray_files.get(lv, []):
             try:
                 with zipfile.ZipFile(p) as zf:
-                    rays += npy_member_shape(zf, "origins.npy")[0]
-                    hits += int(np.count_nonzero(_read_member(zf, "hits.npy")))
+                    n = npy_member_shape(zf, "origins.npy")[0]
+                    h = int(np.count_nonzero(_read_member(zf, "hits.npy")))
+                rays, hits = rays + n, hits + h
+                file_rays[(lv, _sample_name(p, lv))] = (n, h)
             except Exception:
                 unreadable.append(str(p))
             bar.update()
@@ -222,9 +229,83 @@ def dataset_info(
             "hits": hits_total,
             "hit_rate": hits_total / rays_total if rays_total else None,
         },
+        "per_split": _per_split_rows(
+            splits, object_splits, per_split, levels, file_occupancy, file_rays
+        ),
         "leakage": _leakage(splits, names),
         "unreadable_files": sorted(unreadable),
     }
+
+
+def _sample_name(path: Path, level: int) -> str:
+    """The sample a file belongs to: the object ID at level 0, else the sub-volume hash."""
+    if path.name.endswith("_rays.npz"):
+        return path.name[: -len("_rays.npz")]
+    if level == 0:  # objects/object_<ID>/level_0.npz
+        return path.parent.name[len("object_") :]
+    return path.stem
+
+
+def _per_split_rows(
+    splits: dict[str, Any],
+    object_splits: dict[str, str],
+    objects_per_split: dict[str, int],
+    levels: list[int],
+    file_occupancy: dict[tuple[int, str], float],
+    file_rays: dict[tuple[int, str], tuple[int, int]],
+) -> list[dict[str, Any]]:
+    """One row per split and level, then the split's ``level="all"`` row.
+
+    A sample counts in every split it belongs to (as the dataset decides it: the splits of
+    the objects that use it; a trivial sub-volume is in every split), so the splits' rows can
+    add up to more than the per-level totals. Samples no split claims go to "unassigned".
+    """
+    usage = splits.get("hash_object_usage") or {}
+    trivial = {str(h) for h in splits.get("trivial_hashes") or []}
+    members: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    for key in sorted(set(file_occupancy) | set(file_rays)):
+        level, name = key
+        owners = split_membership(name, level, object_splits, usage, trivial) or {"unassigned"}
+        for s in owners:
+            members.setdefault((s, level), []).append(key)
+    names = _split_names({s for s, _ in members} | set(objects_per_split))
+    rows: list[dict[str, Any]] = []
+    for s in names:
+        total = {"sub_volumes": 0, "ray_files": 0, "rays": 0, "hits": 0, "occ": []}
+        for level in levels:
+            keys = members.get((s, level), [])
+            occ = [file_occupancy[k] for k in keys if k in file_occupancy]
+            counts = [file_rays[k] for k in keys if k in file_rays]
+            row = {
+                "split": s,
+                "level": level,
+                "sub_volumes": len(occ),
+                "ray_files": len(counts),
+                "rays": sum(n for n, _ in counts),
+                "hits": sum(h for _, h in counts),
+                "occupancy": float(np.mean(occ)) if occ else None,
+            }
+            row["hit_rate"] = row["hits"] / row["rays"] if row["rays"] else None
+            if level == 0:
+                row["objects"] = objects_per_split.get(s, 0)
+            rows.append(row)
+            for k in ("sub_volumes", "ray_files", "rays", "hits"):
+                total[k] += row[k]
+            total["occ"] += occ
+        rows.append(
+            {
+                "split": s,
+                "level": "all",
+                "objects": objects_per_split.get(s, 0),
+                "sub_volumes": total["sub_volumes"],
+                "ray_files": total["ray_files"],
+                "rays": total["rays"],
+                "hits": total["hits"],
+                "hit_rate": total["hits"] / total["rays"] if total["rays"] else None,
+                "occupancy": None,
+            }
+        )
+    return rows
 
 
 # ------------------------------------------------------------------ text
@@ -255,9 +336,27 @@ def _frac(v: float | None, digits: int = 4) -> str:
 def format_info(info: dict[str, Any]) -> str:
     """The printed summary of :func:`dataset_info`'s dict."""
     out = [f"dataset  {info['dataset_dir']}", f"rays     {info['ray_dir']}", ""]
-    split_rows = [[s, _num(n)] for s, n in info["objects_per_split"].items()]
-    split_rows.append(["total", _num(info["num_objects"])])
-    out += _table(["split", "objects"], split_rows)
+    split_rows = []
+    for r in info.get("per_split", []):
+        split_rows.append(
+            [
+                r["split"],
+                str(r["level"]),
+                _num(r.get("objects")),
+                _num(r["sub_volumes"]),
+                _num(r["ray_files"]),
+                _num(r["rays"]),
+                _frac(r["hit_rate"]),
+                _frac(r["occupancy"]),
+            ]
+        )
+    split_rows.append(["total", "all", _num(info["num_objects"]), "", "", "", "", ""])
+    headers = ["split", "level", "objects", "sub-volumes", "ray files", "rays", "hit rate"]
+    out += _table([*headers, "occupancy"], split_rows, left=2)
+    out.append(
+        "(a sub-volume counts in every split whose objects use it, a trivial one in all; "
+        "objects: level 0)"
+    )
     out.append("")
     level_rows = []
     for r in info["levels"]:
