@@ -200,6 +200,9 @@ def test_no_samples_says_which_filter(tiny_dataset):
     msg = str(err.value)
     assert "split 'train' had" in msg and "level filter levels=[7] left 0" in msg
     assert "levels present: [0, 1]" in msg
+    # only the fix that helps: the levels the split has, not include_empty
+    assert "choose levels among those split 'train' has: [0, 1]" in msg
+    assert "include_empty" not in msg
 
 
 def test_strict_test_level1_keeps_own_and_trivial(tiny_dataset):
@@ -232,6 +235,7 @@ def test_no_samples_empty_filter(tiny_copy):
         build_index(ds, rays, "test")
     msg = str(err.value)
     assert "split 'test' had 1" in msg and "empty filter (include_empty=False) left 0" in msg
+    assert "pass include_empty=True" in msg and "choose levels" not in msg
 
 
 def test_no_samples_for_split_without_objects(tiny_copy):

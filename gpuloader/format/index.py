@@ -210,6 +210,44 @@ def _zero_hash(side: int) -> str:
     return h.hexdigest()
 
 
+def _no_samples_message(
+    dataset_dir: Path,
+    ray_dataset_dir: Path,
+    split: str,
+    levels: Sequence[int] | None,
+    include_empty: bool,
+    n_files: int,
+    n_split: int,
+    leaked: int,
+    split_levels: list[int],
+    n_levels: int,
+) -> str:
+    """Why no sample survived: what each filter left, and the one fix that would help."""
+    steps = [f"{n_files} ray files under {ray_dataset_dir}"]
+    steps.append(
+        f"split {split!r} had {n_split}"
+        + (f" ({leaked} dropped by isolation='strict')" if leaked else "")
+    )
+    if n_split == 0:
+        fix = (
+            f"check that {dataset_dir / 'splits.json'} assigns objects to {split!r} and that "
+            "the ray dataset matches the voxel dataset"
+        )
+        if leaked:
+            fix += "; isolation='shared' keeps the sub-volumes a train object also uses"
+    elif levels is not None and n_levels == 0:
+        steps.append(
+            f"level filter levels={sorted(set(levels))} left 0 (levels present: {split_levels})"
+        )
+        fix = f"choose levels among those split {split!r} has: {split_levels}"
+    else:
+        if levels is not None:
+            steps.append(f"level filter levels={sorted(set(levels))} left {n_levels}")
+        steps.append(f"empty filter (include_empty={include_empty}) left 0")
+        fix = "every sample left is an all-empty sub-volume: pass include_empty=True to keep them"
+    return "no samples found for split: " + "; ".join(steps) + f". To fix: {fix}"
+
+
 def build_index(
     dataset_dir: Path,
     ray_dataset_dir: Path,
@@ -279,7 +317,6 @@ def build_index(
     n_split = len(in_split)
 
     # Filter 2: levels.
-    present_levels = sorted({lv for lv, _, _ in ray_files})
     if levels is not None:
         wanted = {int(lv) for lv in levels}
         in_levels = [t for t in in_split if t[0] in wanted]
@@ -322,23 +359,19 @@ def build_index(
         )
 
     if not kept:
-        steps = [f"{len(ray_files)} ray files under {ray_dataset_dir}"]
-        steps.append(
-            f"split {split!r} had {n_split}"
-            + (f" ({leaked} dropped by isolation='strict')" if leaked else "")
-        )
-        if levels is not None:
-            steps.append(
-                f"level filter levels={sorted(set(levels))} left {n_levels} "
-                f"(levels present: {present_levels})"
-            )
-        steps.append(f"empty filter (include_empty={include_empty}) left 0")
         raise NoSamplesError(
-            "no samples found for split: "
-            + "; ".join(steps)
-            + f". Check {dataset_dir / 'splits.json'} assigns objects to {split!r}, that the "
-            "ray dataset matches the voxel dataset, and that the level filter is not too "
-            "restrictive (or pass include_empty=True)"
+            _no_samples_message(
+                dataset_dir,
+                ray_dataset_dir,
+                split,
+                levels,
+                include_empty,
+                len(ray_files),
+                n_split,
+                leaked,
+                sorted({lv for lv, _, _ in in_split}),
+                n_levels,
+            )
         )
 
     for s in kept:
