@@ -41,6 +41,7 @@ __all__ = [
     "apply_transform",
     "ray_budget",
     "draw_plan",
+    "draw_plans",
     "apply_plan",
     "split_for_device",
 ]
@@ -88,6 +89,17 @@ class RandomRotation90(Transform):
         k = 1 + ((int(words[2]) >> 8) * 3 >> 24)
         return symmetry.rotation(axis, k)
 
+    def draw_many(self, words: np.ndarray) -> np.ndarray:
+        """:meth:`draw` for many samples: (B, 4) uint32 words -> (B,) int32 symmetries."""
+        w = np.asarray(words, dtype=np.uint32).astype(np.int64) >> 8
+        table = np.array(
+            [[symmetry.rotation(a, k) for k in (1, 2, 3)] for a in self.axes], dtype=np.int32
+        )
+        axis = (w[:, 1] * len(self.axes)) >> 24
+        k = (w[:, 2] * 3) >> 24
+        on = w[:, 0] < rng.bernoulli_threshold(self.p)
+        return np.where(on, table[axis, k], symmetry.IDENTITY).astype(np.int32)
+
 
 class RandomFlip(Transform):
     """Flip each world axis in ``axes`` (0 = x, 1 = y, 2 = z) independently with prob. ``p``."""
@@ -108,6 +120,15 @@ class RandomFlip(Transform):
             if int(words[j]) >> 8 < thr:
                 s = symmetry.compose(symmetry.flip(a), s)
         return s
+
+    def draw_many(self, words: np.ndarray) -> np.ndarray:
+        """:meth:`draw` for many samples: (B, 4) uint32 words -> (B,) int32 symmetries."""
+        w = np.asarray(words, dtype=np.uint32) >> np.uint32(8)
+        thr = rng.bernoulli_threshold(self.p)
+        s = np.full(w.shape[0], symmetry.IDENTITY, dtype=np.int64)
+        for j, a in enumerate(self.axes):
+            s = np.where(w[:, j] < thr, symmetry.COMPOSE[symmetry.flip(a), s], s)
+        return s.astype(np.int32)
 
 
 class NormalizeRayOrigins(Transform):
@@ -275,6 +296,70 @@ def draw_plan(
         num_rays=num_rays,
         purpose_offset=offset,
     )
+
+
+def draw_plans(
+    transforms: Sequence[Transform],
+    seed: int,
+    epoch: int,
+    index: np.ndarray,
+    grid_side: np.ndarray,
+    segment: int = 0,
+) -> dict[str, np.ndarray]:
+    """:func:`draw_plan` for many samples of one epoch at once, vectorized.
+
+    Args:
+        transforms: the known transforms of one run, in list order.
+        seed, epoch: the samples' stream (as ``SampleContext``).
+        index: (B,) dataset indices. grid_side: (B,) side of each sample's grid.
+        segment: which run of the Compose this is.
+
+    Returns:
+        ``symmetry`` (B,) int32, ``origin_scale``, ``distance_scale``, ``origin_std``,
+        ``direction_std`` (B,) float32, ``jitter_threshold`` (B,) uint32, ``purpose_offset``
+        (B,) uint32 and ``num_rays`` (int or None): exactly the values of ``draw_plan``
+        (and ``plan.to_batch_params``) for each sample, computed in the same float64 order.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    side = np.asarray(grid_side, dtype=np.float64)
+    b = index.shape[0]
+    offset = segment * rng.Purpose.SEGMENT_STRIDE
+    sym = np.zeros(b, dtype=np.int64)
+    oscale = np.ones(b)
+    dscale = np.ones(b)
+    ostd = np.zeros(b)
+    dstd = 0.0
+    jitter = 0.0
+    num_rays: int | None = None
+    for slot, t in enumerate(transforms):
+        if isinstance(t, (RandomRotation90, RandomFlip)):
+            words = rng.random_words(seed, epoch, index, rng.Purpose.SYMMETRY + offset, slot)
+            sym = symmetry.COMPOSE[t.draw_many(words.reshape(b, 4)), sym]
+        elif isinstance(t, NormalizeRayOrigins):
+            f = 2.0 / (t.voxel_size * side)
+            oscale = oscale * f
+            ostd = ostd * f
+            if t.scale_distances:
+                dscale = dscale * f
+        elif isinstance(t, AddNoise):
+            ostd = np.hypot(ostd, t.origin_std)
+            dstd = float(np.hypot(dstd, t.direction_std))
+        elif isinstance(t, RandomRaySubsample):
+            num_rays = t.num_rays if num_rays is None else min(num_rays, t.num_rays)
+        elif isinstance(t, VoxelOccupancyJitter):
+            jitter = jitter + t.flip_prob - 2.0 * jitter * t.flip_prob
+        else:
+            raise TypeError(f"draw_plans: {t!r} is not a known transform")
+    return {
+        "symmetry": sym.astype(np.int32),
+        "origin_scale": oscale.astype(np.float32),
+        "distance_scale": dscale.astype(np.float32),
+        "origin_std": ostd.astype(np.float32),
+        "direction_std": np.full(b, dstd, dtype=np.float32),
+        "jitter_threshold": np.full(b, rng.bernoulli_threshold(jitter), dtype=np.uint32),
+        "purpose_offset": np.full(b, offset, dtype=np.uint32),
+        "num_rays": num_rays,
+    }
 
 
 def _to_numpy(v: Any) -> tuple[np.ndarray, Any]:

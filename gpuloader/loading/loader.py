@@ -45,10 +45,12 @@ from gpuloader.augment.transforms import (
     split_for_device,
 )
 from gpuloader.errors import UnsupportedTransformError
+from gpuloader.loading.batches import FusedBatches
 from gpuloader.loading.collate import RAY_DTYPES
 from gpuloader.loading.pipeline import RawBatch, RayPipeline, dali_available
 from gpuloader.loading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
 from gpuloader.loading.sampler import RayBatchSampler
+from gpuloader.stores.resident import ResidentStore, choose_store, estimate_layout, fill_store
 
 __all__ = ["GPURayLoader", "known_segments"]
 
@@ -180,12 +182,23 @@ class GPURayLoader:
         prefetch: batches read ahead.
         device: "auto" (ToDevice's target if the transform has one, else CUDA when torch
             and CuPy can use it, else CPU), "cpu", "cuda" or "cuda:N".
-        backend: "auto" (DALI if importable, else torch), "dali" or "torch".
+        backend: "auto" (DALI if importable, else torch), "dali" or "torch": the reader of
+            the store's fill, or of every sample when streaming.
         start_method: how DALI starts its workers ("spawn" or "fork").
+        store: where the split lives while batches are made: "auto" (GPU when the split
+            takes under ``gpu_budget``, else host RAM under ``host_budget``, else streaming),
+            "gpu", "host", "stream" (the per-sample reader over the dataset's ray store, npz
+            or pack), or a :class:`~gpuloader.stores.resident.ResidentStore` already filled
+            (shared by several loaders of one dataset). Custom callables in the transform
+            need "stream".
+        gpu_budget, host_budget: bytes, or a fraction of the free memory (default 0.5).
+        threads: CPU batch builders of a host store.
+        progress: progress bar of the fill (default: when stderr is a terminal).
 
     Attributes:
         backend: "dali" or "torch". device: the torch device of the batches.
         sampler: the RayBatchSampler that decides order and ray counts.
+        store: "gpu", "host" or "stream"; store_reason: why; resident: the ResidentStore.
     """
 
     def __init__(
@@ -202,10 +215,17 @@ class GPURayLoader:
         device: Any = "auto",
         backend: str = "auto",
         start_method: str = "spawn",
+        store: Any = "auto",
+        gpu_budget: float | int | None = None,
+        host_budget: float | int | None = None,
+        threads: int = 2,
+        progress: bool | None = None,
     ) -> None:
         self._closed = True  # until fully built: makes close()/__del__ safe on errors
         self._pipe: RayPipeline | None = None
         self._torch_loader: torch.utils.data.DataLoader | None = None
+        self._fused: FusedBatches | None = None
+        self.resident: ResidentStore | None = None
         if backend not in ("auto", "dali", "torch"):
             raise ValueError(f"backend must be 'auto', 'dali' or 'torch'; got {backend!r}")
         self.dataset = dataset
@@ -236,6 +256,31 @@ class GPURayLoader:
         self._pipe_epoch: int | None = None  # epoch the pipeline's next DALI epoch reads
         self._pipe_fresh = False
         self.backend = self._choose_backend(backend)
+        self.store, self.store_reason = self._choose_store(
+            store, cpu, segments, gpu_budget, host_budget
+        )
+        if self.store in ("host", "gpu"):
+            if isinstance(store, ResidentStore):
+                self.resident = store
+            else:
+                self.resident = fill_store(
+                    dataset,
+                    location=self.store,
+                    device=self.device,
+                    num_workers=self.num_workers,
+                    backend=self.backend,
+                    progress=progress,
+                    layout=self._layout,
+                )
+            self._fused = FusedBatches(
+                self.resident,
+                dataset,
+                self.sampler,
+                segments[0] if segments else [],
+                self.device,
+                threads=threads,
+                prefetch=max(2, self.prefetch),
+            )
         if self.device.type == "cuda":
             from gpuloader.augment import cupy_backend as augment_cupy
 
@@ -244,7 +289,9 @@ class GPURayLoader:
             self._aug = augment_numpy
         self._closed = False
         log.info(
-            "GPURayLoader: backend=%s, device=%s, workers=%d, %d batches per epoch",
+            "GPURayLoader: store=%s (%s), backend=%s, device=%s, workers=%d, %d batches per epoch",
+            self.store,
+            self.store_reason,
             self.backend,
             self.device,
             self.num_workers,
@@ -262,6 +309,57 @@ class GPURayLoader:
             ray_budget=self._budget,
             batch_size=self.sampler.subvolumes_per_batch,
         )
+
+    def _choose_store(
+        self,
+        store: Any,
+        cpu: list,
+        segments: list,
+        gpu_budget: float | int | None,
+        host_budget: float | int | None,
+    ) -> tuple[str, str]:
+        self._layout = None
+        fusable = not cpu and len(segments) <= 1
+        why_not = (
+            "custom callables in the transform run per sample"
+            if cpu
+            else "the transform has several fused runs"
+        )
+        if isinstance(store, ResidentStore):
+            if not fusable:
+                raise UnsupportedTransformError(
+                    f"a resident store needs a transform of known transforms only ({why_not}); "
+                    "use store='stream'"
+                )
+            if store.location == "gpu" and self.device.type != "cuda":
+                raise ValueError("a GPU-resident store needs device='cuda'")
+            return store.location, "a store filled by the caller"
+        if store not in ("auto", "gpu", "host", "stream"):
+            raise ValueError(
+                f"store must be 'auto', 'gpu', 'host', 'stream' or a ResidentStore; got {store!r}"
+            )
+        if store == "stream":
+            return "stream", "asked for"
+        if not fusable:
+            if store != "auto":
+                raise UnsupportedTransformError(
+                    f"store={store!r} builds whole batches from known transforms, but {why_not}"
+                    "; use store='stream' (or 'auto'), or move the custom step out"
+                )
+            return "stream", why_not
+        if store == "gpu" and self.device.type != "cuda":
+            raise ValueError(
+                f"store='gpu' needs a CUDA device; the loader's device is {self.device}"
+            )
+        self._layout = estimate_layout(self.dataset)
+        nbytes = int(
+            self._layout.ray_count.sum() * 37
+            + self._layout.view_count.sum() * 12
+            + (self._layout.side**3).sum()
+        )
+        if store != "auto":
+            return store, f"asked for ({nbytes / 2**20:.1f} MiB)"
+        return choose_store(nbytes, self.device, gpu_budget, host_budget)
 
     def _choose_backend(self, backend: str) -> str:
         global _warned_no_dali
@@ -310,8 +408,8 @@ class GPURayLoader:
 
     def __repr__(self) -> str:
         return (
-            f"GPURayLoader(backend={self.backend!r}, device={str(self.device)!r}, "
-            f"batches={len(self)}, workers={self.num_workers})"
+            f"GPURayLoader(store={self.store!r}, backend={self.backend!r}, "
+            f"device={str(self.device)!r}, batches={len(self)}, workers={self.num_workers})"
         )
 
     # -- iteration -------------------------------------------------------------------------
@@ -321,6 +419,8 @@ class GPURayLoader:
             raise RuntimeError("GPURayLoader is closed")
         epoch = self.epoch
         self.epoch = epoch + 1
+        if self._fused is not None:
+            return self._fused(epoch)
         if self.backend == "dali":
             return self._iter_dali(epoch)
         return self._iter_torch(epoch)
@@ -498,6 +598,8 @@ class GPURayLoader:
         if getattr(self, "_closed", True) and self._pipe is None and self._torch_loader is None:
             return
         self._closed = True
+        self._fused = None
+        self.resident = None
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             pipe.close()

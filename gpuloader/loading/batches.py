@@ -1,0 +1,270 @@
+"""Whole batches from a resident store: the epoch plan, then one fused pass per batch.
+
+:class:`FusedBatches` turns a :class:`~gpuloader.stores.resident.ResidentStore` and the
+sampler's order into the dicts of ``collate_ray_batch``:
+
+* once per epoch: :func:`~gpuloader.loading.epoch_plan.build_epoch_plan` (vectorized draws;
+  on CUDA uploaded to the device once, with the per-slot ``num_rays``/``levels``/
+  ``voxel_shapes`` as torch tensors, so a batch needs no host-to-device copy);
+* per batch on the CPU: :mod:`gpuloader.augment.fused_numpy` (row selection, gather,
+  symmetry, normalization, noise, ``ray_to_voxel``; grids; views), batches built ahead by a
+  small thread pool (numpy releases the GIL in its gathers);
+* per batch on CUDA: the three kernels of ``kernels/fused.cu`` (``augment.fused_cupy``) on a
+  side stream, writing into a ring of preallocated torch tensors (CuPy views of them made
+  once); torch's current stream waits on an event, and a slot is overwritten only after
+  the work the consumer queued while it held that slot's batch. **Reuse:** a batch's
+  tensors are valid until ``ring`` (default 3) further batches have been taken; ``clone()``
+  what you keep longer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpuloader.augment import fused_numpy
+from gpuloader.augment.transforms import Transform
+from gpuloader.loading.epoch_plan import EpochPlan, build_epoch_plan
+from gpuloader.stores.resident import ResidentStore
+
+__all__ = ["FusedBatches"]
+
+
+class FusedBatches:
+    """Batches of a resident store (module doc).
+
+    Args:
+        store: the resident store (host or gpu).
+        dataset: the dataset it was filled from (samples, seed, samples_per_subvolume).
+        sampler: the RayBatchSampler that decides order and ray counts.
+        segment: the known transforms (one fused run).
+        device: torch device of the batches.
+        threads: CPU batch builders (host store).
+        prefetch: batches built ahead (CPU) .
+        ring: output slots on CUDA (see module doc).
+    """
+
+    def __init__(
+        self,
+        store: ResidentStore,
+        dataset: Any,
+        sampler: Any,
+        segment: Sequence[Transform],
+        device: torch.device,
+        threads: int = 2,
+        prefetch: int = 4,
+        ring: int = 3,
+    ) -> None:
+        self.store = store
+        self.sampler = sampler
+        self.segment = list(segment)
+        self.device = device
+        self.seed = int(getattr(dataset, "seed", 0))
+        self.samples_per_subvolume = getattr(dataset, "samples_per_subvolume", None)
+        self.levels = np.array([int(s["level"]) for s in dataset.samples], dtype=np.int64)
+        self.hashes = [str(s["hash"]) for s in dataset.samples]
+        self.threads = max(1, int(threads))
+        self.prefetch = max(1, int(prefetch))
+        self.ring = max(2, int(ring))
+        self._gpu: _GPUState | None = None
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch plan of ``epoch`` (host arrays)."""
+        return build_epoch_plan(
+            self.sampler.batches(epoch),
+            self.store.layout,
+            self.levels,
+            self.segment,
+            self.seed,
+            epoch,
+            self.samples_per_subvolume,
+        )
+
+    def __call__(self, epoch: int) -> Iterator[dict[str, Any]]:
+        plan = self.plan(epoch)
+        if self.store.location == "gpu":
+            return self._iter_gpu(plan)
+        return self._iter_host(plan)
+
+    # -- CPU ---------------------------------------------------------------------------------
+
+    def build_host(self, plan: EpochPlan, i: int) -> dict[str, Any]:
+        """Batch ``i`` of ``plan`` from a host store: collate_ray_batch's dict (CPU tensors)."""
+        bp = plan.batch(i)
+        arrays = self.store.arrays
+        rays = fused_numpy.gather_rays(arrays, bp)
+        vox = fused_numpy.gather_grids(arrays["grids"], bp)
+        vp = fused_numpy.gather_views(arrays["view_positions"], bp)
+        sl = plan.slots(i)
+        side = bp.side
+        out: dict[str, Any] = {
+            "voxels": torch.from_numpy(vox),
+            "voxel_shapes": torch.from_numpy(np.repeat(side[:, None], 3, axis=1)),
+        }
+        for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
+            out[k] = torch.from_numpy(rays[k])
+        out["ray_to_voxel"] = torch.from_numpy(rays["ray_to_voxel"])
+        out["num_rays"] = torch.from_numpy(bp.keep.copy())
+        out["levels"] = torch.from_numpy(plan.levels[sl].copy())
+        out["hashes"] = [self.hashes[int(j)] for j in bp.index]
+        out["view_positions"] = list(torch.split(torch.from_numpy(vp), bp.view_count.tolist()))
+        return out
+
+    def _iter_host(self, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+        n = len(plan)
+        move = self.device.type != "cpu"
+        if self.threads == 1:
+            for i in range(n):
+                yield (
+                    self._to_device(self.build_host(plan, i)) if move else self.build_host(plan, i)
+                )
+            return
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="gpuloader-batch") as pool:
+            pending: deque = deque()
+            nxt = 0
+            while nxt < n and len(pending) < self.prefetch:
+                pending.append(pool.submit(self.build_host, plan, nxt))
+                nxt += 1
+            while pending:
+                batch = pending.popleft().result()
+                if nxt < n:
+                    pending.append(pool.submit(self.build_host, plan, nxt))
+                    nxt += 1
+                yield self._to_device(batch) if move else batch
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        dev = self.device
+        out: dict[str, Any] = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = v.pin_memory().to(dev, non_blocking=True)
+            elif k == "view_positions":
+                out[k] = [t.to(dev, non_blocking=True) for t in v]
+            else:
+                out[k] = v
+        return out
+
+    # -- CUDA --------------------------------------------------------------------------------
+
+    def _iter_gpu(self, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+        if self._gpu is None:
+            self._gpu = _GPUState(self)
+        yield from self._gpu.iterate(plan)
+
+
+class _GPUState:
+    """Device-side state of the CUDA path: side stream, the ring of outputs, the kernels."""
+
+    def __init__(self, owner: FusedBatches) -> None:
+        import cupy
+
+        from gpuloader.augment import fused_cupy
+
+        self.owner = owner
+        self.cupy = cupy
+        self.kernels = fused_cupy
+        self.device = owner.device
+        self.stream = torch.cuda.Stream(self.device)
+        self.slots: list[dict[str, torch.Tensor]] = []
+        self.capacity = (0, 0, 0)  # rays, voxels, views per slot
+
+    def _ensure_ring(self, rays: int, voxels: int, views: int, b: int) -> None:
+        if (
+            self.slots
+            and rays <= self.capacity[0]
+            and voxels <= self.capacity[1]
+            and views <= self.capacity[2]
+        ):
+            return
+        torch.cuda.current_stream(self.device).synchronize()
+        dev = self.device
+        self.capacity = (rays, voxels, views)
+        self.slots = []
+        for _ in range(self.owner.ring):
+            self.slots.append(
+                {
+                    "origins": torch.empty((rays, 3), dtype=torch.float32, device=dev),
+                    "directions": torch.empty((rays, 3), dtype=torch.float32, device=dev),
+                    "distances": torch.empty(rays, dtype=torch.float32, device=dev),
+                    "hits": torch.empty(rays, dtype=torch.float32, device=dev),
+                    "view_ids": torch.empty(rays, dtype=torch.long, device=dev),
+                    "face_ids": torch.empty(rays, dtype=torch.long, device=dev),
+                    "ray_to_voxel": torch.empty(rays, dtype=torch.long, device=dev),
+                    "voxels": torch.empty(voxels, dtype=torch.float32, device=dev),
+                    "view_positions": torch.empty((views, 3), dtype=torch.float32, device=dev),
+                }
+            )
+        self.views = [{k: self.cupy.asarray(v) for k, v in s.items()} for s in self.slots]
+
+    def iterate(self, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+        cp = self.cupy
+        owner = self.owner
+        n = len(plan)
+        if n == 0:
+            return
+        starts = plan.batch_starts
+        keep = plan.arrays["keep"]
+        tot = np.add.reduceat(keep, starts[:-1]) if keep.size else np.zeros(n, np.int64)
+        vtot = np.add.reduceat(plan.arrays["view_count"], starts[:-1])
+        bsz = np.diff(starts)
+        side_max = np.maximum.reduceat(plan.arrays["side"], starts[:-1])
+        vox = bsz * side_max**3
+        self._ensure_ring(int(tot.max()), int(vox.max()), int(vtot.max()), int(bsz.max()))
+        dev = self.device
+        consumer = torch.cuda.current_stream(dev)
+        with cp.cuda.Device(dev.index or 0):
+            dplan = plan.to(cp)  # one upload per epoch
+            keep_t = torch.as_tensor(keep, device=dev)
+            levels_t = torch.as_tensor(plan.levels, device=dev)
+            side_t = torch.as_tensor(plan.arrays["side"], device=dev)
+            shapes_t = side_t[:, None].expand(-1, 3).contiguous()
+            counts_host = [plan.arrays["view_count"][plan.slots(i)].tolist() for i in range(n)]
+            free = [torch.cuda.Event() for _ in self.slots]
+            ready: list[torch.cuda.Event | None] = [None] * len(self.slots)
+
+            def launch(i: int) -> None:
+                s = i % len(self.slots)
+                self.stream.wait_event(free[s])  # the consumer is done with this slot
+                with (
+                    torch.cuda.stream(self.stream),
+                    cp.cuda.ExternalStream(self.stream.cuda_stream),
+                ):
+                    bp = dplan.batch(i)
+                    t, v, b, sm = int(tot[i]), int(vtot[i]), int(bsz[i]), int(side_max[i])
+                    views = self.views[s]
+                    out = {k: views[k][:t] for k in fused_numpy._RAY_OUT_DTYPES}
+                    self.kernels.gather_rays(owner.store.arrays, bp, out=out)
+                    grid = views["voxels"][: b * sm**3].reshape(b, 1, sm, sm, sm)
+                    self.kernels.gather_grids(owner.store.arrays["grids"], bp, out=grid)
+                    self.kernels.gather_views(
+                        owner.store.arrays["view_positions"], bp, out=views["view_positions"][:v]
+                    )
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+                ready[s] = ev
+
+            launch(0)
+            for i in range(n):
+                s = i % len(self.slots)
+                if i + 1 < n:
+                    launch(i + 1)  # the next batch is queued before this one is handed out
+                consumer.wait_event(ready[s])
+                sl = plan.slots(i)
+                t, v, b, sm = int(tot[i]), int(vtot[i]), int(bsz[i]), int(side_max[i])
+                slot = self.slots[s]
+                batch = {
+                    "voxels": slot["voxels"][: b * sm**3].view(b, 1, sm, sm, sm),
+                    "voxel_shapes": shapes_t[sl],
+                    **{k: slot[k][:t] for k in fused_numpy._RAY_OUT_DTYPES},
+                    "num_rays": keep_t[sl],
+                    "levels": levels_t[sl],
+                    "hashes": [owner.hashes[int(j)] for j in plan.arrays["index"][sl]],
+                    "view_positions": list(torch.split(slot["view_positions"][:v], counts_host[i])),
+                }
+                yield batch
+                free[s].record(consumer)  # what the consumer queued with this batch is before it

@@ -1,0 +1,374 @@
+"""Resident stores: every sample of a dataset's split held whole where batches are made.
+
+A :class:`ResidentStore` holds the split's rays, view positions and grids concatenated in
+dataset order, as flat arrays (numpy in host RAM, or CuPy in device memory)::
+
+    origins, directions   (R, 3) float32      every ray of every sample
+    distances             (R,)   float32
+    hits                  (R,)   uint8
+    view_ids, face_ids    (R,)   int32
+    view_positions        (V, 3) float32      every view of every sample
+    grids                 (G,)   uint8        every grid, flat, C order (z, y, x), 0/1
+
+and a :class:`~gpuloader.loading.epoch_plan.StoreLayout` (host int64 arrays by dataset index:
+``ray_start``, ``ray_count``, ``view_start``, ``view_count``, ``grid_start``, ``side``) that
+says where each sample lives. A batch is then one fused gather from these arrays
+(:mod:`gpuloader.augment.fused_numpy` / ``fused_cupy``): nothing is decompressed or read
+from disk after the fill.
+
+The fill (:func:`fill_store`) reads every file of the split once, in parallel worker
+processes (the DALI pipeline's parallel external source when DALI is installed, else a torch
+DataLoader; in this process with ``num_workers=0``), through the dataset's own ray store (npz
+files or a pack), and copies each batch of samples into place (on a GPU, device to device from
+DALI's output buffers). Sizes come from the files' headers first, so the arrays are allocated
+once and memory stays at the split's size plus one batch; every file's shapes are checked
+against its header (a file that changed since the index was built is a named error).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpuloader.errors import DamagedFileError
+from gpuloader.format.index import npz_member_header
+from gpuloader.loading.epoch_plan import StoreLayout
+from gpuloader.loading.sampler import RayRequest
+
+__all__ = [
+    "ResidentStore",
+    "STORE_KEYS",
+    "estimate_layout",
+    "fill_store",
+    "choose_store",
+    "host_memory_available",
+]
+
+log = logging.getLogger("gpuloader")
+
+#: (dtype, trailing shape) of every array of a store
+STORE_KEYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+    "origins": (np.dtype(np.float32), (3,)),
+    "directions": (np.dtype(np.float32), (3,)),
+    "distances": (np.dtype(np.float32), ()),
+    "hits": (np.dtype(np.uint8), ()),
+    "view_ids": (np.dtype(np.int32), ()),
+    "face_ids": (np.dtype(np.int32), ()),
+    "view_positions": (np.dtype(np.float32), (3,)),
+    "grids": (np.dtype(np.uint8), ()),
+}
+_RAY_KEYS = ("origins", "directions", "distances", "hits", "view_ids", "face_ids")
+#: bytes per ray, per view row, per voxel
+_RAY_BYTES = 12 + 12 + 4 + 1 + 4 + 4
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def estimate_layout(dataset: Any) -> StoreLayout:
+    """Where every sample of ``dataset`` will live, from file headers only (no inflating).
+
+    Ray counts come from the index; view counts from the ray store (a pack's offsets) or the
+    npz header of ``view_positions``; grid sides from the voxel file's header.
+    """
+    samples = dataset.samples
+    k = len(samples)
+    rays = np.array([int(s["num_rays"]) for s in samples], dtype=np.int64)
+    views = np.zeros(k, dtype=np.int64)
+    sides = np.zeros(k, dtype=np.int64)
+    side_cache: dict[Any, int] = {}
+    locate = getattr(dataset.ray_store, "locate", None)
+    for i, s in enumerate(samples):
+        if locate is not None:
+            views[i] = int(locate(s)[4])
+        else:
+            views[i] = npz_member_header(s["ray_path"], "view_positions")[0][0]
+        key = s["voxel_path"]
+        side = side_cache.get(key)
+        if side is None:
+            shape, _ = npz_member_header(s["voxel_path"], "voxels")
+            if len(shape) != 3 or len(set(shape)) != 1:
+                raise DamagedFileError(
+                    f"{s['voxel_path']}: 'voxels' has shape {shape}; the loader needs cubic "
+                    "(S, S, S) grids: regenerate the file"
+                )
+            side = side_cache[key] = int(shape[0])
+        sides[i] = side
+    return StoreLayout(
+        ray_start=_starts(rays),
+        ray_count=rays,
+        view_start=_starts(views),
+        view_count=views,
+        grid_start=_starts(sides**3),
+        side=sides,
+    )
+
+
+def _nbytes(layout: StoreLayout) -> int:
+    return int(
+        layout.ray_count.sum() * _RAY_BYTES
+        + layout.view_count.sum() * 12
+        + (layout.side.astype(np.int64) ** 3).sum()
+    )
+
+
+def host_memory_available() -> int:
+    """Bytes of RAM available now (``MemAvailable``), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _device_free_bytes(device_index: int) -> int:
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        free, _ = cupy.cuda.runtime.memGetInfo()
+    return int(free)
+
+
+def choose_store(
+    nbytes: int,
+    device: Any,
+    gpu_budget: float | int | None = None,
+    host_budget: float | int | None = None,
+) -> tuple[str, str]:
+    """``store="auto"``: ("gpu" | "host" | "stream", why).
+
+    GPU when the device is CUDA and the split takes at most ``gpu_budget`` (bytes, or a
+    fraction of the free device memory; default 0.5), else host RAM when it takes at most
+    ``host_budget`` (bytes, or a fraction of MemAvailable; default 0.5), else streaming.
+    """
+
+    def budget(value: float | int | None, free: int) -> int:
+        if value is None:
+            value = 0.5
+        return int(value * free) if isinstance(value, float) and value <= 1.0 else int(value)
+
+    size = f"{nbytes / 2**30:.2f} GiB"
+    if getattr(device, "type", str(device)) == "cuda":
+        free = _device_free_bytes(device.index or 0)
+        limit = budget(gpu_budget, free)
+        if nbytes <= limit:
+            return "gpu", f"the split ({size}) fits the GPU budget ({limit / 2**30:.2f} GiB)"
+    free = host_memory_available()
+    limit = budget(host_budget, free)
+    if nbytes <= limit:
+        return "host", f"the split ({size}) fits the host-RAM budget ({limit / 2**30:.2f} GiB)"
+    return "stream", f"the split ({size}) fits neither GPU nor host budget: streaming"
+
+
+@dataclass
+class ResidentStore:
+    """A split held whole (module doc).
+
+    Attributes:
+        arrays: name -> flat array (:data:`STORE_KEYS`), numpy (host) or CuPy (gpu).
+        layout: where each dataset sample lives (host int64 arrays).
+        location: "host" or "gpu".
+        fill_seconds: how long the fill took.
+    """
+
+    arrays: dict[str, Any]
+    layout: StoreLayout
+    location: str
+    fill_seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(int(a.nbytes) for a in self.arrays.values()))
+
+    def __repr__(self) -> str:
+        return (
+            f"ResidentStore(location={self.location!r}, samples={len(self.layout.side)}, "
+            f"rays={int(self.layout.ray_count.sum())}, {self.nbytes / 2**20:.1f} MiB)"
+        )
+
+
+class _AllSamples:
+    """A sampler-like order over every sample, consecutive, in chunks (the fill's order)."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n = int(n)
+        self.subvolumes_per_batch = int(batch_size)
+
+    def batches(self, epoch: int) -> list[list[RayRequest]]:
+        bs = self.subvolumes_per_batch
+        return [
+            [RayRequest(i, epoch, None) for i in range(s, min(s + bs, self.n))]
+            for s in range(0, self.n, bs)
+        ]
+
+
+def _raw_batches(
+    dataset: Any, batch_size: int, num_workers: int, device_id: int | None, backend: str
+) -> Iterator[Any]:
+    """The fill's source: RawBatches of consecutive samples, every row, untransformed."""
+    from gpuloader.loading.loader import _EpochBatches, _keep, _raw_from_samples, _ReaderDataset
+    from gpuloader.loading.pipeline import RayPipeline, dali_available
+    from gpuloader.loading.reader import RayReader
+
+    ds = copy.copy(dataset)
+    ds.transform = None
+    ds.samples_per_subvolume = None
+    order = _AllSamples(len(ds.samples), batch_size)
+    reader = RayReader(ds, order, first_epoch=0, batch_size=batch_size)
+    if backend == "dali" or (backend == "auto" and num_workers > 0 and dali_available()):
+        pipe = RayPipeline(
+            reader,
+            batch_size=batch_size,
+            num_workers=max(1, num_workers),
+            prefetch=2,
+            device_id=device_id,
+        )
+        try:
+            while True:
+                try:
+                    yield pipe.next_batch()
+                except StopIteration:
+                    return
+        finally:
+            pipe.close()
+    import torch
+
+    dl = torch.utils.data.DataLoader(
+        _ReaderDataset(reader),
+        batch_sampler=_EpochBatches(reader),
+        collate_fn=_keep,
+        num_workers=num_workers,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    for samples in dl:
+        yield _raw_from_samples(samples)
+
+
+def fill_store(
+    dataset: Any,
+    location: str = "host",
+    device: Any = None,
+    num_workers: int = 2,
+    batch_size: int = 32,
+    backend: str = "auto",
+    progress: bool | None = None,
+    layout: StoreLayout | None = None,
+) -> ResidentStore:
+    """Read every sample of ``dataset`` (its split) into a resident store.
+
+    Args:
+        dataset: a HierarchicalVoxelRayDataset (its ``ray_store`` is read: npz or pack).
+        location: "host" (numpy in RAM) or "gpu" (CuPy on ``device``).
+        device: the torch CUDA device for "gpu".
+        num_workers: reader processes (0: read in this process).
+        batch_size: samples per fill batch.
+        backend: "auto" (DALI when installed and num_workers > 0), "dali" or "torch".
+        progress: show a progress bar (default: when stderr is a terminal).
+        layout: a layout already estimated (:func:`estimate_layout`).
+
+    Raises:
+        DamagedFileError: a file whose arrays differ from its header or are not cubic grids.
+    """
+    if location not in ("host", "gpu"):
+        raise ValueError(f"location must be 'host' or 'gpu'; got {location!r}")
+    tick = time.perf_counter()
+    layout = layout if layout is not None else estimate_layout(dataset)
+    sizes = {
+        "rays": int(layout.ray_count.sum()),
+        "view_positions": int(layout.view_count.sum()),
+        "grids": int((layout.side**3).sum()),
+    }
+    if location == "gpu":
+        import cupy as xp
+
+        device_id = int(getattr(device, "index", None) or 0)
+        dev_ctx: Any = xp.cuda.Device(device_id)
+    else:
+        xp = np
+        device_id = None
+        dev_ctx = _Null()
+    with dev_ctx:
+        arrays = {}
+        for k, (dt, rest) in STORE_KEYS.items():
+            n = sizes["rays"] if k in _RAY_KEYS else sizes[k]
+            arrays[k] = xp.empty((n, *rest), dtype=dt)
+        samples = dataset.samples
+        from tqdm import tqdm
+
+        show = sys.stderr.isatty() if progress is None else progress
+        nbatches = -(-len(samples) // batch_size)
+        bar = tqdm(
+            total=nbatches,
+            desc=f"gpuloader: filling the {location} store ({_nbytes(layout) / 2**20:.0f} MiB)",
+            unit="batch",
+            disable=not show,
+        )
+        with bar:
+            for raw in _raw_batches(dataset, batch_size, num_workers, device_id, backend):
+                _place(raw, arrays, layout, samples, xp)
+                bar.update(1)
+        if location == "gpu":
+            xp.cuda.get_current_stream().synchronize()
+    seconds = time.perf_counter() - tick
+    store = ResidentStore(arrays=arrays, layout=layout, location=location, fill_seconds=seconds)
+    log.info("gpuloader: filled %r in %.2f s", store, seconds)
+    return store
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _place(raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list, xp: Any) -> None:
+    """Copy one RawBatch of consecutive samples into its slice of the store."""
+    meta = raw.meta
+    idx = meta[meta[:, 0] >= 0, 0].astype(np.int64)
+    if idx.size == 0:
+        return
+    i0, i1 = int(idx[0]), int(idx[-1])
+    if not np.array_equal(idx, np.arange(i0, i1 + 1)):
+        raise RuntimeError(f"fill batch out of order: samples {idx.tolist()}")
+    for j, i in enumerate(idx):  # shapes against the headers (host metadata only)
+        n = raw.shapes["origins"][j][0]
+        v = raw.shapes["view_positions"][j][0]
+        g = raw.shapes["voxels"][j]
+        s = int(layout.side[i])
+        if n != layout.ray_count[i] or v != layout.view_count[i] or tuple(g) != (s, s, s):
+            where = samples[i].get("ray_path") if n != layout.ray_count[i] else None
+            raise DamagedFileError(
+                f"{where or samples[i].get('voxel_path')}: the file changed since the dataset "
+                f"was indexed (rays {n} vs {layout.ray_count[i]}, views {v} vs "
+                f"{layout.view_count[i]}, grid {tuple(g)} vs side {s}); rebuild the dataset "
+                "object (or regenerate the file)"
+            )
+    r0 = int(layout.ray_start[i0])
+    r1 = int(layout.ray_start[i1] + layout.ray_count[i1])
+    v0 = int(layout.view_start[i0])
+    v1 = int(layout.view_start[i1] + layout.view_count[i1])
+    g0 = int(layout.grid_start[i0])
+    g1 = int(layout.grid_start[i1] + layout.side[i1] ** 3)
+    spans = {"view_positions": (v0, v1), "grids": (g0, g1)}
+    for k in STORE_KEYS:
+        src = raw.arrays["voxels" if k == "grids" else k]
+        a, b = spans.get(k, (r0, r1))
+        if b > a:
+            arrays[k][a:b] = xp.asarray(src)
