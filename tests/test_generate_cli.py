@@ -50,10 +50,13 @@ def test_cli_generates_small_dataset(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--resolution", "48"], "power of two"),
-        (["--resolution", "16", "--min-resolution", "32"], "min-resolution"),
-        (["--split", "0.5", "0.5", "0.5"], "sum to 1"),
-        (["--split", "1.5", "-0.25", "-0.25"], ">= 0"),
+        (["--shapes", "sphere", "--resolution", "48"], "power of two"),
+        (["--preset", "demo", "--resolution", "16", "--min-resolution", "32"], "min-resolution"),
+        (["--shapes", "box", "--split", "0.5", "0.5", "0.5"], "sum to 1"),
+        (["--shapes", "box", "--split", "1.5", "-0.25", "-0.25"], ">= 0"),
+        (["--shapes", "sphere", "--num-objects", "0"], "--num-objects must be >= 1"),
+        (["--shapes", "sphere", "--num-objects", "-2"], "--num-objects must be >= 1"),
+        (["--shapes", "sphere", "--adaptive", "--min-samples-per-view", "1"], "min-samples"),
         (["--shapes", "sphere", "blob9"], "unknown shape"),
         (["--mesh", "/does/not/exist.stl"], "does not exist"),
     ],
@@ -79,3 +82,44 @@ def test_cli_unwritable_output(tmp_path, capsys):
     rc = cli_main(["generate", str(blocker / "out"), "--preset", "demo", "--quiet"])
     assert rc != 0
     assert "output folder" in capsys.readouterr().err
+
+
+def test_cli_requires_what_to_generate(tmp_path, capsys):
+    """No --preset/--shapes/--mesh: a one-line error naming them, and nothing is written."""
+    out = tmp_path / "out"
+    assert cli_main(["generate", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--preset" in err and "--shapes" in err and "--mesh" in err
+    assert not out.exists()
+
+
+def test_cli_num_objects_zero_names_the_option(tmp_path, capsys):
+    rc = cli_main(["generate", str(tmp_path / "o"), "--shapes", "sphere", "--num-objects", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--num-objects" in err and "got 0" in err
+    assert "give --shapes" not in err
+
+
+def test_cli_min_samples_per_view(tmp_path):
+    cfg = command.config_from_args(parse("o", "--shapes", "box", "--min-samples-per-view", "50"))
+    assert cfg.min_samples_per_view == 50
+    assert command.config_from_args(parse("o", "--shapes", "box")).min_samples_per_view == 100
+
+
+def test_cli_warns_about_empty_splits(tmp_path, capsys):
+    argv = ["generate", str(tmp_path / "o"), "--shapes", "asym", "torus", "--resolution", "8"]
+    argv += ["--divisions", "2", "--samples-per-view", "6", "--workers", "1", "--quiet"]
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: split 'val' is empty" in err and "warning: split 'test' is empty" in err
+    assert "2 object(s) cannot fill 3 splits" in err
+
+
+def test_cli_three_objects_no_warning(tmp_path, capsys):
+    argv = ["generate", str(tmp_path / "o"), "--shapes", "asym", "torus", "box"]
+    argv += ["--resolution", "8", "--divisions", "2", "--samples-per-view", "6", "--quiet"]
+    argv += ["--workers", "1", "--split", "0.9", "0.05", "0.05"]
+    assert cli_main(argv) == 0
+    assert "warning" not in capsys.readouterr().err

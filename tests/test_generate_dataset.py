@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from gpuloader.errors import GenerationError
 from gpuloader.format import layout
 from gpuloader.generate import PRESETS, GeneratorConfig, generate_dataset, octree
 from gpuloader.generate.tracer import trace
+from gpuloader.generate.writer import EmptySplitWarning
 
 SMALL = GeneratorConfig(
     shapes=["asym", "torus", "torus_rod", "box", "box_minus_sphere"],
@@ -116,7 +118,7 @@ def test_splits_bookkeeping_against_brute_force(small):
         for r in recs:
             usage.setdefault(r["hash"], {})[oid] = obj_split[oid]
             v = load(layout.subvolume_voxel_path(ds, r["level"], r["hash"]))["voxels"]
-            if not v.any() or v.all():
+            if not v.any():  # upstream's pipeline: trivial = all-empty (all-full is a sample)
                 trivial.add(r["hash"])
     assert doc["hash_object_usage"] == usage
     assert set(doc["trivial_hashes"]) == trivial
@@ -132,8 +134,11 @@ def test_splits_bookkeeping_against_brute_force(small):
     st = doc["statistics"]
     assert st["leaked_hashes"] == total
     assert st["leaked_hashes_per_split_pair"] == leaks
-    assert sum(st["objects_per_split"].values()) == len(obj_split)
-    assert doc["config"]["seed"] == 3
+    assert st["objects"]["total"] == len(obj_split)
+    assert sum(st["objects"][s] for s in ("train", "val", "test")) == len(obj_split)
+    assert doc["config"] == {"train_ratio": 0.7, "val_ratio": 0.15, "test_ratio": 0.15, "seed": 3}
+    assert st["trivial_hashes"] == {"count": len(trivial)}
+    assert st["unique_nontrivial_hashes"]["total"] == len(usage) - len(trivial)
 
 
 def ray_files(rd: Path) -> list[Path]:
@@ -197,7 +202,17 @@ def test_ray_file_keys_dtypes_geometry_and_distances(small):
             assert r["hits"].any()
 
 
+def _without_created_at(path: Path) -> bytes:
+    """File bytes, with dataset/metadata.json's ``created_at`` (the one time stamp) blanked."""
+    if path.name == "metadata.json" and path.parent.name == "dataset":
+        doc = json.loads(path.read_text())
+        assert isinstance(doc.pop("created_at"), str)
+        return json.dumps(doc).encode()
+    return path.read_bytes()
+
+
 def test_deterministic_bytes(small, tmp_path):
+    """Byte-identical whatever --workers, except ``created_at`` (a wall-clock time stamp)."""
     out, _ = small
     other = tmp_path / "again"
     generate_dataset(other, dataclasses.replace(SMALL, workers=2), progress=False)
@@ -205,7 +220,35 @@ def test_deterministic_bytes(small, tmp_path):
     b = sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
     assert a == b
     for rel in a:
-        assert (out / rel).read_bytes() == (other / rel).read_bytes(), rel
+        assert _without_created_at(out / rel) == _without_created_at(other / rel), rel
+
+
+def test_source_date_epoch_makes_every_byte_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    cfg = dataclasses.replace(SMALL, shapes=["asym", "torus"])
+    generate_dataset(tmp_path / "a", cfg, progress=False)
+    generate_dataset(tmp_path / "b", dataclasses.replace(cfg, workers=2), progress=False)
+    files = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    meta = layout.read_json(tmp_path / "a" / "dataset" / "metadata.json")
+    assert meta["created_at"] == "2023-11-14T22:13:20+00:00"
+
+
+def test_resume_keeps_created_at(tmp_path):
+    cfg = dataclasses.replace(SMALL, shapes=["asym"])
+    out = tmp_path / "out"
+    generate_dataset(out, cfg, progress=False)
+    meta_path = out / "dataset" / "metadata.json"
+    doc = layout.read_json(meta_path)
+    doc["created_at"] = "2001-02-03T04:05:06"  # as if made long ago
+    meta_path.write_text(json.dumps(doc))
+    generate_dataset(out, dataclasses.replace(cfg), progress=False)
+    assert layout.read_json(meta_path)["created_at"] == "2001-02-03T04:05:06"
+    generate_dataset(out, dataclasses.replace(cfg, overwrite=True), progress=False)
+    assert layout.read_json(meta_path)["created_at"] != "2001-02-03T04:05:06"
 
 
 def test_seed_changes_rays(tmp_path):
@@ -254,10 +297,14 @@ def test_unwritable_output_folder(tmp_path):
 
 
 def test_adaptive_halves_rays_per_level(tmp_path):
-    cfg = dataclasses.replace(SMALL, shapes=["torus"], samples_per_view=240, adaptive=True)
+    cfg = dataclasses.replace(
+        SMALL, shapes=["torus"], samples_per_view=240, adaptive=True, min_samples_per_view=30
+    )
     summary = generate_dataset(tmp_path, cfg, progress=False)
     ps = layout.read_json(Path(summary["ray_dir"]) / "processing_summary.json")
     assert ps["samples_per_view_per_level"] == {"0": 240, "1": 120, "2": 60}
+    assert ps["samples_per_level"] == {"0": 240, "1": 120, "2": 60}  # upstream's key
+    assert ps["min_samples"] == 30 and ps["adaptive_sampling"] is True
     for p in ray_files(Path(summary["ray_dir"])):
         level, _ = layout.parse_ray_filename(p)
         r = load(p)
@@ -277,6 +324,8 @@ def test_adaptive_halves_rays_per_level(tmp_path):
         ({"shapes": ["dodecahedron"]}, "unknown shape"),
         ({"meshes": ["/nonexistent/thing.stl"]}, "does not exist"),
         ({"shapes": [], "meshes": []}, "nothing to generate"),
+        ({"shapes": ["sphere"], "num_objects": 0}, "--num-objects must be >= 1"),
+        ({"min_samples_per_view": 2}, "--min-samples-per-view"),
     ],
 )
 def test_bad_config_raises(tmp_path, changes, match):
@@ -292,3 +341,46 @@ def test_presets():
     assert "asym" in demo.shapes and demo.resolution == 32 and demo.min_resolution == 8
     assert bench.num_shape_objects() == 12 and bench.resolution == 64
     assert bench.min_resolution == 4 and bench.divisions == 4 and bench.samples_per_view == 3000
+
+
+def test_adaptive_minimum_is_upstreams_100(tmp_path):
+    assert GeneratorConfig().min_samples_per_view == 100
+    cfg = dataclasses.replace(SMALL, shapes=["torus"], samples_per_view=240, adaptive=True)
+    summary = generate_dataset(tmp_path, cfg, progress=False)
+    ps = layout.read_json(Path(summary["ray_dir"]) / "processing_summary.json")
+    assert ps["samples_per_level"] == {"0": 240, "1": 120, "2": 100}
+    assert ps["min_samples"] == 100
+
+
+def test_non_adaptive_resume_ignores_min_samples(tmp_path):
+    """--min-samples-per-view changes nothing without --adaptive, so resume still matches."""
+    cfg = dataclasses.replace(SMALL, shapes=["asym"])
+    generate_dataset(tmp_path, cfg, progress=False)
+    again = generate_dataset(
+        tmp_path, dataclasses.replace(cfg, min_samples_per_view=7), progress=False
+    )
+    assert again["resumed"] and again["files_written"] == 0
+
+
+@pytest.mark.parametrize("n", [3, 4, 6])
+def test_three_or_more_objects_fill_every_split(tmp_path, n):
+    cfg = dataclasses.replace(
+        SMALL, shapes=["asym"], num_objects=n, resolution=8, split=(0.9, 0.05, 0.05)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no EmptySplitWarning
+        summary = generate_dataset(tmp_path, cfg, progress=False)
+    assert set(summary["object_splits"].values()) == {"train", "val", "test"}
+    assert summary["empty_splits"] == []
+
+
+def test_too_few_objects_warn_naming_the_empty_split(tmp_path):
+    cfg = dataclasses.replace(SMALL, shapes=["asym", "torus"], resolution=8)
+    with pytest.warns(EmptySplitWarning) as record:
+        summary = generate_dataset(tmp_path, cfg, progress=False)
+    empty = {"train", "val", "test"} - set(summary["object_splits"].values())
+    assert empty
+    messages = [str(w.message) for w in record]
+    for name in empty:
+        assert any(f"split {name!r} is empty" in m for m in messages), messages
+    assert summary["empty_splits"] == messages

@@ -133,12 +133,62 @@ def test_build_splits_counts_leaks():
         "c": ["0002"],
         "e": ["0000", "0002"],
     }
-    doc = splits.build_splits(object_splits, usage, {h: 1 for h in usage}, ["e"], {})
+    doc = splits.build_splits(
+        object_splits, usage, {h: 1 for h in usage}, ["e"], (0.5, 0.25, 0.25), seed=7
+    )
     st = doc["statistics"]
     assert st["leaked_hashes"] == 2  # "e" is trivial
     assert st["leaked_hashes_per_split_pair"] == {"train-val": 2, "train-test": 1, "val-test": 1}
     assert doc["hash_object_usage"]["a"] == {"0000": "train", "0001": "val"}
     assert doc["trivial_hashes"] == ["e"]
+    # upstream's keys and meaning
+    assert list(doc) == [
+        "config",
+        "object_splits",
+        "hash_object_usage",
+        "trivial_hashes",
+        "statistics",
+    ]
+    assert doc["config"] == {"train_ratio": 0.5, "val_ratio": 0.25, "test_ratio": 0.25, "seed": 7}
+    assert st["objects"] == {"train": 1, "val": 1, "test": 1, "total": 3}
+    assert st["unique_nontrivial_hashes"] == {
+        "total": 3,
+        "distribution": {
+            "only_train": 0,
+            "only_val": 0,
+            "only_test": 1,
+            "train_val": 1,
+            "train_test": 0,
+            "val_test": 0,
+            "all_splits": 1,
+            "trivial": 1,
+        },
+    }
+    assert st["trivial_hashes"] == {"count": 1}
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 7, 10])
+@pytest.mark.parametrize(
+    "ratios", [(0.7, 0.15, 0.15), (0.98, 0.01, 0.01), (0.01, 0.01, 0.98), (0.34, 0.33, 0.33)]
+)
+def test_every_split_gets_an_object_from_three_objects(n, ratios):
+    for seed in range(5):
+        got = splits.assign_splits([f"{i:04d}" for i in range(n)], ratios, seed)
+        assert set(got.values()) == {"train", "val", "test"}
+        assert splits.empty_split_warnings(got, ratios) == []
+
+
+def test_empty_split_warnings_name_the_split_and_the_reason():
+    two = splits.assign_splits(["0000", "0001"], (0.7, 0.15, 0.15), seed=0)
+    msgs = splits.empty_split_warnings(two, (0.7, 0.15, 0.15))
+    empty = {"train", "val", "test"} - set(two.values())
+    assert len(msgs) == len(empty) >= 1
+    for name, msg in zip(sorted(empty, key=splits.SPLITS.index), msgs, strict=True):
+        assert f"split {name!r} is empty" in msg
+        assert "2 object(s) cannot fill 3 splits" in msg
+    zero = splits.assign_splits(["0000", "0001", "0002"], (0.5, 0.5, 0.0), seed=0)
+    (msg,) = splits.empty_split_warnings(zero, (0.5, 0.5, 0.0))
+    assert "split 'test' is empty" in msg and "ratio is 0" in msg
 
 
 # ---------------------------------------------------------------- meshes

@@ -3,8 +3,11 @@
 ``generate_dataset(out_dir, config)`` writes ``out_dir/dataset`` (voxel side: objects,
 deduplicated sub-volumes, splits.json) and ``out_dir/ray_dataset_hierarchical`` (one ray file
 per object and per non-empty unique sub-volume), as described in shared/format.md.
-The output is a pure function of the config (no timestamps in any file), and a run into a
-folder that holds a run of the same config resumes it.
+The output is a pure function of the config except for one time stamp, ``created_at`` in
+``dataset/metadata.json`` (upstream writes it; it is kept across resumed runs and fixed by the
+``SOURCE_DATE_EPOCH`` environment variable), and a run into a folder that holds a run of the
+same config resumes it. The JSON files carry upstream's keys (see
+:mod:`gpuloader.generate.metadata`).
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ class GeneratorConfig:
 
     ``shapes`` are cycled to make ``num_objects`` objects (default: one per shape); the first
     use of a shape is its canonical form, repeats are jittered variants drawn from ``seed``.
-    Each of ``meshes`` (STL/OBJ/PLY paths) adds one object after them. ``workers`` (default
-    ``os.cpu_count()``) and ``overwrite`` do not change the output.
+    Each of ``meshes`` (STL/OBJ/PLY paths) adds one object after them. ``adaptive`` halves the
+    samples per view at each level, down to ``min_samples_per_view`` (upstream's
+    ``--min-samples``, default 100). ``workers`` (default ``os.cpu_count()``) and
+    ``overwrite`` do not change the output.
     """
 
     shapes: list[str] = field(default_factory=lambda: list(SHAPES))
@@ -41,6 +46,7 @@ class GeneratorConfig:
     divisions: int = 4
     samples_per_view: int = 3000
     adaptive: bool = False
+    min_samples_per_view: int = 100
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
     num_objects: int | None = None
@@ -70,6 +76,11 @@ class GeneratorConfig:
                 f"--samples-per-view must be >= 3 (split over the faces); "
                 f"got {self.samples_per_view}"
             )
+        if self.min_samples_per_view < 3:
+            raise GenerationError(
+                f"--min-samples-per-view must be >= 3 (split over the faces); "
+                f"got {self.min_samples_per_view}"
+            )
         ratios = tuple(float(r) for r in self.split)
         if len(ratios) != 3 or any(r < 0 or not math.isfinite(r) for r in ratios):
             raise GenerationError(
@@ -87,6 +98,11 @@ class GeneratorConfig:
                 raise GenerationError(
                     f"mesh file {m} does not exist; check the path given to --mesh"
                 )
+        if self.num_objects is not None and self.num_objects < 1 and self.shapes:
+            raise GenerationError(
+                f"--num-objects must be >= 1 (the number of objects made from --shapes); "
+                f"got {self.num_objects}"
+            )
         if self.num_objects is not None and self.num_objects < 0:
             raise GenerationError(f"--num-objects must be >= 0; got {self.num_objects}")
         if self.num_objects and not self.shapes:
@@ -102,10 +118,15 @@ class GeneratorConfig:
         return len(self.shapes) if self.num_objects is None else self.num_objects
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide the output (for resume checks), JSON-ready."""
+        """The fields that decide the output (for resume checks), JSON-ready.
+
+        The ``created_at`` time stamp is not part of it (a resumed run keeps the first one).
+        """
         out = dataclasses.asdict(self)
         for key in ("workers", "overwrite", "meshes"):
             out.pop(key)
+        if not self.adaptive:  # unused without adaptive sampling: older manifests still match
+            out.pop("min_samples_per_view")
         out["split"] = [float(r) for r in self.split]
         out["num_objects"] = self.num_shape_objects()
         out["meshes"] = [

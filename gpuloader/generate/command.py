@@ -1,16 +1,20 @@
 """Write a dataset in the upstream format from procedural shapes and/or mesh files.
 
-Writes OUT/dataset and OUT/ray_dataset_hierarchical. A preset gives defaults; explicit
-options override them. Re-running with the same config into the same OUT resumes it.
+Writes OUT/dataset and OUT/ray_dataset_hierarchical. Say what to generate with --preset,
+--shapes or --mesh (one of them is required); a preset gives defaults, explicit options
+override them. Re-running with the same config into the same OUT resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+import warnings
 
 from gpuloader.errors import GenerationError
 from gpuloader.generate import PRESETS, SHAPES, GeneratorConfig, generate_dataset
+from gpuloader.generate.writer import EmptySplitWarning
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="halve samples per view at each level",
     )
     parser.add_argument(
+        "--min-samples-per-view",
+        type=int,
+        help="fewest samples per view under --adaptive (100, as upstream)",
+    )
+    parser.add_argument(
         "--split",
         nargs=3,
         type=float,
@@ -46,7 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GeneratorConfig:
-    """Preset (or defaults) updated with every option given on the command line."""
+    """Preset (or defaults) updated with every option given on the command line.
+
+    Raises GenerationError when none of --preset, --shapes, --mesh is given (the defaults
+    alone would start a multi-gigabyte job).
+    """
+    if args.preset is None and not args.shapes and not args.mesh:
+        raise GenerationError(
+            "say what to generate: give --preset (demo: seconds, bench: about 2.8 GB), "
+            "--shapes SHAPE ... or --mesh FILE ..."
+        )
     if args.preset is not None:
         config = dataclasses.replace(PRESETS[args.preset])
     else:
@@ -61,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> GeneratorConfig:
         "divisions": args.divisions,
         "samples_per_view": args.samples_per_view,
         "adaptive": args.adaptive,
+        "min_samples_per_view": args.min_samples_per_view,
         "split": tuple(args.split) if args.split is not None else None,
         "seed": args.seed,
         "num_objects": args.num_objects,
@@ -77,7 +96,14 @@ def config_from_args(args: argparse.Namespace) -> GeneratorConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    summary = generate_dataset(args.out, config, progress=not args.quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EmptySplitWarning)
+        summary = generate_dataset(args.out, config, progress=not args.quiet)
+    for w in caught:
+        if issubclass(w.category, EmptySplitWarning):
+            print(f"gpuloader generate: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if summary["num_ray_files"] == 0:
         raise GenerationError(f"no ray files were written to {summary['ray_dir']}")
     state = "resumed" if summary["resumed"] else "generated"

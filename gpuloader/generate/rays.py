@@ -14,7 +14,9 @@ toward the camera (``direction = normalize(cam - point)``), so it crosses the vo
 uses 3 faces, or 2 where a camera coordinate is exactly 0 (with the default 4 x 4 views:
 44,000 rays per file at 3000 samples per view, as upstream's "about 48,000").
 
-Adaptive sampling: level L uses ``max(samples_per_view >> L, ADAPTIVE_MIN_SAMPLES)``.
+Adaptive sampling: level L uses ``max(samples_per_view >> L, min_samples)`` (upstream's rule;
+``min_samples`` defaults to upstream's 100), capped at ``samples_per_view`` so that a small
+``samples_per_view`` is never raised.
 Distances come from :func:`gpuloader.generate.tracer.trace` on the float32 origins and
 directions that are stored, so a re-trace of a file reproduces its distances; rays that
 surely miss the occupied voxels' bounding box are not traced (their distance is exactly 0
@@ -29,8 +31,8 @@ import numpy as np
 
 from gpuloader.generate.tracer import trace
 
-#: Fewest samples per view under adaptive sampling (10 points per used face).
-ADAPTIVE_MIN_SAMPLES = 30
+#: Fewest samples per view under adaptive sampling (upstream's ``--min-samples`` default).
+ADAPTIVE_MIN_SAMPLES = 100
 #: Outward normals of faces 0..5 in world (x, y, z).
 FACE_NORMALS = np.array(
     [[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], dtype=np.float64
@@ -38,11 +40,14 @@ FACE_NORMALS = np.array(
 SAMPLING_MODE = "sphere"
 
 
-def samples_for_level(samples_per_view: int, level: int, adaptive: bool) -> int:
-    """Samples per view at ``level``."""
+def samples_for_level(
+    samples_per_view: int, level: int, adaptive: bool, min_samples: int = ADAPTIVE_MIN_SAMPLES
+) -> int:
+    """Samples per view at ``level``: halved per level under ``adaptive``, not below
+    ``min(min_samples, samples_per_view)``."""
     if not adaptive:
         return samples_per_view
-    return max(samples_per_view >> level, min(ADAPTIVE_MIN_SAMPLES, samples_per_view))
+    return max(samples_per_view >> level, min(min_samples, samples_per_view))
 
 
 def view_positions(divisions: int, half_extent: float) -> np.ndarray:

@@ -1,8 +1,11 @@
 """Write the two roots of the format (shared/format.md) for a GeneratorConfig.
 
 Order of work: check the output folder (resume or refuse), build every object grid, cut the
-octrees, write the voxel side (object folders, unique sub-volumes, splits.json, metadata),
-then trace ray files in parallel over files, then write processing_summary.json.
+octrees, write the voxel side (object folders, unique sub-volumes, splits.json, registry.json,
+metadata.json), then trace ray files in parallel over files, then write
+processing_summary.json. The JSON files carry upstream's keys
+(:mod:`gpuloader.generate.metadata`). A split left without objects is reported with an
+:class:`EmptySplitWarning` and in the summary's ``empty_splits``.
 
 Resume: ``OUT/generation_config.json`` holds the config identity. A run into a folder whose
 identity matches skips every .npz file that exists (all writes go through a temporary file
@@ -19,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from tqdm import tqdm
 
 from gpuloader.errors import GenerationError
 from gpuloader.format import layout
-from gpuloader.generate import octree, rays, shapes, splits
+from gpuloader.generate import metadata, octree, rays, shapes, splits
 
 if TYPE_CHECKING:
     from gpuloader.generate import GeneratorConfig
@@ -148,18 +152,27 @@ def build_objects(config: GeneratorConfig, progress: bool) -> list[SourceObject]
         use_rng = rng if (variant or name in shapes.RANDOM_SHAPES) else None
         grid = shapes.make_shape(name, n, use_rng)
         occ = int(grid.sum())
+        source = f"shape:{name}"
         meta = {
-            "source_file": f"shape:{name}",
-            "shape": name,
-            "variant": variant,
+            "source_file": source,
             "voxel_pitch": 2.0 / n,  # shapes live in [-1, 1]^3
+            **metadata.shape_bbox(grid),
             "num_occupied_voxels": occ,
             "occupancy_ratio": occ / grid.size,
+            "source_hash": metadata.source_hash(source, grid),
+            "shape": name,
+            "variant": variant,
         }
         objs.append(SourceObject(layout.object_name(i), grid, meta))
     for j, path in enumerate(config.meshes):
-        grid, meta = voxelize_file(path, n)
-        meta = {"source_file": str(Path(path).resolve()), "shape": None, **meta}
+        grid, vmeta = voxelize_file(path, n)
+        source = str(Path(path).resolve())
+        meta = {
+            "source_file": source,
+            **vmeta,
+            "source_hash": metadata.source_hash(source),
+            "shape": None,
+        }
         objs.append(SourceObject(layout.object_name(count + j), grid, meta))
     for o in objs:
         if not o.grid.any():
@@ -204,6 +217,28 @@ def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[tuple]:
 
 # ---------------------------------------------------------------- main
 
+#: The face rule :func:`gpuloader.generate.rays.faces_for_view` applies, in words.
+FACE_RULE = (
+    "a face of the grid's box is used for a view when dot(outward normal, camera position) < 0 "
+    "(its normal points away from the camera; the grid is centred on the origin), as "
+    "upstream's dot(normal, -camera / |camera|) > 0; each used face gets "
+    "samples_per_view // 3 uniform points, and each ray runs from its point toward the camera"
+)
+
+
+class EmptySplitWarning(UserWarning):
+    """A split (train, val or test) received no object."""
+
+
+def _previous_created_at(path: Path) -> str | None:
+    """``created_at`` of an earlier run's dataset/metadata.json, if readable."""
+    try:
+        doc = layout.read_json(path)
+    except (OSError, ValueError):
+        return None
+    value = doc.get("created_at") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
+
 
 def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> dict[str, Any]:
     """Write both roots under ``out``; see the module doc. Returns a summary dict."""
@@ -214,12 +249,12 @@ def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> 
     ds, rd = out / DATASET_DIR, out / RAY_DIR
     n_levels = octree.num_levels(config.resolution, config.min_resolution)
 
-    # Octrees and the registry of unique sub-volumes.
+    # Octrees and the registry of unique sub-volumes (levels >= 1, first-seen order).
     unique: dict[tuple[int, str], np.ndarray] = {}
+    entries: dict[str, dict[str, Any]] = {}
     usage: dict[str, set[str]] = defaultdict(set)
     hash_level: dict[str, int] = {}
     total_per_level: dict[int, int] = defaultdict(int)
-    empty_per_level: dict[int, int] = defaultdict(int)
     written = skipped = 0
 
     def save_new(path: Path, **arrays: Any) -> None:
@@ -233,10 +268,21 @@ def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> 
     for obj in tqdm(objs, desc="objects", disable=not progress):
         sub = octree.subdivide(obj.grid, obj.object_id, config.min_resolution)
         for rec in sub.records:
-            usage[rec["hash"]].add(obj.object_id)
-            hash_level[rec["hash"]] = rec["level"]
+            h = rec["hash"]
+            usage[h].add(obj.object_id)
+            hash_level[h] = rec["level"]
             total_per_level[rec["level"]] += 1
-            empty_per_level[rec["level"]] += rec["is_empty"]
+            if h in entries:
+                entries[h]["count"] += 1
+            else:
+                path = layout.subvolume_voxel_path(ds, rec["level"], h)
+                entries[h] = {
+                    "level": rec["level"],
+                    "count": 1,
+                    "path": path.relative_to(ds).as_posix(),
+                    "is_empty": rec["is_empty"],
+                    "resolution": config.resolution >> rec["level"],
+                }
         for key, grid in sub.grids.items():
             if key not in unique:
                 unique[key] = grid
@@ -256,106 +302,106 @@ def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> 
             },
         )
 
-    trivial = sorted(h for (_, h), g in unique.items() if octree.is_trivial(g))
+    # As upstream's pipeline: trivial = all-empty (an all-full grid is an ordinary sample).
+    trivial = sorted(h for (_, h), g in unique.items() if not g.any())
     object_splits = splits.assign_splits([o.object_id for o in objs], config.split, config.seed)
     split_doc = splits.build_splits(
-        object_splits,
-        usage,
-        hash_level,
-        trivial,
-        {"ratios": list(identity["split"]), "seed": config.seed},
+        object_splits, usage, hash_level, trivial, identity["split"], config.seed
     )
     layout.atomic_write_json(ds / "splits.json", split_doc)
-
+    registry_doc = metadata.registry(entries, total_per_level)
+    layout.atomic_write_json(ds / "registry.json", registry_doc)
+    previous = _previous_created_at(ds / "metadata.json") if resumed else None
+    layout.atomic_write_json(
+        ds / "metadata.json",
+        metadata.dataset_metadata(
+            registry_doc,
+            base_resolution=config.resolution,
+            min_resolution=config.min_resolution,
+            object_ids=[o.object_id for o in objs],
+            seed=config.seed,
+            created=metadata.created_at(previous),
+        ),
+    )
     unique_per_level: dict[int, int] = defaultdict(int)
     for level, _ in unique:
         unique_per_level[level] += 1
-    dedup = {
-        str(level): {
-            "total_subvolumes": total_per_level[level],
-            "unique_subvolumes": unique_per_level[level],
-            "empty_subvolumes": empty_per_level[level],
-            "deduplication_ratio": 1.0 - unique_per_level[level] / total_per_level[level],
-        }
-        for level in sorted(total_per_level)
-    }
-    total_sub = sum(total_per_level.values())
-    layout.atomic_write_json(
-        ds / "metadata.json",
-        {
-            "dataset_name": "gpuloader_generated",
-            "version": "1.0",
-            "generator": "gpuloader",
-            "base_resolution": config.resolution,
-            "min_resolution": config.min_resolution,
-            "num_levels": n_levels,
-            "level_resolutions": [config.resolution >> i for i in range(n_levels)],
-            "num_objects": len(objs),
-            "object_ids": [o.object_id for o in objs],
-            "compression_enabled": True,
-            "seed": config.seed,
-            "deduplication_stats": dedup,
-            "overall_stats": {
-                "total_subvolumes": total_sub,
-                "unique_subvolumes": len(unique),
-                "deduplication_ratio": 1.0 - len(unique) / total_sub if total_sub else 0.0,
-            },
-        },
-    )
 
     # Ray files: one per object (level 0) and per non-empty unique sub-volume.
     def spv(level: int) -> int:
-        return rays.samples_for_level(config.samples_per_view, level, config.adaptive)
+        return rays.samples_for_level(
+            config.samples_per_view, level, config.adaptive, config.min_samples_per_view
+        )
 
     base = (config.seed, config.divisions)
     jobs = [
         (0, o.object_id, o.grid, str(layout.ray_path(rd, 0, o.object_id)), *base, spv(0))
         for o in objs
     ]
+    n_empty = 0
     for (level, h), grid in sorted(unique.items()):
         if grid.any():
             jobs.append((level, h, grid, str(layout.ray_path(rd, level, h)), *base, spv(level)))
+        else:
+            n_empty += 1
     results = sorted(_run_jobs(jobs, config.resolved_workers(), progress))
 
     levels = list(range(n_levels))
     files = {lv: 0 for lv in levels}
     n_rays = {lv: 0 for lv in levels}
     n_hits = {lv: 0 for lv in levels}
+    rays_found = 0
     for level, _key, nr, nh, was_skipped in results:
         files[level] += 1
         n_rays[level] += nr
         n_hits[level] += nh
-        skipped += was_skipped
-        written += not was_skipped
+        rays_found += was_skipped
+    skipped += rays_found
+    written += len(results) - rays_found
     total_rays, total_hits = sum(n_rays.values()), sum(n_hits.values())
     layout.atomic_write_json(
         rd / "processing_summary.json",
-        {
-            "generator": "gpuloader",
-            "dataset_dir": f"../{DATASET_DIR}",
-            "sampling_mode": rays.SAMPLING_MODE,
-            "sphere_divisions": config.divisions,
-            "num_views": config.divisions**2,
-            "samples_per_view": config.samples_per_view,
-            "adaptive_sampling": config.adaptive,
-            "adaptive_min_samples": rays.ADAPTIVE_MIN_SAMPLES,
-            "samples_per_view_per_level": {str(lv): spv(lv) for lv in levels},
-            "camera_radius": "2 x half the largest extent of each grid",
-            "face_rule": "faces with dot(normal, camera - face_centre) < 0",
-            "skip_empty": True,
-            "voxel_size": 1.0,
-            "seed": config.seed,
-            "num_objects": len(objs),
-            "levels": levels,
-            "num_ray_files": len(results),
-            "ray_files_per_level": {str(lv): files[lv] for lv in levels},
-            "rays_per_level": {str(lv): n_rays[lv] for lv in levels},
-            "hits_per_level": {str(lv): n_hits[lv] for lv in levels},
-            "total_rays": total_rays,
-            "total_hits": total_hits,
-            "hit_rate": total_hits / total_rays if total_rays else 0.0,
-        },
+        metadata.processing_summary(
+            dataset_dir=DATASET_DIR,
+            output_dir=RAY_DIR,
+            divisions=config.divisions,
+            samples_per_view=config.samples_per_view,
+            adaptive=config.adaptive,
+            min_samples=config.min_samples_per_view,
+            samples_per_level={lv: spv(lv) for lv in levels},
+            total_subvolumes=len(objs) + len(unique),
+            processed=len(results),
+            skipped_already_exists=rays_found,
+            skipped_empty=n_empty,
+            errors=0,
+            min_level=0,
+            max_level=None,
+            extras={
+                "generator": "gpuloader",
+                "paths_relative_to": "the folder that holds dataset/ and this folder",
+                "sampling_mode": rays.SAMPLING_MODE,
+                "num_views": config.divisions**2,
+                "samples_per_view_per_level": {str(lv): spv(lv) for lv in levels},
+                "camera_radius": "2 x half the largest extent of each grid",
+                "face_rule": FACE_RULE,
+                "skip_empty": True,
+                "voxel_size": 1.0,
+                "seed": config.seed,
+                "num_objects": len(objs),
+                "levels": levels,
+                "num_ray_files": len(results),
+                "ray_files_per_level": {str(lv): files[lv] for lv in levels},
+                "rays_per_level": {str(lv): n_rays[lv] for lv in levels},
+                "hits_per_level": {str(lv): n_hits[lv] for lv in levels},
+                "total_rays": total_rays,
+                "total_hits": total_hits,
+                "hit_rate": total_hits / total_rays if total_rays else 0.0,
+            },
+        ),
     )
+    empty_splits = splits.empty_split_warnings(object_splits, identity["split"])
+    for message in empty_splits:
+        warnings.warn(message, EmptySplitWarning, stacklevel=3)
     return {
         "out_dir": str(out),
         "dataset_dir": str(ds),
@@ -368,6 +414,7 @@ def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> 
         "total_rays": total_rays,
         "total_hits": total_hits,
         "leaked_hashes": split_doc["statistics"]["leaked_hashes"],
+        "empty_splits": empty_splits,
         "resumed": resumed,
         "files_written": written,
         "files_skipped": skipped,
