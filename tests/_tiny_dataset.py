@@ -4,8 +4,11 @@ Five 16^3 objects built from 8^3 blocks, so level-1 sub-volumes are shared on pu
 
 * block ``A`` is used by train objects and by val object ``0002`` (a train/val leak),
 * block ``D`` is used by train and by test object ``0003`` (a train/test leak),
-* ``G`` is val-only, ``H`` is used by val ``0004`` and test ``0003``, ``E`` (empty) and
-  ``F`` (full) are trivial.
+* ``G`` is val-only, ``H`` is used by val ``0004`` and test ``0003``, ``E`` (empty) is
+  trivial; ``F`` (full) is an ordinary sample (upstream's pipeline lists only all-empty
+  grids in ``trivial_hashes``).
+
+The JSON files carry every key upstream's generator writes (``gpuloader verify`` checks them).
 
 Levels 0 and 1 by default (``max_level=2`` adds the 4^3 level). Rays follow the upstream
 recipe (views on a sphere, back faces sampled, rays toward the camera) and their distances
@@ -21,6 +24,8 @@ import numpy as np
 import pytest
 
 from gpuloader.format import layout
+from gpuloader.generate import metadata
+from gpuloader.generate.splits import build_splits
 from gpuloader.generate.tracer import trace
 
 BASE = 16
@@ -122,6 +127,8 @@ def write_tiny_dataset(root: Path, max_level: int = 1) -> tuple[Path, Path]:
     usage: dict[str, dict[str, str]] = {}
     unique: dict[tuple[int, str], np.ndarray] = {}
     trivial: set[str] = set()
+    counts: dict[str, int] = {}
+    total_per_level: dict[int, int] = {}
     object_splits = {oid: split for oid, (split, _) in OBJECTS.items()}
 
     for n_obj, (oid, (split, spec)) in enumerate(OBJECTS.items()):
@@ -129,9 +136,21 @@ def write_tiny_dataset(root: Path, max_level: int = 1) -> tuple[Path, Path]:
         odir = layout.object_dir(ds, oid)
         odir.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(layout.level0_voxel_path(ds, oid), voxels=grid)
+        occupied = int(grid.sum())
         layout.atomic_write_json(
             odir / "metadata.json",
-            {"object_id": oid, "source": "tiny", "resolution": BASE, "occupancy": grid.mean()},
+            {
+                "object_id": oid,
+                "source_file": f"tiny:{oid}",
+                "voxel_pitch": 1.0,
+                "original_bbox_min": [-BASE / 2] * 3,
+                "original_bbox_max": [BASE / 2] * 3,
+                "original_bbox_extents": [float(BASE)] * 3,
+                "num_occupied_voxels": occupied,
+                "occupancy_ratio": occupied / grid.size,
+                "source_hash": hashlib.sha256(f"tiny:{oid}".encode()).hexdigest(),
+                "resolution": BASE,
+            },
         )
         records = []
         parents = [(grid, (0, 0, 0))]
@@ -162,7 +181,9 @@ def write_tiny_dataset(root: Path, max_level: int = 1) -> tuple[Path, Path]:
                             )
                             usage.setdefault(hh, {})[oid] = split
                             unique.setdefault((level, hh), sub.copy())
-                            if not sub.any() or sub.all():
+                            counts[hh] = counts.get(hh, 0) + 1
+                            total_per_level[level] = total_per_level.get(level, 0) + 1
+                            if not sub.any():
                                 trivial.add(hh)
                             children.append((sub, (gpos[0] + i, gpos[1] + j, gpos[2] + k)))
                             octant += 1
@@ -176,28 +197,53 @@ def write_tiny_dataset(root: Path, max_level: int = 1) -> tuple[Path, Path]:
         np.savez_compressed(path, voxels=sub)
         _write_rays(rays, level, hh, sub, seed=100 + n)
 
-    layout.atomic_write_json(
-        ds / "metadata.json",
+    registry = metadata.registry(
         {
-            "base_resolution": BASE,
-            "min_resolution": BASE >> max_level,
-            "num_levels": max_level + 1,
-            "num_objects": len(OBJECTS),
+            hh: {
+                "level": level,
+                "count": counts[hh],
+                "path": layout.subvolume_voxel_path(ds, level, hh).relative_to(ds).as_posix(),
+                "is_empty": not sub.any(),
+                "resolution": sub.shape[0],
+            }
+            for (level, hh), sub in sorted(unique.items())
         },
+        total_per_level,
     )
+    layout.atomic_write_json(ds / "registry.json", registry)
+    meta = metadata.dataset_metadata(
+        registry,
+        base_resolution=BASE,
+        min_resolution=BASE >> max_level,
+        object_ids=list(OBJECTS),
+        seed=0,
+        created="2024-01-01T00:00:00",
+    )
+    layout.atomic_write_json(ds / "metadata.json", meta)
+    levels_of = {hh: level for level, hh in unique}
     layout.atomic_write_json(
         ds / "splits.json",
-        {
-            "object_splits": object_splits,
-            "hash_object_usage": usage,
-            "trivial_hashes": sorted(trivial),
-            "config": {"train_ratio": 0.4, "val_ratio": 0.4, "test_ratio": 0.2, "seed": 0},
-            "statistics": {"num_objects": len(OBJECTS)},
-        },
+        build_splits(object_splits, usage, levels_of, trivial, (0.4, 0.4, 0.2), seed=0),
     )
     layout.atomic_write_json(
         rays / "processing_summary.json",
-        {"divisions": DIVISIONS, "samples_per_view": SAMPLES_PER_VIEW, "sampling_mode": "uniform"},
+        {
+            "dataset_dir": "dataset",
+            "output_dir": "ray_dataset_hierarchical",
+            "sphere_divisions": DIVISIONS,
+            "samples_per_view": SAMPLES_PER_VIEW,
+            "adaptive_sampling": False,
+            "min_samples": None,
+            "samples_per_level": None,
+            "total_subvolumes": len(OBJECTS) + len(unique),
+            "processed": len(OBJECTS) + len(unique),
+            "skipped_already_exists": 0,
+            "skipped_empty": 0,
+            "errors": 0,
+            "min_level": 0,
+            "max_level": None,
+            "sampling_mode": "uniform",
+        },
     )
     return ds, rays
 

@@ -267,3 +267,44 @@ def test_bad_arguments(tiny_dataset):
         build_index(ds, rays, "training")
     with pytest.raises(ValueError, match="isolation"):
         build_index(ds, rays, "val", isolation="paranoid")
+
+
+def _full_hash(ds: Path) -> str:
+    """Hash of the tiny dataset's all-full level-1 block ``F``."""
+    for p in sorted((ds / "subvolumes" / "level_1").glob("*/*.npz")):
+        with np.load(p) as z:
+            if z["voxels"].all():
+                return p.stem
+    raise AssertionError("the tiny dataset has no all-full block")
+
+
+def test_trivial_hashes_hold_only_empty_grids(tiny_dataset):
+    """As upstream's pipeline: the all-empty block is trivial, the all-full one is not."""
+    ds, rays = tiny_dataset
+    sp = _splits(ds)
+    full = _full_hash(ds)
+    assert full not in sp["trivial_hashes"]
+    (empty,) = sp["trivial_hashes"]
+    for split in ("train", "val", "test"):
+        by_hash = {s["hash"]: s for s in build_index(ds, rays, split, include_empty=True)}
+        assert by_hash[empty]["is_trivial"] and by_hash[empty]["is_empty"]
+        want = split in sp["hash_object_usage"][full].values()
+        assert (full in by_hash) == want
+        if want:
+            assert not by_hash[full]["is_trivial"]
+
+
+def test_listed_all_full_hash_is_an_ordinary_sample(tiny_copy):
+    """A dataset that lists an all-full grid as trivial (older gpuloader output): the grid is
+    still a sample of its users' splits only, and strict isolation treats it as shared."""
+    ds, rays = tiny_copy
+    full = _full_hash(ds)
+    sp = _splits(ds)
+    users = {o: s for o, s in sp["hash_object_usage"][full].items() if s == "train"}
+    sp["hash_object_usage"][full] = users  # used by train objects only
+    sp["trivial_hashes"] = sorted([*sp["trivial_hashes"], full])
+    (ds / "splits.json").write_text(json.dumps(sp))
+    train = {s["hash"]: s for s in build_index(ds, rays, "train")}
+    assert full in train and not train[full]["is_trivial"]
+    for split in ("val", "test"):
+        assert full not in {s["hash"] for s in build_index(ds, rays, split)}

@@ -16,12 +16,15 @@ plain ``dict``::
     voxel_path: Path      its voxel file
     num_rays: int         rows in the ray file (read from the npz member header only)
     is_empty: bool        all-zero voxels (so no ray hits)
-    is_trivial: bool      listed in ``trivial_hashes`` (all-empty or all-full)
+    is_trivial: bool      listed in ``trivial_hashes`` and all-empty (see below)
 
 Split membership follows the format: a sub-volume belongs to a split when it is trivial or
-when any object using it is in that split. ``isolation='strict'`` additionally drops from
-val/test every non-trivial sub-volume that a train object also uses, so nothing a model
-trained on can reappear in evaluation.
+when any object using it is in that split. Trivial means all-empty, as upstream's pipeline
+writes ``trivial_hashes``: a listed hash that is not the all-empty grid of its level (an
+all-full grid, as older gpuloader versions and upstream's splitter definition also list) is
+an ordinary sample, in the splits of the objects that use it. ``isolation='strict'``
+additionally drops from val/test every non-trivial sub-volume that a train object also uses,
+so nothing a model trained on can reappear in evaluation.
 
 Filters run in this order: split (and isolation), levels, empty. When nothing survives,
 :class:`~gpuloader.errors.NoSamplesError` says how many samples each filter left.
@@ -248,6 +251,25 @@ def _no_samples_message(
     return "no samples found for split: " + "; ".join(steps) + f". To fix: {fix}"
 
 
+def _level_zero_hashes(
+    dataset_dir: Path, ray_files: Sequence[tuple[int, str, Path]]
+) -> dict[int, str]:
+    """``{level: hash of the all-empty grid of that level}`` for every level >= 1 with rays.
+
+    The side of a level comes from the header of one voxel file of that level (levels whose
+    voxel files are all missing are left out; the filters report the missing file).
+    """
+    out: dict[int, str] = {}
+    for level, hash_, _ in ray_files:
+        if level == 0 or level in out:
+            continue
+        vpath = layout.voxel_path(dataset_dir, level, hash_)
+        if vpath.is_file():
+            shape, _ = npz_member_header(vpath, "voxels")
+            out[level] = _zero_hash(shape[0] if shape else 0)
+    return out
+
+
 def build_index(
     dataset_dir: Path,
     ray_dataset_dir: Path,
@@ -288,6 +310,9 @@ def build_index(
             f"{ray_dataset_dir}: no *_rays.npz files under level_<L>/<hh>/; generate the rays "
             "(gpuloader generate) or point ray_dataset_dir at the ray dataset root"
         )
+    # Trivial = all-empty (upstream's pipeline); other listed hashes are ordinary samples.
+    zero_hashes = _level_zero_hashes(dataset_dir, ray_files)
+    trivial &= set(zero_hashes.values())
 
     # Hashes that splits.json does not describe: fall back to the subdivision maps.
     map_empty: set[str] = set()
@@ -326,7 +351,6 @@ def build_index(
 
     # Filter 3: empty sub-volumes (hash equals the all-zero grid's hash at that level's side).
     side_of_level: dict[int, int] = {}
-    zero_hashes: dict[int, str] = {}
     kept: list[dict[str, Any]] = []
     for level, hash_, path in in_levels:
         vpath = layout.voxel_path(dataset_dir, level, hash_)
