@@ -116,7 +116,9 @@ def full_loader(data_dirs):
     if not dali_available():
         pytest.skip("NVIDIA DALI is not installed")
     ds = make_dataset(data_dirs, full_transform())
-    loader = GPURayLoader(ds, RAYS, SPB, num_workers=2, prefetch=2, device="cpu", backend="dali")
+    loader = GPURayLoader(
+        ds, RAYS, SPB, num_workers=2, prefetch=2, device="cpu", backend="dali", store="stream"
+    )
     yield loader
     loader.close()
 
@@ -233,9 +235,11 @@ def test_damaged_file_is_named(data_dirs, tmp_path):
     ds = HierarchicalVoxelRayDataset(root / "dataset", root / "rays", split="train")
     victim = Path(ds.samples[0]["ray_path"])
     victim.write_bytes(b"not a zip file")
-    with GPURayLoader(ds, 64, 4, shuffle=False, backend="torch", num_workers=0) as ld:
+    for store in ("stream", "host"):  # named when read, or when the store is sized
         with pytest.raises(DamagedFileError, match=victim.name):
-            list(ld)
+            with GPURayLoader(ds, 64, 4, shuffle=False, backend="torch", num_workers=0,
+                              store=store) as ld:  # fmt: skip
+                list(ld)
 
 
 # -- shutdown ----------------------------------------------------------------------------------
@@ -263,7 +267,7 @@ def _child_pids() -> list[int]:
 def test_torch_backend_del_leaves_no_workers(data_dirs):
     before = set(_child_pids())  # e.g. the DALI workers of the module's loaders
     ds = make_dataset(data_dirs)
-    ld = GPURayLoader(ds, 64, 2, backend="torch", num_workers=2, device="cpu")
+    ld = GPURayLoader(ds, 64, 2, backend="torch", num_workers=2, device="cpu", store="stream")
     it = iter(ld)
     next(it)
     assert set(_child_pids()) - before
@@ -301,7 +305,7 @@ def test_closed_dali_loader_leaks_no_shared_memory(data_dirs):
     ds = make_dataset(data_dirs)
     before = _shared_mappings()
     shm_before = set(os.listdir("/dev/shm"))
-    ld = GPURayLoader(ds, 64, 2, num_workers=2, device="cpu", backend="dali")
+    ld = GPURayLoader(ds, 64, 2, num_workers=2, device="cpu", backend="dali", store="stream")
     it = iter(ld)
     next(it)
     assert len(_shared_mappings()) > len(before)  # the workers' buffers are mapped
