@@ -307,3 +307,58 @@ def test_cli_through_gpuloader_main(generated, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["verify", str(ds), str(rays), "--fraction", "2"])
     capsys.readouterr()
+
+
+def _drop(path: Path, *keys: str) -> None:
+    """Remove a (dotted) key from a JSON file."""
+    doc = json.loads(path.read_text())
+    for key in keys:
+        node = doc
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        del node[last]
+    path.write_text(json.dumps(doc))
+
+
+def test_missing_upstream_metadata_keys_are_named(copy):
+    """Every JSON file must hold the keys upstream's generator writes; each gap is named."""
+    ds, rays = copy
+    obj_meta = ds / "objects" / "object_0001" / "metadata.json"
+    _drop(ds / "metadata.json", "created_at")
+    _drop(ds / "splits.json", "config.seed", "statistics.trivial_hashes")
+    _drop(obj_meta, "source_hash")
+    _drop(rays / "processing_summary.json", "skipped_empty")
+    registry = json.loads((ds / "registry.json").read_text())
+    first = next(iter(registry["registry"]))
+    del registry["registry"][first]["count"]
+    (ds / "registry.json").write_text(json.dumps(registry))
+    report = _check(ds, rays, fraction=0.0)
+    found = {p.file: p.message for p in report.problems if "missing key(s)" in p.message}
+    assert all(p.kind == verify.FORMAT for p in report.problems if "missing key(s)" in p.message)
+    assert "created_at" in found[str(ds / "metadata.json")]
+    assert "config.seed" in found[str(ds / "splits.json")]
+    assert "statistics.trivial_hashes" in found[str(ds / "splits.json")]
+    assert "source_hash" in found[str(obj_meta)]
+    assert "skipped_empty" in found[str(rays / "processing_summary.json")]
+    assert f"registry.{first}.count" in found[str(ds / "registry.json")]
+    assert len(found) == 5 and not report.ok
+
+
+def test_missing_registry_json_is_named(copy):
+    ds, rays = copy
+    (ds / "registry.json").unlink()
+    report = _check(ds, rays, fraction=0.0)
+    assert _files(report, verify.MISSING) == {str(ds / "registry.json")}
+
+
+def test_missing_keys_unit():
+    from gpuloader.generate.metadata import missing_keys
+
+    assert missing_keys("splits.json", []) == ["(the file is not a JSON object)"]
+    bad = {str(lv): {"level": lv} for lv in range(1, 6)}
+    doc = {"deduplication_stats": bad}
+    got = missing_keys("metadata.json", doc)
+    assert "created_at" in got and "deduplication_stats.1.unique" in got
+    assert "deduplication_stats.4.unique" not in got  # at most 3 faulty entries named ...
+    assert any("5 entries of deduplication_stats.* lack keys" in g for g in got)  # ... counted

@@ -4,9 +4,11 @@ Reads both roots of the on-disk format (dataset/ and ray_dataset_hierarchical/) 
 every problem it finds, each naming its file: missing or unreadable files; wrong keys, shapes,
 dtypes or values in voxel and ray files; sub-volume hashes that do not match their contents;
 ray files without a voxel file and non-empty sub-volumes without a ray file; splits.json
-bookkeeping that disagrees with the subdivision maps; and stored ray distances that the exact
-tracer does not reproduce, on a random fraction of the rays of every ray file. It never stops
-at the first bad file. Exit status: 0 when clean, 1 when any problem was found.
+bookkeeping that disagrees with the subdivision maps; JSON files (metadata, splits, registry,
+processing summary, object metadata) that lack keys upstream's generator writes; and stored
+ray distances that the exact tracer does not reproduce, on a random fraction of the rays of
+every ray file. It never stops at the first bad file. Exit status: 0 when clean, 1 when any
+problem was found.
 """
 
 from __future__ import annotations
@@ -579,7 +581,7 @@ def _check_sample(job: dict[str, Any]) -> _Result:
         if grid is not None:
             empty = not grid.any()
             res.payload["empty"] = empty
-            res.payload["trivial"] = empty or bool(grid.all())
+            res.payload["trivial"] = empty  # upstream's pipeline lists all-empty grids only
     if job["ray"] is None:
         known_empty = res.payload["empty"] if grid is not None else job["map_empty"]
         if level == 0 or known_empty is False:
@@ -771,20 +773,67 @@ def _check_splits(
         not_listed = [h for h, t in trivial.items() if t and h not in listed_set]
         if not_listed:
             add(
-                f"trivial_hashes lacks {len(not_listed)} all-empty/all-full hash(es): "
+                f"trivial_hashes lacks {len(not_listed)} all-empty hash(es): "
                 f"{_examples(not_listed)}"
             )
         wrongly = [h for h in listed_set if trivial.get(h) is False]
         if wrongly:
             add(
-                f"trivial_hashes lists {len(wrongly)} hash(es) that are neither all-empty nor "
-                f"all-full: {_examples(wrongly)}"
+                f"trivial_hashes lists {len(wrongly)} hash(es) that are not all-empty (upstream "
+                f"lists only all-empty grids; all-full ones are ordinary samples): "
+                f"{_examples(wrongly)}"
             )
         unknown = [h for h in listed_set if h not in used and h not in trivial]
         if unknown:
             add(f"trivial_hashes lists {len(unknown)} unknown hash(es): {_examples(unknown)}")
     elif "trivial_hashes" in splits:
         add("trivial_hashes must be a JSON list of hashes", FORMAT)
+
+
+def _check_metadata_keys(
+    report: VerifyReport,
+    ds: Path,
+    rays_root: Path,
+    meta: Any,
+    splits: Any,
+    summary: Any,
+    registry: Any,
+) -> None:
+    """Every JSON file holds the keys upstream's generator writes; name the missing ones.
+
+    ``meta``, ``splits``, ``summary``, ``registry``: the parsed dataset metadata.json,
+    splits.json, processing_summary.json, registry.json (None: missing or unreadable, already
+    reported). Object metadata.json files are read here.
+    """
+    from gpuloader.generate.metadata import missing_keys
+
+    def check(file: str, path: Path, doc: Any) -> None:
+        if doc is None:
+            return
+        lacking = missing_keys(file, doc)
+        if lacking:
+            report.problems.append(
+                Problem(
+                    str(path),
+                    f"missing key(s) that upstream's generator writes: {', '.join(lacking)}; "
+                    "regenerate the dataset (gpuloader generate) so upstream tools can read it",
+                    FORMAT,
+                )
+            )
+
+    check("metadata.json", ds / "metadata.json", meta)
+    check("splits.json", ds / "splits.json", splits)
+    check("registry.json", ds / "registry.json", registry)
+    check("processing_summary.json", rays_root / "processing_summary.json", summary)
+    objects_root = ds / "objects"
+    if objects_root.is_dir():
+        for odir in sorted(objects_root.glob("object_*/")):
+            path = odir / "metadata.json"
+            try:
+                doc = layout.read_json(path)
+            except Exception:
+                continue  # missing or unreadable: reported by the object check
+            check("object metadata.json", path, doc)
 
 
 def verify_dataset(
@@ -817,7 +866,9 @@ def verify_dataset(
 
     meta = _read_json(report, ds / "metadata.json", "dataset metadata.json")
     splits = _read_json(report, ds / "splits.json", "splits.json")
-    _read_json(report, rays_root / "processing_summary.json", "processing_summary.json")
+    summary = _read_json(report, rays_root / "processing_summary.json", "processing_summary.json")
+    registry = _read_json(report, ds / "registry.json", "registry.json")
+    _check_metadata_keys(report, ds, rays_root, meta, splits, summary, registry)
     base = meta.get("base_resolution") if isinstance(meta, dict) else None
     if not isinstance(base, int) or isinstance(base, bool) or base < 1:
         base = None
