@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from gpuloader import transforms
 from gpuloader.commands.demo import DEFAULT_OUT, resolve_data_dirs
+from gpuloader.errors import NoSamplesError
 from gpuloader.loading.collate import collate_ray_batch
 from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.sampler import RayBatchSampler
@@ -349,11 +350,39 @@ def plot_curves(path: Path, history: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def check_validation_split(args: argparse.Namespace) -> int:
+    """Number of validation samples; exits with a clear message when the split has none.
+
+    With too few objects every object can land in train: the validation split then holds
+    nothing but the all-empty blocks that every split shares (skipped as samples), and its
+    loss would measure nothing.
+    """
+    dd, rd = resolve_data_dirs(args.dataset_dir, args.ray_dataset_dir, args.demo_dir)
+    fix = (
+        "generate a dataset whose val split has objects (3 or more objects and a non-zero "
+        "val ratio, e.g. `gpuloader generate OUT --preset demo`)"
+    )
+    if args.levels is not None:
+        fix += f" or widen --levels (now {' '.join(map(str, args.levels))})"
+    try:
+        samples = HierarchicalVoxelRayDataset(dd, rd, split="val", levels=args.levels).samples
+    except NoSamplesError:
+        samples = []
+    own = [s for s in samples if not (s["is_trivial"] or s["is_empty"])]
+    if not own:
+        raise SystemExit(
+            f"error: the validation split of {dd} has nothing to evaluate on: no sample of "
+            f"its own ({len(samples)} trivial sub-volume(s) that every split shares); {fix}"
+        )
+    return len(own)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     t_start = time.perf_counter()
+    check_validation_split(args)
     train = Batches(args, "train", device, train=True)
     val = Batches(args, "val", device, train=False)
     base = level_means(train.dataset)

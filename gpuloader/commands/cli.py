@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import sys
-import textwrap
 
 #: sub-command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,7 +47,7 @@ def plain_text(doc: str | None) -> str:
         target = m.group(2).strip()
         return target.rsplit(".", 1)[-1] if m.group(1) else target
 
-    return _ROLE.sub(role, textwrap.dedent(doc).strip()).replace("``", "")
+    return _ROLE.sub(role, inspect.cleandoc(doc)).replace("``", "")
 
 
 class _ParagraphFormatter(argparse.HelpFormatter):
@@ -92,7 +92,7 @@ def _quiet_broken_pipe() -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests)
         pass
     return 141
 
