@@ -300,6 +300,26 @@ def _shared_mappings() -> list[str]:
         return sorted(line.strip() for line in f if "memfd" in line or "/dev/shm" in line)
 
 
+def _mapped_shm_names(pids: list[int]) -> set[str]:
+    """Names under /dev/shm that these processes map and that still exist there.
+
+    Only the loader's own entries are compared, so that other processes using /dev/shm at
+    the same time (``pytest -n 16``) cannot fail the test.
+    """
+    names: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                lines = f.readlines()
+        except OSError:  # the process is gone
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/"):  # not "(deleted)"
+                names.add(fields[5][len("/dev/shm/") :])
+    return names
+
+
 @needs_dali
 def test_closed_dali_loader_leaks_no_shared_memory(data_dirs):
     ds = make_dataset(data_dirs)
@@ -309,8 +329,10 @@ def test_closed_dali_loader_leaks_no_shared_memory(data_dirs):
     it = iter(ld)
     next(it)
     assert len(_shared_mappings()) > len(before)  # the workers' buffers are mapped
+    own = _mapped_shm_names([os.getpid(), *_child_pids()]) - shm_before
+    assert own  # the loader's shared buffers and semaphores, named under /dev/shm
     del it
     ld.close()
     gc.collect()
     assert _shared_mappings() == before
-    assert set(os.listdir("/dev/shm")) <= shm_before
+    assert not own & set(os.listdir("/dev/shm"))
