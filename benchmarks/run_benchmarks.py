@@ -49,7 +49,17 @@ from gpuloader.loading.dataset import HierarchicalVoxelRayDataset  # noqa: E402
 from gpuloader.loading.sampler import RayBatchSampler  # noqa: E402
 from gpuloader.stores.packed import PackedRayStore, PackError, pack_rays  # noqa: E402
 
-LOADERS = ("upstream", "cpu_api", "gpu_loader", "cpu_packed", "gpu_packed")
+LOADERS = (
+    "upstream",
+    "cpu_api",
+    "gpu_loader",
+    "cpu_packed",
+    "gpu_packed",
+    "resident_host",
+    "resident_gpu",
+)
+#: the batch shapes of ``--sweep`` (rays per batch x sub-volumes per batch)
+SWEEP_SHAPES = ((4096, 8), (16384, 32), (65536, 128), (262144, 512))
 SCENARIOS = ("plain", "augment")
 
 
@@ -82,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pack-dir", type=Path, help="ray pack of the packed loaders (DATA/ray_pack; made once)"
     )
     p.add_argument("--repack", action="store_true", help="rebuild the pack (and time it)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time the resident store (GPU on CUDA, else host) at batch shapes "
+        + ", ".join(f"{r}x{s}" for r, s in SWEEP_SHAPES),
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.workers = args.workers or [0, 2]
@@ -137,6 +153,9 @@ class Runner:
         self.kw = {"dataset_dir": dataset_dir, "ray_dataset_dir": ray_dir, "split": "train"}
         self.spb = args.subvolumes_per_batch
         self.per_sample = max(1, args.rays_per_batch // self.spb)
+        self.rays_per_batch = args.rays_per_batch
+        self.resident: dict[str, Any] = {}  # location -> ResidentStore, filled once
+        self.fill: dict[str, float] = {}
 
     def _ours_transform(self, scenario: str) -> Any:
         if scenario == "plain":
@@ -219,6 +238,75 @@ class Runner:
             "device": str(getattr(loader, "device", "?")),
         }
         return loader, getattr(loader, "set_epoch", None), info
+
+    def _resident(self, location: str, workers: int) -> Any:
+        from gpuloader.stores.resident import fill_store
+
+        if location not in self.resident:
+            ds = HierarchicalVoxelRayDataset(**self.kw)
+            device = torch.device("cuda") if location == "gpu" else None
+            store = fill_store(ds, location, device=device, num_workers=max(workers, 2))
+            self.resident[location] = store
+            self.fill[location] = store.fill_seconds
+            print(f"  filled {store} in {store.fill_seconds:.1f} s")
+        return self.resident[location]
+
+    def _resident_loader(self, location: str, scenario: str, workers: int) -> tuple:
+        from gpuloader.loading.loader import GPURayLoader
+
+        if location == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device")
+        store = self._resident(location, workers)
+        ds = HierarchicalVoxelRayDataset(**self.kw)
+        device = "cuda" if location == "gpu" else self.args.device
+        loader = GPURayLoader(
+            ds,
+            rays_per_batch=self.rays_per_batch,
+            subvolumes_per_batch=self.spb,
+            transform=self._ours_transform(scenario),
+            seed=0,
+            num_workers=workers,
+            device="cpu" if device == "auto" and location == "host" else device,
+            store=store,
+            threads=max(1, workers),
+        )
+        tick = time.perf_counter()
+        loader._fused.plan(0)
+        info = {
+            "backend": f"{location} store",
+            "device": str(loader.device),
+            "fill_seconds": round(self.fill[location], 3),
+            "epoch_plan_seconds": round(time.perf_counter() - tick, 5),
+        }
+        return loader, loader.set_epoch, info
+
+    def resident_host(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
+        return self._resident_loader("host", scenario, workers)
+
+    def resident_gpu(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
+        return self._resident_loader("gpu", scenario, workers)
+
+    def sweep(self, workers: int) -> list[dict[str, Any]]:
+        """The resident store (GPU on CUDA, else host) at every shape of SWEEP_SHAPES."""
+        location = "gpu" if torch.cuda.is_available() else "host"
+        rows = []
+        for rays, spb in SWEEP_SHAPES:
+            self.rays_per_batch, self.spb = rays, spb
+            self.per_sample = max(1, rays // spb)
+            row: dict[str, Any] = {"shape": f"{rays}x{spb}", "location": location}
+            try:
+                loader, set_epoch, info = self._resident_loader(location, "augment", workers)
+                row |= info | _time_epochs(loader, self.args.epochs, None, set_epoch)
+            except Exception as exc:  # noqa: BLE001 - a shape that fails must not lose the rest
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            print(
+                f"  sweep {row['shape']:>12s} [{location}]: "
+                + (row["error"] if "error" in row else f"{row['rays_per_s']:14,.0f} rays/s")
+            )
+        self.rays_per_batch, self.spb = self.args.rays_per_batch, self.args.subvolumes_per_batch
+        self.per_sample = max(1, self.rays_per_batch // self.spb)
+        return rows
 
     def cpu_packed(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
         return self.cpu_api(scenario, workers, packed=True)
@@ -314,7 +402,12 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     workers = sorted({r["num_workers"] for r in results})
     loaders = [lo for lo in LOADERS if any(r["loader"] == lo for r in results)]
     fig, axes = plt.subplots(
-        1, len(scenarios), figsize=(6.5 * len(scenarios), 4.8), squeeze=False, sharey=True
+        1,
+        len(scenarios),
+        figsize=(6.5 * len(scenarios), 5.2),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
     )
     width = 0.8 / max(1, len(loaders))
     lowest = min(r["rays_per_s"] for r in results)
@@ -371,7 +464,9 @@ def plot(path: Path, report: dict[str, Any]) -> None:
         ax.set_title(f"{scen}: rays/s (label: ratio to upstream, same workers)")
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0][0].set_ylabel("rays per second (log)")
-    axes[0][0].legend(loc="lower left")
+    # one legend for all panels, below them: inside an axes it covered bars
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncol=len(names), frameon=False)
     d = report["data"]
     fig.suptitle(
         f"{d['preset']} data, {report['settings']['rays_per_batch']} rays x "
@@ -379,7 +474,6 @@ def plot(path: Path, report: dict[str, Any]) -> None:
         f"{report['machine']['cpu_count']} CPUs"
         + (f", {report['machine']['gpu']}" if report["machine"]["gpu"] else ", no GPU")
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -438,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row['samples_per_s']:9,.0f} samples/s  [{row['backend']}, "
                         f"{row['device']}]"
                     )
+    sweep = runner.sweep(max(args.workers)) if args.sweep else None
     add_ratios(results)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = {
@@ -448,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
         "summary": summarize(results),
+        "sweep": sweep,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{stamp}.json"

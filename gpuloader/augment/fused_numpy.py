@@ -188,11 +188,27 @@ def select_store_rows(plan: BatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarr
 # --- rays ----------------------------------------------------------------------------------
 
 
-def _permute_signed(vec: np.ndarray, sym: np.ndarray) -> np.ndarray:
-    """Row-wise ``P_s v``: (T, 3) float32 and (T,) symmetry indices -> (T, 3) float32."""
-    table = SYMMETRY_TABLE[sym]
-    out = np.take_along_axis(vec, table[:, :3], axis=1)
-    np.negative(out, out=out, where=table[:, 3:] < 0)
+def _gather_signed(
+    vec: np.ndarray, rows: np.ndarray, table: np.ndarray, scale: np.ndarray | None = None
+) -> np.ndarray:
+    """``P v * scale`` for rows of a (R, 3) float32 array, in one gather.
+
+    Args:
+        vec: (R, 3) float32 (C-contiguous, or memory-mapped).
+        rows: (T,) int64 rows to take.
+        table: (T, 6) int32 ``SYMMETRY_TABLE`` row of each output (perm, signs).
+        scale: (T,) float32 or None.
+
+    Returns:
+        (T, 3) float32. ``sign * v[perm] * s`` is computed as ``v[perm] * (sign * s)``:
+        negation commutes with rounding, so the result is bit-identical.
+    """
+    flat = vec.reshape(-1)
+    out = np.take(flat, rows[:, None] * 3 + table[:, :3])
+    factor = table[:, 3:].astype(np.float32)
+    if scale is not None:
+        factor *= scale[:, None]
+    out *= factor
     return out
 
 
@@ -230,10 +246,9 @@ def gather_rays(
         ``view_ids``/``face_ids``/``ray_to_voxel`` (T,) int64.
     """
     rows, owner, j = select_store_rows(plan)
-    sym = plan.symmetry[owner]
-    o = _permute_signed(np.take(store["origins"], rows, axis=0), sym)
-    d = _permute_signed(np.take(store["directions"], rows, axis=0), sym)
-    o *= plan.origin_scale[owner][:, None]
+    table = SYMMETRY_TABLE[plan.symmetry][owner]
+    o = _gather_signed(store["origins"], rows, table, plan.origin_scale[owner])
+    d = _gather_signed(store["directions"], rows, table)
     ostd = plan.origin_std[owner]
     if np.any(ostd > 0):
         sel = np.flatnonzero(ostd > 0)
@@ -297,10 +312,8 @@ def gather_views(
     count = np.asarray(plan.view_count, dtype=np.int64)
     owner = _owners(count)
     k = np.arange(owner.shape[0], dtype=np.int64) - np.asarray(plan.view_out_start)[owner]
-    p = _permute_signed(
-        np.take(view_positions, plan.view_start[owner] + k, axis=0), plan.symmetry[owner]
-    )
-    p *= plan.origin_scale[owner][:, None]
+    table = SYMMETRY_TABLE[plan.symmetry][owner]
+    p = _gather_signed(view_positions, plan.view_start[owner] + k, table, plan.origin_scale[owner])
     if out is None:
         return p
     out[...] = p

@@ -1,0 +1,241 @@
+"""Resident stores and the epoch plan.
+
+* the epoch plan equals the per-sample draws (``draw_plan`` with ``SampleContext``, the
+  dataset's ``select_rows``) for every sample of an epoch;
+* a host-resident store (filled by DALI, by torch workers, in-process, from npz or a pack)
+  gives the batches of the CPU API (DataLoader + RayBatchSampler + collate_ray_batch) bit
+  for bit, and every augmented ray re-traces through its augmented grid;
+* ``store="auto"`` says what it chose, and what cannot be fused is refused with a reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gpuloader import PackedRayStore, pack_rays
+from gpuloader.augment import fused_numpy, rng
+from gpuloader.augment import transforms as T
+from gpuloader.augment.plan import to_batch_params
+from gpuloader.errors import UnsupportedTransformError
+from gpuloader.generate import GeneratorConfig, generate_dataset
+from gpuloader.generate.tracer import trace
+from gpuloader.loading.collate import collate_ray_batch
+from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+from gpuloader.loading.epoch_plan import build_epoch_plan
+from gpuloader.loading.loader import GPURayLoader
+from gpuloader.loading.pipeline import dali_available
+from gpuloader.loading.sampler import RayBatchSampler
+from gpuloader.stores.resident import choose_store, estimate_layout, fill_store
+
+RAYS, SPB = 300, 5
+
+
+def full_transform(normalize_distances: bool = False) -> T.Compose:
+    return T.Compose(
+        [
+            T.RandomRotation90(p=0.7),
+            T.RandomFlip(axes=[0, 1, 2], p=0.5),
+            T.NormalizeRayOrigins(voxel_size=1.0, scale_distances=normalize_distances),
+            T.RandomRaySubsample(num_rays=40),
+            T.AddNoise(origin_std=0.01, direction_std=0.01),
+            T.VoxelOccupancyJitter(flip_prob=0.02),
+        ]
+    )
+
+
+def geometric_transform() -> T.Compose:
+    return T.Compose(
+        [
+            T.RandomRotation90(p=0.8),
+            T.RandomFlip(axes=[0, 1, 2], p=0.5),
+            T.NormalizeRayOrigins(voxel_size=1.0, scale_distances=True),
+            T.RandomRaySubsample(num_rays=50),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("store_data")
+    cfg = GeneratorConfig(
+        shapes=["asym", "torus", "box", "blobs"],
+        resolution=16,
+        min_resolution=4,
+        divisions=2,
+        samples_per_view=60,
+        split=(1.0, 0.0, 0.0),
+        workers=1,
+    )
+    with pytest.warns(Warning):  # the empty val/test splits are announced
+        s = generate_dataset(out, cfg, progress=False)
+    return Path(s["dataset_dir"]), Path(s["ray_dir"])
+
+
+def make_dataset(dirs, transform=None, **kw) -> HierarchicalVoxelRayDataset:
+    return HierarchicalVoxelRayDataset(dirs[0], dirs[1], split="train", transform=transform, **kw)
+
+
+def cpu_api(ds, epoch: int, rays=RAYS, spb=SPB, **kw) -> list[dict]:
+    sampler = RayBatchSampler(ds, rays, spb, shuffle=True, **kw)
+    sampler.set_epoch(epoch)
+    return list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_ray_batch))
+
+
+def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want, strict=True):
+        assert sorted(g) == sorted(w)
+        for k in w:
+            a, b = g[k], w[k]
+            if isinstance(b, list):
+                assert len(a) == len(b), k
+                for x, y in zip(a, b, strict=True):
+                    if isinstance(y, str):
+                        assert x == y, k
+                    else:
+                        assert x.dtype == y.dtype and torch.equal(x, y), k
+            else:
+                assert a.dtype == b.dtype, (k, a.dtype, b.dtype)
+                assert a.shape == b.shape, (k, a.shape, b.shape)
+                assert torch.equal(a, b), (k, int((a != b).sum()))
+
+
+# -- the epoch plan ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sps", [None, 17])
+def test_epoch_plan_equals_per_sample_draws(data_dirs, sps):
+    tf = full_transform(normalize_distances=True)
+    ds = make_dataset(data_dirs, tf, samples_per_subvolume=sps, seed=11)
+    layout = estimate_layout(ds)
+    sampler = RayBatchSampler(ds, RAYS, SPB, mixed_levels=True)
+    levels = np.array([s["level"] for s in ds.samples])
+    epoch = 3
+    batches = sampler.batches(epoch)
+    plan = build_epoch_plan(batches, layout, levels, tf.segments[0], ds.seed, epoch, sps)
+    assert len(plan) == len(batches)
+    slots = 0
+    for i, batch in enumerate(batches):
+        bp = plan.batch(i)
+        assert bp.batch_size == len(batch)
+        rows, owner, _ = fused_numpy.select_store_rows(bp)
+        for b, (index, ep, num_rays) in enumerate(batch):
+            ctx = rng.SampleContext(ds.seed, ep, index)
+            side = int(layout.side[index])
+            want = to_batch_params([T.draw_plan(tf.segments[0], ctx, side)], [ctx])
+            for name in ("symmetry", "origin_scale", "distance_scale", "origin_std",
+                         "direction_std", "jitter_threshold", "purpose_offset"):  # fmt: skip
+                assert getattr(bp, name)[b] == getattr(want, name)[0], (name, index)
+                assert getattr(bp, name).dtype == getattr(want, name).dtype, name
+            # the rows the dataset reads for this request, in the same order
+            sample = ds.read_sample(index, ep, num_rays)
+            assert int(bp.keep[b]) == len(sample["distances"])
+            n = int(ds.samples[index]["num_rays"])
+            mine = rows[owner == b] - layout.ray_start[index]
+            np.testing.assert_array_equal(
+                mine, rng.select_rows(n, int(bp.keep[b]), ds.seed, ep, index)
+            )
+            slots += 1
+    assert slots == len(ds)
+    assert len(set(plan.arrays["symmetry"].tolist())) > 5
+
+
+def test_vectorized_symmetry_draws_match_scalar_draws():
+    words = rng.random_words(5, 2, np.arange(2000), rng.Purpose.SYMMETRY, 0)
+    for t in (T.RandomRotation90(p=0.6, axes=("x", "z")), T.RandomFlip(axes=[2, 0], p=0.3)):
+        np.testing.assert_array_equal(t.draw_many(words), [t.draw(w) for w in words])
+
+
+# -- host store: the CPU API's batches -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [
+        pytest.param(
+            dict(backend="dali", num_workers=2),
+            marks=pytest.mark.skipif(not dali_available(), reason="no DALI"),
+            id="dali-fill",
+        ),
+        pytest.param(dict(backend="torch", num_workers=2), id="torch-workers-fill"),
+        pytest.param(dict(backend="torch", num_workers=0), id="in-process-fill"),
+    ],
+)
+def test_host_store_equals_cpu_api(data_dirs, fill):
+    ds = make_dataset(data_dirs, full_transform())
+    with GPURayLoader(ds, RAYS, SPB, device="cpu", store="host", **fill) as ld:
+        assert ld.store == "host" and ld.resident is not None
+        assert ld.resident.nbytes > 0
+        for epoch in (0, 1):
+            ld.set_epoch(epoch)
+            assert_batches_equal(list(ld), cpu_api(ds, epoch))
+
+
+def test_host_store_from_a_pack_threads_and_retrace(data_dirs, tmp_path):
+    pack_rays(data_dirs[1], tmp_path / "pack", progress=False)
+    ds = make_dataset(data_dirs, geometric_transform())
+    packed = make_dataset(data_dirs, ray_store=PackedRayStore(tmp_path / "pack"))
+    store = fill_store(packed, "host", num_workers=0, progress=False)
+    for threads in (1, 3):
+        with GPURayLoader(packed, RAYS, SPB, transform=geometric_transform(), device="cpu",
+                          store=store, threads=threads, num_workers=0) as ld:  # fmt: skip
+            ld.set_epoch(4)
+            batches = list(ld)
+        assert_batches_equal(batches, cpu_api(ds, 4))
+    checked = 0
+    for batch in batches:
+        for b in range(len(batch["hashes"])):
+            d, h, w = batch["voxel_shapes"][b].tolist()
+            grid = batch["voxels"][b, 0, :d, :h, :w].numpy()
+            sel = batch["ray_to_voxel"] == b
+            traced = trace(
+                grid, batch["origins"][sel].numpy(), batch["directions"][sel].numpy(), 2.0 / d
+            )
+            np.testing.assert_allclose(traced, batch["distances"][sel].numpy(), atol=1e-4)
+            checked += int(sel.sum())
+    assert checked > 200
+
+
+def test_mixed_levels_and_no_transform(data_dirs):
+    ds = make_dataset(data_dirs)
+    with GPURayLoader(ds, 1000, 3, device="cpu", store="host", num_workers=0) as ld:
+        assert_batches_equal(list(ld), cpu_api(ds, 0, rays=1000, spb=3))
+    # several sizes in one batch: zero padding at the end of each axis, as collate pads
+    fused = make_dataset(data_dirs, full_transform())
+    store = fill_store(fused, "host", num_workers=0, progress=False)
+    from gpuloader.loading.batches import FusedBatches
+
+    sampler = RayBatchSampler(fused, RAYS, SPB, mixed_levels=True)
+    batches = FusedBatches(store, fused, sampler, full_transform().segments[0], torch.device("cpu"))
+    got = list(batches(2))
+    assert any(len(set(b["levels"].tolist())) > 1 for b in got)
+    assert_batches_equal(got, cpu_api(fused, 2, mixed_levels=True))
+
+
+def test_auto_choice_and_refusals(data_dirs, caplog):
+    ds = make_dataset(data_dirs, full_transform())
+    with GPURayLoader(ds, RAYS, SPB, device="cpu", num_workers=0) as ld:
+        assert ld.store == "host" and "fits the host-RAM budget" in ld.store_reason
+        assert "store='host'" in repr(ld)
+    with GPURayLoader(ds, RAYS, SPB, device="cpu", num_workers=0, host_budget=10) as ld:
+        assert ld.store == "stream" and "streaming" in ld.store_reason
+    assert choose_store(10**6, torch.device("cpu"), host_budget=10**7)[0] == "host"
+    assert choose_store(10**8, torch.device("cpu"), host_budget=10**7)[0] == "stream"
+
+    def custom(sample):
+        return sample
+
+    mixed = T.Compose([custom, T.RandomFlip()])
+    with GPURayLoader(ds, RAYS, SPB, transform=mixed, device="cpu", num_workers=0) as ld:
+        assert ld.store == "stream" and "custom" in ld.store_reason
+    with pytest.raises(UnsupportedTransformError, match="custom callables"):
+        GPURayLoader(ds, RAYS, SPB, transform=mixed, device="cpu", num_workers=0, store="host")
+    with pytest.raises(ValueError, match="CUDA"):
+        GPURayLoader(ds, RAYS, SPB, device="cpu", num_workers=0, store="gpu")
+    with pytest.raises(ValueError, match="store must be"):
+        GPURayLoader(ds, RAYS, SPB, device="cpu", num_workers=0, store="disk")
