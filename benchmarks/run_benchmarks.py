@@ -466,7 +466,8 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     axes[0][0].set_ylabel("rays per second (log)")
     # one legend for all panels, below them: inside an axes it covered bars
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncol=len(names), frameon=False)
+    ncol = min(len(names), 3 * len(scenarios))
+    fig.legend(handles, names, loc="outside lower center", ncol=ncol, frameon=False)
     d = report["data"]
     fig.suptitle(
         f"{d['preset']} data, {report['settings']['rays_per_batch']} rays x "
