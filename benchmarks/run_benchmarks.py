@@ -418,6 +418,8 @@ def plot(path: Path, report: dict[str, Any]) -> None:
         "gpu_loader": "tab:green",
         "cpu_packed": "tab:cyan",
         "gpu_packed": "tab:olive",
+        "resident_host": "tab:orange",
+        "resident_gpu": "tab:red",
     }
     for ax, scen in zip(axes[0], scenarios, strict=True):
         for j, lo in enumerate(loaders):
@@ -437,7 +439,7 @@ def plot(path: Path, report: dict[str, Any]) -> None:
                 ys.append(r["rays_per_s"])
                 ratio = r.get("ratio_rays_per_s")
                 label = "" if lo == "upstream" or ratio is None else f"{ratio:.2f}x"
-                if lo in ("gpu_loader", "gpu_packed"):
+                if lo in ("gpu_loader", "gpu_packed", "resident_host", "resident_gpu"):
                     label += f"\n{r['backend']}, {r['device']}"
                 labels.append(label)
             bars = ax.bar(xs, ys, width, color=colors[lo], label=lo.replace("_", " "))
