@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from gpuloader.augment import cupy_backend as augment_cupy
+from gpuloader.augment import fused_cupy
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def nvrtc_version():
 def test_kernels_folder_found():
     kdir = augment_cupy.kernels_dir()
     assert (kdir / "augment.cu").is_file() and (kdir / "philox.cuh").is_file()
+    assert (kdir / fused_cupy.MODULE_SOURCE).is_file()
 
 
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
@@ -35,20 +37,27 @@ def test_every_kernel_source_compiles(nvrtc_version, arch):
     assert all(size > 0 for size in sizes.values())
 
 
-def test_ptx_has_every_kernel_and_exact_float_ops(nvrtc_version):
+@pytest.mark.parametrize(
+    "source,kernel_names",
+    [
+        (augment_cupy.MODULE_SOURCE, augment_cupy.KERNEL_NAMES),
+        (fused_cupy.MODULE_SOURCE, fused_cupy.KERNEL_NAMES),
+    ],
+)
+def test_ptx_has_every_kernel_and_exact_float_ops(nvrtc_version, source, kernel_names):
     """Compiled as CuPy compiles it (our options, then CuPy's own ``-ftz=true``)."""
     from cupy.cuda import nvrtc
 
     kdir = augment_cupy.kernels_dir()
     options = ["-arch=compute_80", *augment_cupy.NVRTC_OPTIONS, f"-I{kdir}", "-ftz=true"]
-    prog = nvrtc.createProgram((kdir / "augment.cu").read_text(), "augment.cu", [], [])
+    prog = nvrtc.createProgram((kdir / source).read_text(), source, [], [])
     try:
         nvrtc.compileProgram(prog, options)
         ptx = nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    for name in augment_cupy.KERNEL_NAMES:
+    for name in kernel_names:
         assert f".entry {name}(" in ptx, name  # extern "C": unmangled entry points
     ops = {line.split()[0] for line in ptx.splitlines() if line.strip()}
     # no fused multiply-add in float32 (decision 3), and no flush-to-zero in the float32

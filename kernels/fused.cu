@@ -1,0 +1,252 @@
+// The fused per-batch pass: the CUDA twin of gpuloader/augment/fused_numpy.py.
+//
+// Three kernels per batch, reading straight from the resident store (every sample of a split
+// concatenated in device memory) with the batch's plan (gpuloader.augment.fused_numpy.BatchPlan,
+// struct of arrays, B samples) already on the device:
+//
+//   fused_rays   one thread per output ray: row selection (Feistel), gather, symmetry, scale,
+//                noise, renormalization, hits/ids conversion and ray_to_voxel;
+//   fused_grids  one thread per output voxel of the (B, S, S, S) float32 batch: symmetry and
+//                jitter of each sample's own cube, 0 in the padding;
+//   fused_views  one thread per output view position: symmetry and scale;
+// and fused_select_rows, the row selection of fused_rays alone (fused_numpy.select_store_rows).
+//
+// Plain pointers and integers only, so the source runs under CuPy (gpuloader/augment/
+// fused_cupy.py, NVRTC) and, without a GPU, as C++ through tests/cuda_shim/shim.h. Each kernel
+// is a grid-stride loop (any grid and block size give the same result). The float arithmetic
+// is that of kernels/augment.cu (the gpl_f* operations of philox.cuh, each rounded on its
+// own like numpy; compiled with -fmad=false). `sym_table` is numpy_backend.SYMMETRY_TABLE,
+// (48, 6) int32 rows (perm0, perm1, perm2, sign0, sign1, sign2); (key0, key1) = (seed &
+// 0xffffffff, seed >> 32).
+#include "philox.cuh"
+
+#define GPL_FUSED_GRID_STRIDE_LOOP(t, n)                                              \
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (n);     \
+         t += (long long)gridDim.x * blockDim.x)
+
+// (P v) for one 3-vector: exact (a gather and sign changes).
+__device__ __forceinline__ void gpl_fused_symmetry(const int* row6, float v0, float v1,
+                                                   float v2, float* out) {
+    const float v[3] = {v0, v1, v2};
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+        const int p = row6[i];
+        const float g = p == 0 ? v[0] : (p == 1 ? v[1] : v[2]);
+        out[i] = row6[3 + i] < 0 ? gpl_fneg(g) : g;
+    }
+}
+
+// The sample of output item t: the largest b in [0, num_samples) with starts[b] <= t
+// (starts: exclusive prefix sum of the per-sample counts, so empty samples, which share their
+// start with the next one, are skipped). num_samples >= 1.
+__device__ __forceinline__ int gpl_find_sample(const long long* starts, int num_samples,
+                                               long long t) {
+    int lo = 0, hi = num_samples - 1;
+    while (lo < hi) {
+        const int mid = lo + (hi - lo + 1) / 2;
+        if (starts[mid] <= t) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
+// The store row of kept ray j of sample b (module doc of fused_numpy):
+//   ray_start[b] + j                                                if keep[b] >= ray_count[b]
+//   ray_start[b] + feistel_permute(j, ray_count[b], select_keys[b])  otherwise (cycle walking)
+__device__ __forceinline__ long long gpl_store_row(const long long* ray_start,
+                                                   const long long* ray_count,
+                                                   const long long* keep,
+                                                   const unsigned int* select_keys, int b,
+                                                   long long j) {
+    const long long n = ray_count[b];
+    long long row = j;
+    if (keep[b] < n) {
+        row = (long long)feistel_permute((unsigned int)j, (unsigned int)n,
+                                         select_keys + GPL_FEISTEL_ROUNDS * b);
+    }
+    return ray_start[b] + row;
+}
+
+// One thread per output ray r < total: rows[r] = gpl_store_row(b, j), owner[r] = b,
+// js[r] = j, with b the sample of r (out_start, binary search) and j = r - out_start[b].
+// ray_start, ray_count, keep, out_start: (B,) int64; select_keys: (B, 4) uint32; rows, owner,
+// js: (total,) int64 (fused_numpy.select_store_rows).
+extern "C" __global__ void fused_select_rows(const long long* ray_start,
+                                             const long long* ray_count, const long long* keep,
+                                             const long long* out_start,
+                                             const unsigned int* select_keys, long long* rows,
+                                             long long* owner, long long* js, int num_samples,
+                                             long long total) {
+    GPL_FUSED_GRID_STRIDE_LOOP(r, total) {
+        const int b = gpl_find_sample(out_start, num_samples, r);
+        const long long j = r - out_start[b];
+        rows[r] = gpl_store_row(ray_start, ray_count, keep, select_keys, b, j);
+        owner[r] = (long long)b;
+        js[r] = j;
+    }
+}
+
+// One thread per output ray r < total. With b the sample of r (out_start, binary search) and
+// j = r - out_start[b]:
+//   row = j                                                  if keep[b] >= ray_count[b]
+//       = feistel_permute(j, ray_count[b], select_keys[b])   otherwise (cycle walking)
+//   g   = ray_start[b] + row
+//   out_origins[r]    = P o[g] * origin_scale[b] (+ origin_std[b] * n_o)
+//   out_directions[r] = P d[g], normalized after + direction_std[b] * n_d when direction_std > 0
+//   out_distances[r]  = distances[g] * distance_scale[b]
+//   out_hits[r] = (float)hits[g]; out_view_ids[r], out_face_ids[r] = (int64)...[g];
+//   out_ray_to_voxel[r] = b
+// n_o, n_d: normal3 of Philox block (j, index[b], epoch[b], ORIGIN_NOISE / DIRECTION_NOISE +
+// purpose_offset[b]): kernels/augment.cu's transform_rays with ray_row = j.
+// Store: origins, directions (R, 3) float32; distances (R,) float32; hits (R,) uint8;
+// view_ids, face_ids (R,) int32. Plan: ray_start, ray_count, keep, out_start (B,) int64
+// (out_start the exclusive prefix sum of keep, keep <= ray_count < 2^32 where keep <
+// ray_count); select_keys (B, 4) uint32; symmetry (B,) int32 in [0, 48); scales and stds (B,)
+// float32; epoch, index, purpose_offset (B,) uint32. Outputs (total = sum(keep)): out_origins,
+// out_directions (total, 3) float32; out_distances, out_hits (total,) float32; out_view_ids,
+// out_face_ids, out_ray_to_voxel (total,) int64. hits, view_ids, face_ids and their outputs
+// may be null pointers (that field is skipped), as may out_ray_to_voxel.
+extern "C" __global__ void fused_rays(
+    const float* origins, const float* directions, const float* distances,
+    const unsigned char* hits, const int* view_ids, const int* face_ids,
+    const long long* ray_start, const long long* ray_count, const long long* keep,
+    const long long* out_start, const unsigned int* select_keys, const int* sym_table,
+    const int* symmetry, const float* origin_scale, const float* distance_scale,
+    const float* origin_std, const float* direction_std, const unsigned int* epoch,
+    const unsigned int* index, const unsigned int* purpose_offset, unsigned int key0,
+    unsigned int key1, float* out_origins, float* out_directions, float* out_distances,
+    float* out_hits, long long* out_view_ids, long long* out_face_ids,
+    long long* out_ray_to_voxel, int num_samples, long long total) {
+    GPL_FUSED_GRID_STRIDE_LOOP(r, total) {
+        const int b = gpl_find_sample(out_start, num_samples, r);
+        const long long j = r - out_start[b];
+        const long long g = gpl_store_row(ray_start, ray_count, keep, select_keys, b, j);
+
+        const int* P = sym_table + 6 * symmetry[b];
+        float o[3], d[3];
+        gpl_fused_symmetry(P, origins[3 * g], origins[3 * g + 1], origins[3 * g + 2], o);
+        gpl_fused_symmetry(P, directions[3 * g], directions[3 * g + 1], directions[3 * g + 2],
+                           d);
+        const float s = origin_scale[b];
+#pragma unroll
+        for (int c = 0; c < 3; ++c) o[c] = gpl_fmul(o[c], s);
+
+        const unsigned int counter = (unsigned int)j;
+        const float ostd = origin_std[b];
+        if (gpl_positive(ostd)) {
+            const gpl_u32x4 w = philox4x32_10(counter, index[b], epoch[b],
+                                              GPL_PURPOSE_ORIGIN_NOISE + purpose_offset[b],
+                                              key0, key1);
+            float nz[3];
+            normal3(w, nz);
+#pragma unroll
+            for (int c = 0; c < 3; ++c) o[c] = gpl_fadd(o[c], gpl_fmul(ostd, nz[c]));
+        }
+        const float dstd = direction_std[b];
+        if (gpl_positive(dstd)) {
+            const gpl_u32x4 w = philox4x32_10(counter, index[b], epoch[b],
+                                              GPL_PURPOSE_DIRECTION_NOISE + purpose_offset[b],
+                                              key0, key1);
+            float nz[3];
+            normal3(w, nz);
+#pragma unroll
+            for (int c = 0; c < 3; ++c) d[c] = gpl_fadd(d[c], gpl_fmul(dstd, nz[c]));
+            const float sq = gpl_fadd(gpl_fadd(gpl_fmul(d[0], d[0]), gpl_fmul(d[1], d[1])),
+                                      gpl_fmul(d[2], d[2]));
+            const float len = gpl_fsqrt(sq);
+#pragma unroll
+            for (int c = 0; c < 3; ++c) d[c] = gpl_fdiv(d[c], len);
+        }
+#pragma unroll
+        for (int c = 0; c < 3; ++c) {
+            out_origins[3 * r + c] = o[c];
+            out_directions[3 * r + c] = d[c];
+        }
+        out_distances[r] = gpl_fmul(distances[g], distance_scale[b]);
+        if (hits && out_hits) out_hits[r] = (float)hits[g];
+        if (view_ids && out_view_ids) out_view_ids[r] = (long long)view_ids[g];
+        if (face_ids && out_face_ids) out_face_ids[r] = (long long)face_ids[g];
+        if (out_ray_to_voxel) out_ray_to_voxel[r] = (long long)b;
+    }
+}
+
+// One thread per output voxel of the (B, S, S, S) float32 batch (axes z, y, x; world x is the
+// last axis). Sample b's grid is the side[b]^3 bytes from grids[grid_start[b]], C order
+// (z, y, x). Inside [0, n)^3 (n = side[b]), with output world coordinates q = (x, y, z) and
+// P = (perm, sign):
+//   out[b, z, y, x] = (float)(grid_b[q_in] ^ jitter),
+//   q_in[perm_i] = sign_i > 0 ? q_i : n - 1 - q_i   (out[i'] = in[P^-1 i'] on the centred grid)
+// and 0 outside it (the padding at the end of each axis).
+// jitter = ((word >> 8) < jitter_threshold[b]) with word v & 3 of Philox block
+// (v >> 2, index[b], epoch[b], JITTER + purpose_offset[b]), v = (z * n + y) * n + x.
+// grids: flat uint8 store; grid_start, side: (B,) int64 (side in [0, S]); out: B * S^3
+// float32 (a (B, S, S, S) or (B, 1, S, S, S) array).
+extern "C" __global__ void fused_grids(const unsigned char* grids, const long long* grid_start,
+                                       const long long* side, const int* sym_table,
+                                       const int* symmetry,
+                                       const unsigned int* jitter_threshold,
+                                       const unsigned int* epoch, const unsigned int* index,
+                                       const unsigned int* purpose_offset, unsigned int key0,
+                                       unsigned int key1, float* out, int num_samples,
+                                       long long S) {
+    const long long s2 = S * S;
+    const long long s3 = s2 * S;
+    const long long total = s3 * num_samples;
+    GPL_FUSED_GRID_STRIDE_LOOP(t, total) {
+        const int b = (int)(t / s3);
+        const long long rem = t - (long long)b * s3;
+        const long long z = rem / s2;
+        const long long y = (rem / S) % S;
+        const long long x = rem % S;
+        long long n = side[b];
+        n = n < S ? n : S;  // memory safety only; the wrapper documents side <= S
+        if (x >= n || y >= n || z >= n) {
+            out[t] = 0.0f;
+            continue;
+        }
+        const int* P = sym_table + 6 * symmetry[b];
+        const long long q[3] = {x, y, z};
+        long long src = grid_start[b];
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+            const int p = P[i];
+            const long long stride = p == 0 ? 1 : (p == 1 ? n : n * n);
+            const long long c = P[3 + i] > 0 ? q[i] : n - 1 - q[i];
+            src += stride * c;
+        }
+        unsigned char value = grids[src];
+        const unsigned int thr = jitter_threshold[b];
+        if (thr > 0u) {
+            const unsigned long long v = (unsigned long long)((z * n + y) * n + x);
+            const gpl_u32x4 w =
+                philox4x32_10((unsigned int)(v >> 2), index[b], epoch[b],
+                              GPL_PURPOSE_JITTER + purpose_offset[b], key0, key1);
+            if ((philox_word(w, (unsigned int)(v & 3u)) >> 8) < thr) value ^= 1;
+        }
+        out[t] = (float)value;
+    }
+}
+
+// One thread per output view position r < total: with b the sample of r (view_out_start,
+// binary search), p = views[view_start[b] + r - view_out_start[b]] and
+//   out[r] = P p * origin_scale[b]   (transform_points; no noise).
+// views: (V_store, 3) float32; view_start, view_out_start: (B,) int64 (view_out_start the
+// exclusive prefix sum of the view counts); out: (total, 3) float32.
+extern "C" __global__ void fused_views(const float* views, const long long* view_start,
+                                       const long long* view_out_start, const int* sym_table,
+                                       const int* symmetry, const float* origin_scale,
+                                       float* out, int num_samples, long long total) {
+    GPL_FUSED_GRID_STRIDE_LOOP(r, total) {
+        const int b = gpl_find_sample(view_out_start, num_samples, r);
+        const long long g = view_start[b] + (r - view_out_start[b]);
+        float p[3];
+        gpl_fused_symmetry(sym_table + 6 * symmetry[b], views[3 * g], views[3 * g + 1],
+                           views[3 * g + 2], p);
+        const float s = origin_scale[b];
+#pragma unroll
+        for (int c = 0; c < 3; ++c) out[3 * r + c] = gpl_fmul(p[c], s);
+    }
+}
