@@ -239,3 +239,36 @@ def test_auto_choice_and_refusals(data_dirs, caplog):
         GPURayLoader(ds, RAYS, SPB, device="cpu", num_workers=0, store="gpu")
     with pytest.raises(ValueError, match="store must be"):
         GPURayLoader(ds, RAYS, SPB, device="cpu", num_workers=0, store="disk")
+
+
+# -- streaming whole batches from a pack ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "backend,workers",
+    [
+        pytest.param(
+            "dali", 2, marks=pytest.mark.skipif(not dali_available(), reason="no DALI"), id="dali"
+        ),
+        pytest.param("torch", 2, id="torch-workers"),
+        pytest.param("torch", 0, id="in-process"),
+    ],
+)
+def test_stream_from_pack_equals_cpu_api(data_dirs, tmp_path, backend, workers):
+    pack_rays(data_dirs[1], tmp_path / "pack", progress=False)
+    packed = make_dataset(data_dirs, ray_store=PackedRayStore(tmp_path / "pack"))
+    with GPURayLoader(packed, RAYS, SPB, transform=full_transform(), device="cpu",
+                      store="stream", backend=backend, num_workers=workers) as ld:  # fmt: skip
+        assert ld._stream is not None and "whole batches" in ld.store_reason
+        ld.set_epoch(3)
+        first = list(ld)
+        second = list(ld)  # epoch 4, the same pipeline
+        it = iter(ld)  # epoch 5, interrupted
+        next(it)
+        del it
+        ld.set_epoch(3)
+        again = list(ld)
+    ds = make_dataset(data_dirs, full_transform())
+    assert_batches_equal(first, cpu_api(ds, 3))
+    assert_batches_equal(second, cpu_api(ds, 4))
+    assert_batches_equal(again, first)

@@ -32,7 +32,7 @@ from gpuloader.augment.transforms import Transform
 from gpuloader.loading.epoch_plan import EpochPlan, build_epoch_plan
 from gpuloader.stores.resident import ResidentStore
 
-__all__ = ["FusedBatches"]
+__all__ = ["FusedBatches", "assemble_host", "to_device"]
 
 
 class FusedBatches:
@@ -95,25 +95,7 @@ class FusedBatches:
 
     def build_host(self, plan: EpochPlan, i: int) -> dict[str, Any]:
         """Batch ``i`` of ``plan`` from a host store: collate_ray_batch's dict (CPU tensors)."""
-        bp = plan.batch(i)
-        arrays = self.store.arrays
-        rays = fused_numpy.gather_rays(arrays, bp)
-        vox = fused_numpy.gather_grids(arrays["grids"], bp)
-        vp = fused_numpy.gather_views(arrays["view_positions"], bp)
-        sl = plan.slots(i)
-        side = bp.side
-        out: dict[str, Any] = {
-            "voxels": torch.from_numpy(vox),
-            "voxel_shapes": torch.from_numpy(np.repeat(side[:, None], 3, axis=1)),
-        }
-        for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
-            out[k] = torch.from_numpy(rays[k])
-        out["ray_to_voxel"] = torch.from_numpy(rays["ray_to_voxel"])
-        out["num_rays"] = torch.from_numpy(bp.keep.copy())
-        out["levels"] = torch.from_numpy(plan.levels[sl].copy())
-        out["hashes"] = [self.hashes[int(j)] for j in bp.index]
-        out["view_positions"] = list(torch.split(torch.from_numpy(vp), bp.view_count.tolist()))
-        return out
+        return assemble_host(self.store.arrays, plan.batch(i), plan, i, self.hashes)
 
     def _iter_host(self, plan: EpochPlan) -> Iterator[dict[str, Any]]:
         n = len(plan)
@@ -138,16 +120,7 @@ class FusedBatches:
                 yield self._to_device(batch) if move else batch
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        dev = self.device
-        out: dict[str, Any] = {}
-        for k, v in batch.items():
-            if isinstance(v, torch.Tensor):
-                out[k] = v.pin_memory().to(dev, non_blocking=True)
-            elif k == "view_positions":
-                out[k] = [t.to(dev, non_blocking=True) for t in v]
-            else:
-                out[k] = v
-        return out
+        return to_device(batch, self.device)
 
     # -- CUDA --------------------------------------------------------------------------------
 
@@ -155,6 +128,42 @@ class FusedBatches:
         if self._gpu is None:
             self._gpu = _GPUState(self)
         yield from self._gpu.iterate(plan)
+
+
+def assemble_host(
+    arrays: dict[str, Any], bp: Any, plan: EpochPlan, i: int, hashes: list[str]
+) -> dict[str, Any]:
+    """One batch by the numpy fused pass over ``arrays`` (a store, or a batch-sized one with
+    ``bp`` from ``stream.local_plan``): the dict of ``collate_ray_batch`` as CPU tensors."""
+    rays = fused_numpy.gather_rays(arrays, bp)
+    vox = fused_numpy.gather_grids(arrays["grids"], bp)
+    vp = fused_numpy.gather_views(arrays["view_positions"], bp)
+    sl = plan.slots(i)
+    out: dict[str, Any] = {
+        "voxels": torch.from_numpy(vox),
+        "voxel_shapes": torch.from_numpy(np.repeat(bp.side[:, None], 3, axis=1)),
+    }
+    for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
+        out[k] = torch.from_numpy(rays[k])
+    out["ray_to_voxel"] = torch.from_numpy(rays["ray_to_voxel"])
+    out["num_rays"] = torch.from_numpy(np.array(bp.keep, dtype=np.int64))
+    out["levels"] = torch.from_numpy(plan.levels[sl].copy())
+    out["hashes"] = [hashes[int(j)] for j in bp.index]
+    out["view_positions"] = list(torch.split(torch.from_numpy(vp), bp.view_count.tolist()))
+    return out
+
+
+def to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    """A CPU batch on ``dev`` (pinned, asynchronous copies)."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.pin_memory().to(dev, non_blocking=True)
+        elif k == "view_positions":
+            out[k] = [t.pin_memory().to(dev, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
 
 
 class _GPUState:

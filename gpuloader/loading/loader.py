@@ -50,6 +50,8 @@ from gpuloader.loading.collate import RAY_DTYPES
 from gpuloader.loading.pipeline import RawBatch, RayPipeline, dali_available
 from gpuloader.loading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
 from gpuloader.loading.sampler import RayBatchSampler
+from gpuloader.loading.stream import PackBatchReader, StreamBatches, pack_layout
+from gpuloader.stores.packed import PackedRayStore
 from gpuloader.stores.resident import ResidentStore, choose_store, estimate_layout, fill_store
 
 __all__ = ["GPURayLoader", "known_segments"]
@@ -225,6 +227,7 @@ class GPURayLoader:
         self._pipe: RayPipeline | None = None
         self._torch_loader: torch.utils.data.DataLoader | None = None
         self._fused: FusedBatches | None = None
+        self._stream: StreamBatches | None = None
         self.resident: ResidentStore | None = None
         if backend not in ("auto", "dali", "torch"):
             raise ValueError(f"backend must be 'auto', 'dali' or 'torch'; got {backend!r}")
@@ -281,6 +284,25 @@ class GPURayLoader:
                 threads=threads,
                 prefetch=max(2, self.prefetch),
             )
+        if (
+            self.store == "stream"
+            and self._fusable
+            and isinstance(getattr(dataset, "ray_store", None), PackedRayStore)
+        ):
+            # whole batches from the pack: the batch reader in workers, then the fused pass
+            layout, levels = pack_layout(dataset, estimate_layout(dataset).side)
+            reader = PackBatchReader(
+                dataset, self.sampler, segments[0] if segments else [], layout, levels
+            )
+            self._stream = StreamBatches(
+                reader,
+                self._hashes,
+                self.device,
+                num_workers=self.num_workers,
+                backend=self.backend,
+                prefetch=self.prefetch,
+            )
+            self.store_reason += "; whole batches from the pack"
         if self.device.type == "cuda":
             from gpuloader.augment import cupy_backend as augment_cupy
 
@@ -319,7 +341,7 @@ class GPURayLoader:
         host_budget: float | int | None,
     ) -> tuple[str, str]:
         self._layout = None
-        fusable = not cpu and len(segments) <= 1
+        fusable = self._fusable = not cpu and len(segments) <= 1
         why_not = (
             "custom callables in the transform run per sample"
             if cpu
@@ -421,6 +443,8 @@ class GPURayLoader:
         self.epoch = epoch + 1
         if self._fused is not None:
             return self._fused(epoch)
+        if self._stream is not None:
+            return self._stream(epoch)
         if self.backend == "dali":
             return self._iter_dali(epoch)
         return self._iter_torch(epoch)
@@ -595,11 +619,19 @@ class GPURayLoader:
 
     def close(self) -> None:
         """Stop every worker (DALI pool or DataLoader workers) and free their shared memory."""
-        if getattr(self, "_closed", True) and self._pipe is None and self._torch_loader is None:
+        if (
+            getattr(self, "_closed", True)
+            and self._pipe is None
+            and self._torch_loader is None
+            and getattr(self, "_stream", None) is None
+        ):
             return
         self._closed = True
         self._fused = None
         self.resident = None
+        stream, self._stream = getattr(self, "_stream", None), None
+        if stream is not None:
+            stream.close()
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             pipe.close()

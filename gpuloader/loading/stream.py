@@ -1,0 +1,371 @@
+"""Streaming whole batches from a pack, for data larger than memory.
+
+When a split fits neither the GPU nor host RAM, batches still come whole: a
+:class:`PackBatchReader` (in worker processes: DALI's parallel external source in batch
+mode, one whole loader batch per DALI sample, or torch DataLoader workers) computes the
+epoch plan itself (a pure function of seed and epoch), selects each sample's rows
+(Feistel, vectorized over the batch) and gathers them from the pack's memory-mapped level
+arrays into one buffer per output, in output order; it also gathers the batch's view
+positions and reads its grids (through the voxel cache). The main process then runs the same
+fused pass as a resident store (numpy, or the CUDA kernels after one host-to-device copy per
+output) on that batch-sized store, with the row selection already done (``keep ==
+ray_count``), so the decisions are those of every other store and back end.
+
+Outputs of one reader call (:data:`STREAM_OUTPUTS`)::
+
+    origins, directions (T, 3) float32   distances (T,) float32   hits (T,) uint8
+    view_ids, face_ids (T,) int32        view_positions (V, 3) float32
+    grids (G,) uint8 (each sample's grid, flat, in slot order)    meta (2,) int64 (epoch, i)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from gpuloader.augment.fused_numpy import BatchPlan, select_store_rows
+from gpuloader.errors import GPULoaderError
+from gpuloader.loading.epoch_plan import EpochPlan, StoreLayout, build_epoch_plan
+
+__all__ = ["STREAM_OUTPUTS", "PackBatchReader", "local_plan", "pack_layout"]
+
+STREAM_OUTPUTS: tuple[str, ...] = (
+    "origins",
+    "directions",
+    "distances",
+    "hits",
+    "view_ids",
+    "face_ids",
+    "view_positions",
+    "grids",
+    "meta",
+)
+
+
+def pack_layout(dataset: Any, sides: np.ndarray) -> tuple[StoreLayout, np.ndarray]:
+    """Each sample's place in its pack level: (layout with level-relative starts, levels).
+
+    ``dataset.ray_store`` must be a PackedRayStore (``locate`` gives the offsets).
+    """
+    store = dataset.ray_store
+    k = len(dataset.samples)
+    r0 = np.zeros(k, np.int64)
+    n = np.zeros(k, np.int64)
+    v0 = np.zeros(k, np.int64)
+    v = np.zeros(k, np.int64)
+    for i, s in enumerate(dataset.samples):
+        _, r0[i], n[i], v0[i], v[i] = store.locate(s)
+    levels = np.array([int(s["level"]) for s in dataset.samples], dtype=np.int64)
+    layout = StoreLayout(
+        ray_start=r0,
+        ray_count=n,
+        view_start=v0,
+        view_count=v,
+        grid_start=np.zeros(k, np.int64),
+        side=np.asarray(sides, np.int64),
+    )
+    return layout, levels
+
+
+def local_plan(bp: BatchPlan) -> BatchPlan:
+    """The plan of a batch whose rows were already selected and gathered in output order:
+    the fused pass then keeps every row (``keep == ray_count``) of a batch-sized store."""
+    grid_sizes = bp.side.astype(np.int64) ** 3
+    return replace(
+        bp,
+        ray_start=np.asarray(bp.out_start, np.int64),
+        ray_count=np.asarray(bp.keep, np.int64),
+        view_start=np.asarray(bp.view_out_start, np.int64),
+        grid_start=np.concatenate([[0], np.cumsum(grid_sizes)[:-1]]).astype(np.int64),
+    )
+
+
+class PackBatchReader:
+    """Reads whole batches from a pack (module doc); picklable, stateless per call.
+
+    Args:
+        dataset: the dataset (its ``ray_store`` a PackedRayStore); a light copy is kept.
+        sampler: the RayBatchSampler (only ``batches(epoch)`` is called; copied).
+        segment: the known transforms (for the ray counts of the plan).
+        layout: :func:`pack_layout`'s layout. levels: (K,) int64.
+        first_epoch: the epoch of DALI's epoch 0.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        sampler: Any,
+        segment: list,
+        layout: StoreLayout,
+        levels: np.ndarray,
+        first_epoch: int = 0,
+    ) -> None:
+        ds = copy.copy(dataset)
+        ds.transform = None
+        self.dataset = ds
+        smp = copy.copy(sampler)
+        smp.dataset = None
+        self.sampler = smp
+        self.segment = list(segment)
+        self.layout = layout
+        self.levels = levels
+        self.seed = int(getattr(dataset, "seed", 0))
+        self.sps = getattr(dataset, "samples_per_subvolume", None)
+        self.first_epoch = int(first_epoch)
+        self._plans: dict[int, EpochPlan] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_plans"] = {}
+        return state
+
+    def plan(self, epoch: int) -> EpochPlan:
+        got = self._plans.get(epoch)
+        if got is None:
+            got = build_epoch_plan(
+                self.sampler.batches(epoch),
+                self.layout,
+                self.levels,
+                self.segment,
+                self.seed,
+                epoch,
+                self.sps,
+            )
+            self._plans = {epoch: got}
+        return got
+
+    def read(self, epoch: int, i: int) -> tuple[np.ndarray, ...]:
+        """Batch ``i`` of ``epoch``: the outputs of :data:`STREAM_OUTPUTS`.
+
+        Raises:
+            StopIteration: ``i`` is past the epoch's last batch.
+        """
+        plan = self.plan(epoch)
+        if i >= len(plan):
+            raise StopIteration
+        bp = plan.batch(i)
+        rows, owner, _ = select_store_rows(bp)
+        store = self.dataset.ray_store
+        out: dict[str, np.ndarray] = {}
+        levels = self.levels[np.asarray(bp.index, np.int64)]
+        t = rows.shape[0]
+        ray_level = levels[owner]
+        uniq = np.unique(levels)
+        for level in uniq:
+            arrays = store._level(int(level)).arrays
+            sel = slice(None) if uniq.size == 1 else np.flatnonzero(ray_level == level)
+            for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
+                src = arrays[k]
+                if k not in out:
+                    out[k] = np.empty((t, *src.shape[1:]), dtype=src.dtype)
+                out[k][sel] = np.take(src, rows[sel], axis=0)
+        vcount = np.asarray(bp.view_count, np.int64)
+        vowner = np.repeat(np.arange(vcount.shape[0]), vcount)
+        vrows = np.asarray(bp.view_start)[vowner] + (
+            np.arange(vowner.shape[0]) - np.asarray(bp.view_out_start)[vowner]
+        )
+        views = np.empty((vrows.shape[0], 3), np.float32)
+        vlevel = levels[vowner]
+        for level in uniq:
+            sel = np.flatnonzero(vlevel == level)
+            views[sel] = np.take(store._level(int(level)).arrays["view_positions"], vrows[sel], 0)
+        out["view_positions"] = views
+        grids = [
+            np.ascontiguousarray(self.dataset.voxels(int(j)), dtype=np.uint8).reshape(-1)
+            for j in np.asarray(bp.index, np.int64)
+        ]
+        out["grids"] = np.concatenate(grids) if grids else np.zeros(0, np.uint8)
+        out["meta"] = np.array([epoch, i], dtype=np.int64)
+        return tuple(out[k] for k in STREAM_OUTPUTS)
+
+    def __call__(self, batch_info: Any) -> tuple[list[np.ndarray], ...]:
+        """DALI batch-mode entry: one DALI sample per loader batch."""
+        from gpuloader.loading.reader import encode_error
+
+        epoch = self.first_epoch + int(batch_info.epoch_idx)
+        try:
+            arrays = self.read(epoch, int(batch_info.iteration))
+        except GPULoaderError as exc:
+            raise RuntimeError(encode_error(exc)) from exc
+        return tuple([a] for a in arrays)
+
+
+_STREAM_DTYPES = {
+    "origins": np.float32,
+    "directions": np.float32,
+    "distances": np.float32,
+    "hits": np.uint8,
+    "view_ids": np.int32,
+    "face_ids": np.int32,
+    "view_positions": np.float32,
+    "grids": np.uint8,
+    "meta": np.int64,
+}
+_STREAM_NDIM = {"origins": 2, "directions": 2, "view_positions": 2}
+
+
+class _BatchIndexDataset:
+    """Map-style view for torch DataLoader workers: batch ``i`` of ``self.epoch``."""
+
+    def __init__(self, reader: PackBatchReader, epoch: int, n: int) -> None:
+        self.reader, self.epoch, self.n = reader, epoch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, ...]:
+        return self.reader.read(self.epoch, int(i))
+
+
+def _dali_stream(reader: PackBatchReader, num_workers: int, prefetch: int) -> Any:
+    """A CPU DALI pipeline whose parallel batch-mode external source yields whole batches."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    table = {np.float32: types.FLOAT, np.uint8: types.UINT8, np.int32: types.INT32,
+             np.int64: types.INT64}  # fmt: skip
+    pipe = Pipeline(
+        batch_size=1,
+        num_threads=1,
+        device_id=None,
+        py_num_workers=max(1, num_workers),
+        py_start_method="spawn",
+        prefetch_queue_depth=max(2, prefetch),
+    )
+    with pipe:
+        outs = fn.external_source(
+            source=reader,
+            num_outputs=len(STREAM_OUTPUTS),
+            batch=True,
+            batch_info=True,
+            parallel=True,
+            dtype=[table[_STREAM_DTYPES[k]] for k in STREAM_OUTPUTS],
+            ndim=[_STREAM_NDIM.get(k, 1) for k in STREAM_OUTPUTS],
+        )
+        pipe.set_outputs(*outs)
+    pipe.build()
+    return pipe
+
+
+class StreamBatches:
+    """Whole batches streamed from a pack (module doc), then the fused pass.
+
+    Args:
+        reader: the batch reader (pickled into the workers).
+        hashes: each dataset sample's hash.
+        device: torch device of the batches.
+        num_workers: reader processes (0: in this process).
+        backend: "dali" or "torch" (DataLoader workers).
+        prefetch: batches read ahead.
+    """
+
+    def __init__(
+        self,
+        reader: PackBatchReader,
+        hashes: list[str],
+        device: Any,
+        num_workers: int = 2,
+        backend: str = "torch",
+        prefetch: int = 2,
+    ) -> None:
+        self.reader = reader
+        self.hashes = hashes
+        self.device = device
+        self.num_workers = int(num_workers)
+        self.backend = backend if self.num_workers > 0 else "torch"
+        self.prefetch = max(1, int(prefetch))
+        self._pipe: Any = None
+        self._pipe_epoch: int | None = None
+
+    def close(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pool = getattr(pipe, "_py_pool", None)
+            if pool is not None:
+                pool.close()
+            shutdown = getattr(pipe, "_shutdown", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _raw(self, epoch: int, n: int) -> Any:
+        if self.backend == "dali":
+            if self._pipe is None or self._pipe_epoch != epoch:
+                self.close()
+                self.reader.first_epoch = epoch
+                self._pipe = _dali_stream(self.reader, self.num_workers, self.prefetch)
+            pipe = self._pipe
+            self._pipe_epoch = None  # mid-epoch: an interrupted pass rebuilds the pipeline
+            for _ in range(n):
+                try:
+                    outs = pipe.run()
+                except Exception as exc:
+                    from gpuloader.loading.pipeline import _reraise_worker_error
+
+                    _reraise_worker_error(exc)
+                    raise
+                yield tuple(np.array(tl.at(0)) for tl in outs)
+            try:  # the end of DALI's epoch: the next one continues this pipeline
+                pipe.run()
+            except StopIteration:
+                pipe.reset()
+                self._pipe_epoch = epoch + 1
+            return
+        import torch
+
+        dl = torch.utils.data.DataLoader(
+            _BatchIndexDataset(self.reader, epoch, n),
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch if self.num_workers > 0 else None,
+        )
+        for arrays in dl:
+            yield tuple(np.asarray(a) for a in arrays)
+
+    def __call__(self, epoch: int) -> Any:
+        from gpuloader.loading.batches import assemble_host, to_device
+
+        plan = self.reader.plan(epoch)
+        n = len(plan)
+        for i, arrays in enumerate(self._raw(epoch, n)):
+            local = dict(zip(STREAM_OUTPUTS, arrays, strict=True))
+            if tuple(local["meta"].tolist()) != (epoch, i):
+                raise RuntimeError(f"stream out of order: got {local['meta']}, want {(epoch, i)}")
+            bp = local_plan(plan.batch(i))
+            if getattr(self.device, "type", "cpu") == "cuda":
+                yield self._assemble_cuda(local, bp, plan, i)
+            else:
+                batch = assemble_host(local, bp, plan, i, self.hashes)
+                cpu = self.device is None or self.device.type == "cpu"
+                yield batch if cpu else to_device(batch, self.device)
+
+    def _assemble_cuda(self, local: dict, bp: BatchPlan, plan: EpochPlan, i: int) -> dict:
+        """The batch-sized store goes to the device (one copy per output), then the CUDA
+        fused pass."""
+        import cupy
+        import torch
+
+        from gpuloader.augment import fused_cupy
+
+        dev = self.device
+        stream = torch.cuda.current_stream(dev)
+        with cupy.cuda.Device(dev.index or 0), cupy.cuda.ExternalStream(stream.cuda_stream):
+            store = {k: cupy.asarray(v) for k, v in local.items() if k != "meta"}
+            rays = fused_cupy.gather_rays(store, bp)
+            vox = fused_cupy.gather_grids(store["grids"], bp)
+            vp = fused_cupy.gather_views(store["view_positions"], bp)
+        sl = plan.slots(i)
+        out: dict[str, Any] = {
+            "voxels": torch.from_dlpack(vox),
+            "voxel_shapes": torch.as_tensor(np.repeat(bp.side[:, None], 3, axis=1), device=dev),
+        }
+        for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
+            out[k] = torch.from_dlpack(rays[k])
+        out["ray_to_voxel"] = torch.from_dlpack(rays["ray_to_voxel"])
+        out["num_rays"] = torch.as_tensor(np.asarray(bp.keep, np.int64), device=dev)
+        out["levels"] = torch.as_tensor(plan.levels[sl], device=dev)
+        out["hashes"] = [self.hashes[int(j)] for j in bp.index]
+        out["view_positions"] = list(torch.split(torch.from_dlpack(vp), bp.view_count.tolist()))
+        return out
