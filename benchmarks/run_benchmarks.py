@@ -98,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the resident store (GPU on CUDA, else host) at batch shapes "
         + ", ".join(f"{r}x{s}" for r, s in SWEEP_SHAPES),
     )
+    p.add_argument(
+        "--fill",
+        action="store_true",
+        help="time the resident store's fill against inflating every file of the split on "
+        "all cores (a process pool doing np.load of every array)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.workers = args.workers or [0, 2]
@@ -313,6 +319,56 @@ class Runner:
 
     def gpu_packed(self, scenario: str, workers: int) -> tuple[Any, Any, dict]:
         return self.gpu_loader(scenario, workers, packed=True)
+
+
+def _inflate(paths: tuple[str, str]) -> int:
+    """Read every array of one sample's ray and voxel files (the work a fill must do)."""
+    import numpy as np
+
+    total = 0
+    for path in paths:
+        with np.load(path, allow_pickle=False) as npz:
+            total += sum(int(npz[k].nbytes) for k in npz.files)
+    return total
+
+
+def fill_benchmark(dataset_dir: Path, ray_dir: Path, repeats: int = 3) -> dict[str, Any]:
+    """Median seconds of (a) inflating every file of the train split on all cores, (b) the
+    host store's fill with as many reader workers; ratio = (a) / (b) (>= 0.8 is the goal)."""
+    import multiprocessing as mp
+    import statistics
+
+    from gpuloader.stores.resident import fill_store
+
+    ds = HierarchicalVoxelRayDataset(dataset_dir, ray_dir, split="train")
+    paths = [(str(s["ray_path"]), str(s["voxel_path"])) for s in ds.samples]
+    cores = os.cpu_count() or 1
+    inflate, fill = [], []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        with mp.get_context("spawn").Pool(cores) as pool:
+            nbytes = sum(pool.imap_unordered(_inflate, paths, chunksize=8))
+        inflate.append(time.perf_counter() - tick)
+        tick = time.perf_counter()
+        store = fill_store(ds, "host", num_workers=cores, progress=False)
+        fill.append(time.perf_counter() - tick)
+        del store
+    out = {
+        "cores": cores,
+        "files": 2 * len(paths),
+        "inflated_bytes": nbytes,
+        "inflate_seconds": inflate,
+        "fill_seconds": fill,
+        "inflate_median": statistics.median(inflate),
+        "fill_median": statistics.median(fill),
+    }
+    out["ratio"] = out["inflate_median"] / out["fill_median"]
+    print(
+        f"  fill: {out['fill_median']:.2f} s (runs {', '.join(f'{x:.2f}' for x in fill)}); "
+        f"inflating every file on {cores} cores: {out['inflate_median']:.2f} s; "
+        f"fill speed {out['ratio']:.2f}x of that"
+    )
+    return out
 
 
 def build_pack(ray_dir: Path, pack_dir: Path, repack: bool) -> dict[str, Any]:
@@ -536,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row['device']}]"
                     )
     sweep = runner.sweep(max(args.workers)) if args.sweep else None
+    fill = fill_benchmark(dataset_dir, ray_dir) if args.fill else None
     add_ratios(results)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     report = {
@@ -547,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "summary": summarize(results),
         "sweep": sweep,
+        "fill": fill,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{stamp}.json"
