@@ -15,7 +15,9 @@ its time; it runs in the same process on the same data with the same settings, s
 ``ratio`` is measured, not quoted (> 1: gpuloader is better). Runs with no arguments on the
 demo data::
 
-    python examples/benchmark_dataset.py
+    python examples/benchmark_dataset.py                     # GPURayLoader, store="auto"
+    python examples/benchmark_dataset.py --loader cpu        # the seed's CPU API only
+    python examples/benchmark_dataset.py --store stream      # the per-sample reader
     python examples/benchmark_dataset.py --benchmarks single loader cache
     python examples/benchmark_dataset.py --batch-size 16 --num-workers 8 --benchmarks all
 """
@@ -75,6 +77,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "machine several threads make tiny tensor ops slower, not faster)",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    p.add_argument(
+        "--loader",
+        choices=["gpu", "cpu"],
+        default="gpu",
+        help="what the loader/batch/workers benchmarks time for gpuloader: GPURayLoader "
+        "(gpu, default: the fast path) or the seed's DataLoader + RayBatchSampler (cpu)",
+    )
+    p.add_argument(
+        "--store",
+        choices=["auto", "gpu", "host", "stream"],
+        default="auto",
+        help="GPURayLoader's store (auto)",
+    )
+    p.add_argument("--device", default="auto", help="GPURayLoader's device (auto)")
     return p.parse_args(argv)
 
 
@@ -101,7 +117,18 @@ class Suite:
         """gpuloader (RayBatchSampler or plain batching) and baseline DataLoaders."""
         bs = self.args.batch_size
         extra: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}
-        if ray_sampler:
+        if self.args.loader == "gpu":
+            from gpuloader import GPURayLoader
+
+            lo: Any = GPURayLoader(
+                ours,
+                rays_per_batch=bs * self.args.rays_per_sample if ray_sampler else None,
+                subvolumes_per_batch=bs,
+                num_workers=max(1, workers),
+                store=self.args.store,
+                device=self.args.device,
+            )
+        elif ray_sampler:
             s = RayBatchSampler(ours, bs * self.args.rays_per_sample, bs)
             lo = DataLoader(ours, batch_sampler=s, collate_fn=collate_ray_batch, **extra)
         else:
@@ -362,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     suite = Suite(args)
     print(
         f"data: {suite.common['dataset_dir'].parent}  split: {args.split}  "
-        f"batch {args.batch_size} x {args.rays_per_sample} rays, {args.num_workers} workers"
+        f"batch {args.batch_size} x {args.rays_per_sample} rays, {args.num_workers} workers; "
+        + (
+            f"gpuloader = GPURayLoader (store={args.store})"
+            if args.loader == "gpu"
+            else "gpuloader = DataLoader + RayBatchSampler"
+        )
     )
     print(f"  {'(ratio > 1: gpuloader is better)':38s} {'gpuloader':>12s} {'upstream':>12s}")
     for name in chosen:

@@ -3,9 +3,12 @@
 Times dataset initialization, single-sample loads, the voxel cache, DataLoader throughput,
 the ray batch sampler and the transform overhead, for gpuloader and for the upstream
 baseline (benchmarks/upstream_baseline.py) in the same run, and prints the ratios
-(> 1 means gpuloader is faster). Runs with no arguments on the demo data::
+(> 1 means gpuloader is faster). The last rows time the fast path, ``GPURayLoader`` with a
+resident store (``--store``: auto, host, gpu or stream; ``--loader cpu`` leaves it out), on
+augmented batches after one warm-up epoch. Runs with no arguments on the demo data::
 
     python examples/quick_timing_test.py
+    python examples/quick_timing_test.py --store host --num-workers 2
 """
 
 from __future__ import annotations
@@ -48,6 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads of the main process (1, as in DataLoader workers: on a busy "
         "machine several threads make tiny tensor ops slower, not faster)",
     )
+    p.add_argument(
+        "--loader",
+        choices=["gpu", "cpu"],
+        default="gpu",
+        help="also time GPURayLoader (gpu, default) or only the seed's CPU API (cpu)",
+    )
+    p.add_argument(
+        "--store",
+        choices=["auto", "gpu", "host", "stream"],
+        default="auto",
+        help="GPURayLoader's store (auto: GPU memory, else host RAM, else streaming)",
+    )
+    p.add_argument("--device", default="auto", help="GPURayLoader's device (auto)")
     return p.parse_args(argv)
 
 
@@ -142,7 +158,45 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'  transform overhead':34s} {(ta - warm_o) * 1e3:12,.2f} {(tb - warm_b) * 1e3:12,.2f} ms"
     )
+    if args.loader == "gpu":
+        _fast_path(args, kw, aug_b)
     return 0
+
+
+def _fast_path(args: argparse.Namespace, kw: dict, aug_b: up.UpstreamDataset) -> None:
+    """Augmented batches: GPURayLoader (2nd epoch) against the upstream DataLoader."""
+    from gpuloader import GPURayLoader
+
+    rays_per_batch = args.batch_size * RAYS_PER_SAMPLE
+    bs = up.UpstreamRayBatchSampler(aug_b, rays_per_batch, args.batch_size, group_by_level=True)
+    b, _ = _rays_per_second(
+        DataLoader(
+            aug_b, batch_sampler=bs, collate_fn=up.upstream_collate, num_workers=args.num_workers
+        )  # fmt: skip
+    )
+    augment = transforms.Compose(
+        [
+            transforms.RandomRotation90(p=0.5),
+            transforms.RandomFlip(p=0.5),
+            transforms.RandomRaySubsample(num_rays=RAYS_PER_SAMPLE),
+        ]
+    )
+    t = time.perf_counter()
+    with GPURayLoader(
+        HierarchicalVoxelRayDataset(**kw),
+        rays_per_batch=rays_per_batch,
+        subvolumes_per_batch=args.batch_size,
+        transform=augment,
+        num_workers=max(1, args.num_workers),
+        device=args.device,
+        store=args.store,
+    ) as loader:
+        setup = time.perf_counter() - t
+        _rays_per_second(loader)  # warm-up epoch
+        o, _ = _rays_per_second(loader)
+        what = f"GPURayLoader {loader.store}, {loader.device}"
+    print(f"{'  loader setup (store fill)':34s} {setup * 1e3:12,.2f} {'':12s} ms")
+    _row(what[:34], o, b, "rays/s", True)
 
 
 if __name__ == "__main__":
