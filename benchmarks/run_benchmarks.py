@@ -1,15 +1,20 @@
 """Throughput suite: upstream baseline vs gpuloader's CPU API vs GPURayLoader, same data.
 
-Five loaders read the train split of one dataset with the same batch shape
+Seven loaders read the train split of one dataset with the same batch shape
 (``--subvolumes-per-batch`` sub-volumes of ``--rays-per-batch / subvolumes`` rays each):
 
 * ``upstream``   benchmarks/upstream_baseline.py (the upstream loader's behaviour), with a
   torch DataLoader;
 * ``cpu_api``    HierarchicalVoxelRayDataset + RayBatchSampler + collate_ray_batch in a torch
   DataLoader (the seed's API);
-* ``gpu_loader`` GPURayLoader (DALI pipeline, on the CPU when there is no GPU);
-* ``cpu_packed``, ``gpu_packed``: the same two with ``ray_store=PackedRayStore`` (the one-time
-  packed cache of gpuloader.stores.packed, built before timing, its build timed on its own).
+* ``gpu_loader`` GPURayLoader, ``store="stream"`` on the npz files: the per-sample reader
+  (DALI pipeline, on the CPU when there is no GPU);
+* ``cpu_packed`` the CPU API with ``ray_store=PackedRayStore`` (the one-time packed cache of
+  gpuloader.stores.packed, built before timing, its build timed on its own);
+* ``gpu_packed`` GPURayLoader, ``store="stream"`` on the pack: whole batches gathered from the
+  pack by the workers, then the fused pass;
+* ``resident_host``, ``resident_gpu``: GPURayLoader with the split resident in RAM or in GPU
+  memory (filled once, the fill timed on its own), one fused pass per batch.
 
 Each runs for every ``--workers`` count, in two scenarios: ``plain`` (no transform) and
 ``augment`` (rotation + flip + ray subsample). After one warm-up epoch (worker start-up,
@@ -238,6 +243,7 @@ class Runner:
             prefetch=2,
             device=self.args.device,
             backend="auto",
+            store="stream",  # npz: the per-sample reader; a pack: whole batches from it
         )
         info = {
             "backend": str(getattr(loader, "backend", "?")),
