@@ -154,13 +154,15 @@ def assemble_host(
 
 
 def to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
-    """A CPU batch on ``dev`` (pinned, asynchronous copies)."""
+    """A CPU batch on ``dev``: one copy per tensor (pinning each fresh batch would cost a
+    page-locked allocation per tensor, more than the copy it saves)."""
     out: dict[str, Any] = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
-            out[k] = v.pin_memory().to(dev, non_blocking=True)
+            out[k] = v.to(dev)
         elif k == "view_positions":
-            out[k] = [t.pin_memory().to(dev, non_blocking=True) for t in v]
+            flat = torch.cat(v).to(dev) if v else torch.zeros((0, 3), device=dev)
+            out[k] = list(torch.split(flat, [int(t.shape[0]) for t in v]))
         else:
             out[k] = v
     return out
