@@ -543,6 +543,35 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def plot_sweep(path: Path, report: dict[str, Any]) -> None:
+    """Rays/s of the resident store against the batch shape (``--sweep``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    rows = [r for r in report.get("sweep") or [] if "error" not in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
+    xs = range(len(rows))
+    ax.plot(xs, [r["rays_per_s"] for r in rows], marker="o")
+    for x, r in zip(xs, rows, strict=True):
+        ax.annotate(f"{r['rays_per_s'] / 1e6:,.1f} M", (x, r["rays_per_s"]), xytext=(0, 6),
+                    textcoords="offset points", ha="center", fontsize=8)  # fmt: skip
+    ax.set_xticks(list(xs), [r["shape"] for r in rows])
+    ax.set_xlabel("rays per batch x sub-volumes per batch")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(EngFormatter())
+    ax.set_ylabel("rays per second (log)")
+    where = rows[0]["location"]
+    ax.set_title(f"resident {where} store, augmented batches ({report['machine']['gpu'] or 'CPU'})")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.torch_threads)
@@ -617,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps(report, indent=1))
     png_path = json_path.with_suffix(".png")
     plot(png_path, report)
+    if sweep:
+        plot_sweep(json_path.with_name(f"{stamp}-sweep.png"), report)
     print("\nratio to the upstream baseline (same workers, same scenario; > 1 is faster):")
     for r in results:
         if "ratio_rays_per_s" in r and r["loader"] != "upstream":
