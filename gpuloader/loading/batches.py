@@ -85,11 +85,12 @@ class FusedBatches:
             self.samples_per_subvolume,
         )
 
-    def __call__(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch`` from plan batch ``start`` on (a resumed epoch)."""
         plan = self.plan(epoch)
         if self.store.location == "gpu":
-            return self._iter_gpu(plan)
-        return self._iter_host(plan)
+            return self._iter_gpu(plan, start)
+        return self._iter_host(plan, start)
 
     # -- CPU ---------------------------------------------------------------------------------
 
@@ -97,18 +98,18 @@ class FusedBatches:
         """Batch ``i`` of ``plan`` from a host store: collate_ray_batch's dict (CPU tensors)."""
         return assemble_host(self.store.arrays, plan.batch(i), plan, i, self.hashes)
 
-    def _iter_host(self, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+    def _iter_host(self, plan: EpochPlan, start: int = 0) -> Iterator[dict[str, Any]]:
         n = len(plan)
         move = self.device.type != "cpu"
         if self.threads == 1:
-            for i in range(n):
+            for i in range(start, n):
                 yield (
                     self._to_device(self.build_host(plan, i)) if move else self.build_host(plan, i)
                 )
             return
         with ThreadPoolExecutor(self.threads, thread_name_prefix="gpuloader-batch") as pool:
             pending: deque = deque()
-            nxt = 0
+            nxt = start
             while nxt < n and len(pending) < self.prefetch:
                 pending.append(pool.submit(self.build_host, plan, nxt))
                 nxt += 1
@@ -124,10 +125,10 @@ class FusedBatches:
 
     # -- CUDA --------------------------------------------------------------------------------
 
-    def _iter_gpu(self, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+    def _iter_gpu(self, plan: EpochPlan, start: int = 0) -> Iterator[dict[str, Any]]:
         if self._gpu is None:
             self._gpu = _GPUState(self)
-        yield from self._gpu.iterate(plan)
+        yield from self._gpu.iterate(plan, start)
 
 
 def assemble_host(
@@ -212,11 +213,12 @@ class _GPUState:
             )
         self.views = [{k: self.cupy.asarray(v) for k, v in s.items()} for s in self.slots]
 
-    def iterate(self, plan: EpochPlan) -> Iterator[dict[str, Any]]:
+    def iterate(self, plan: EpochPlan, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The plan's batches from ``start`` on (module doc)."""
         cp = self.cupy
         owner = self.owner
         n = len(plan)
-        if n == 0:
+        if n <= start:
             return
         starts = plan.batch_starts
         keep = plan.arrays["keep"]
@@ -259,8 +261,8 @@ class _GPUState:
                 ev.record(self.stream)
                 ready[s] = ev
 
-            launch(0)
-            for i in range(n):
+            launch(start)
+            for i in range(start, n):
                 s = i % len(self.slots)
                 if i + 1 < n:
                     launch(i + 1)  # the next batch is queued before this one is handed out

@@ -150,6 +150,43 @@ class HierarchicalVoxelRayDataset(Dataset):
         """Epoch used by integer indices (a RayRequest carries its own)."""
         self.epoch = int(epoch)
 
+    def samples_fingerprint(self) -> str:
+        """A short hash of the sample list (level, hash, ray count of each, in order): two
+        datasets with the same fingerprint index the same samples the same way."""
+        import hashlib
+
+        h = hashlib.sha1(str(len(self.samples)).encode())
+        for s in self.samples:
+            h.update(f"|{s['level']}:{s['hash']}:{s['num_rays']}".encode())
+        return h.hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the dataset: its ``epoch`` (integer indices), and its
+        ``seed``, ``split`` and sample-list fingerprint to check that it is the same data."""
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "split": self.split,
+            "num_samples": len(self.samples),
+            "fingerprint": self.samples_fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s epoch (checks are made only for keys present).
+
+        Raises:
+            ValueError: the state belongs to another seed, split or sample list.
+        """
+        mine = self.state_dict()
+        for key in ("seed", "split", "num_samples", "fingerprint"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the state was saved with "
+                    f"{key}={state[key]!r}, this dataset has {key}={mine[key]!r}; resume with "
+                    "the same dataset, split, levels and seed"
+                )
+        self.set_epoch(int(state.get("epoch", self.epoch)))
+
     def get_level_distribution(self) -> dict[int, int]:
         """``{level: number of samples}``, levels ascending."""
         counts = Counter(s["level"] for s in self.samples)

@@ -21,6 +21,18 @@ as the dataset does.
 
 Scripts that use the DALI back end start its workers with ``spawn``: guard the entry point
 with ``if __name__ == "__main__":``.
+
+Distributed: the sampler shards the epoch's batches over ``torch.distributed``'s ranks (or
+the ``rank``/``world_size`` given), and every store and back end reads exactly the sampler's
+batches, so each rank's loader yields its shard. DALI's own ``shard_id``/``num_shards`` (of
+its file readers) are not used: the order is ours, and the external source reads only the
+rank's batches. Every rank holds the whole split in a resident store.
+
+Resume: :meth:`GPURayLoader.state_dict` is ``(epoch, batches_yielded)`` of the pass in
+progress (batches handed to the caller, not those read ahead); after
+:meth:`GPURayLoader.load_state_dict` (on this loader or a new one) the next pass starts that
+epoch at that batch: the store's plan, the stream's batch reader and the per-sample reader
+all start there without reading the batches before it.
 """
 
 from __future__ import annotations
@@ -128,17 +140,19 @@ class _ReaderDataset(torch.utils.data.Dataset):
 
 
 class _EpochBatches:
-    """Batch sampler for the torch back end: the reader's batches of ``self.epoch``."""
+    """Batch sampler for the torch back end: the reader's batches of ``self.epoch``, from
+    batch ``self.start`` on (a resumed epoch)."""
 
     def __init__(self, reader: RayReader) -> None:
         self.reader = reader
         self.epoch = 0
+        self.start = 0
 
     def __iter__(self) -> Iterator[list]:
-        return iter(self.reader.batches(self.epoch))
+        return iter(self.reader.batches(self.epoch)[self.start :])
 
     def __len__(self) -> int:
-        return len(self.reader.batches(self.epoch))
+        return max(0, len(self.reader.batches(self.epoch)) - self.start)
 
 
 def _owners(counts: np.ndarray, xp: Any) -> Any:
@@ -196,6 +210,8 @@ class GPURayLoader:
         gpu_budget, host_budget: bytes, or a fraction of the free memory (default 0.5).
         threads: CPU batch builders of a host store.
         progress: progress bar of the fill (default: when stderr is a terminal).
+        rank, world_size: this process's shard of every epoch (``RayBatchSampler``; default:
+            ``torch.distributed`` when initialized, else 0 and 1).
 
     Attributes:
         backend: "dali" or "torch". device: the torch device of the batches.
@@ -222,6 +238,8 @@ class GPURayLoader:
         host_budget: float | int | None = None,
         threads: int = 2,
         progress: bool | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         self._closed = True  # until fully built: makes close()/__del__ safe on errors
         self._pipe: RayPipeline | None = None
@@ -246,6 +264,8 @@ class GPURayLoader:
             shuffle=shuffle,
             drop_last=drop_last,
             seed=seed,
+            rank=rank,
+            world_size=world_size,
         )
         self.seed = self.sampler.seed
         self.num_workers = int(num_workers)
@@ -258,6 +278,8 @@ class GPURayLoader:
         self.epoch = 0
         self._pipe_epoch: int | None = None  # epoch the pipeline's next DALI epoch reads
         self._pipe_fresh = False
+        self._resume_at = 0  # batches of ``self.epoch`` the next pass skips (load_state_dict)
+        self._pass: list[int] | None = None  # [epoch, batches yielded] of the pass in progress
         self.backend = self._choose_backend(backend)
         self.store, self.store_reason = self._choose_store(
             store, cpu, segments, gpu_budget, host_budget
@@ -322,11 +344,12 @@ class GPURayLoader:
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _reader(self, first_epoch: int) -> RayReader:
+    def _reader(self, first_epoch: int, first_start: int = 0) -> RayReader:
         return RayReader(
             self.sampler.dataset,
             self.sampler,
             first_epoch=first_epoch,
+            first_start=first_start,
             cpu_transforms=self._cpu_transforms,
             ray_budget=self._budget,
             batch_size=self.sampler.subvolumes_per_batch,
@@ -425,8 +448,45 @@ class GPURayLoader:
         return len(self.sampler)
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch of the next pass (order and every draw); each pass then advances it by one."""
-        self.epoch = int(epoch)
+        """Epoch of the next pass (order and every draw); each pass then advances it by one.
+        A position restored by :meth:`load_state_dict` is kept when ``epoch`` is its epoch."""
+        epoch = int(epoch)
+        if epoch != self.epoch:
+            self._resume_at = 0
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands (module doc): ``epoch`` and ``batches_yielded`` of the pass
+        in progress (or of the next pass; a finished epoch reads as the next epoch at 0),
+        with ``seed``, ``world_size``, ``num_batches`` and the dataset's state to check it."""
+        from gpuloader.loading.sampler import resume_state
+
+        epoch, done = self._pass if self._pass is not None else (self.epoch, self._resume_at)
+        state = resume_state(epoch, done, len(self), self.seed, self.sampler.world_size)
+        state["rank"] = self.sampler.rank
+        ds_state = getattr(self.dataset, "state_dict", None)
+        if ds_state is not None:
+            state["dataset"] = ds_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (:meth:`state_dict`'s, of any rank of the same run): the
+        next pass yields that epoch's batches from ``batches_yielded`` on, exactly those an
+        uninterrupted run would yield.
+
+        Raises:
+            ValueError: the state belongs to another dataset, seed, world size or batching.
+        """
+        from gpuloader.loading.sampler import check_resume_state
+
+        epoch, start = check_resume_state(
+            state, len(self), self.seed, self.sampler.world_size, "GPURayLoader"
+        )
+        ds_load = getattr(self.dataset, "load_state_dict", None)
+        if "dataset" in state and ds_load is not None:
+            ds_load(state["dataset"])
+        self.epoch, self._resume_at = epoch, start
+        self._pass = None
 
     def __repr__(self) -> str:
         return (
@@ -439,23 +499,39 @@ class GPURayLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._closed:
             raise RuntimeError("GPURayLoader is closed")
-        epoch = self.epoch
-        self.epoch = epoch + 1
+        epoch, start = self.epoch, self._resume_at
+        self.epoch, self._resume_at = epoch + 1, 0
         if self._fused is not None:
-            return self._fused(epoch)
-        if self._stream is not None:
-            return self._stream(epoch)
-        if self.backend == "dali":
-            return self._iter_dali(epoch)
-        return self._iter_torch(epoch)
+            it = self._fused(epoch, start)
+        elif self._stream is not None:
+            it = self._stream(epoch, start)
+        elif self.backend == "dali":
+            it = self._iter_dali(epoch, start)
+        else:
+            it = self._iter_torch(epoch, start)
+        pos = self._pass = [epoch, start]
+        return self._counted(it, pos)
 
-    def _iter_dali(self, epoch: int) -> Iterator[dict[str, Any]]:
-        if self._pipe is None or not self._pipe_fresh or self._pipe_epoch != epoch:
+    def _counted(self, it: Iterator[dict[str, Any]], pos: list[int]) -> Iterator[dict[str, Any]]:
+        """``it``, counting in ``pos[1]`` the batches handed out (for :meth:`state_dict`)."""
+        try:
+            for batch in it:
+                pos[1] += 1
+                yield batch
+            if self._pass is pos:
+                self._pass = None
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _iter_dali(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+        if self._pipe is None or not self._pipe_fresh or self._pipe_epoch != epoch or start:
             if self._pipe is not None:
                 self._pipe.close()
                 self._pipe = None
             self._pipe = RayPipeline(
-                self._reader(epoch),
+                self._reader(epoch, start),
                 batch_size=self.sampler.subvolumes_per_batch,
                 num_workers=self.num_workers,
                 prefetch=self.prefetch,
@@ -480,7 +556,7 @@ class GPURayLoader:
                 self._pipe_epoch = epoch + 1
                 self._pipe_fresh = True
 
-    def _iter_torch(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def _iter_torch(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         if self._torch_loader is None:
             reader = self._reader(epoch)
             nw = self.num_workers
@@ -493,6 +569,7 @@ class GPURayLoader:
                 persistent_workers=nw > 0,
             )
         self._torch_loader.batch_sampler.epoch = epoch
+        self._torch_loader.batch_sampler.start = start
         for samples in self._torch_loader:
             yield self._assemble(_raw_from_samples(samples))
 

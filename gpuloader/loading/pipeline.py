@@ -11,6 +11,12 @@ CPU (``device_id=None``).
 device copy into a torch CUDA tensor on torch's current stream, no host round trip; on the
 CPU a copy into a numpy array), plus the per-sample shapes from DALI's host-side metadata.
 
+Sharding and resume: the reader reads exactly the sampler's batches, which are already this
+rank's shard (``RayBatchSampler(rank, world_size)``), so DALI's ``shard_id``/``num_shards``
+(arguments of its file readers, not of an external source) are not used: the order is ours.
+A resumed epoch starts at the reader's ``first_start`` (a new pipeline); later DALI epochs
+start at batch 0.
+
 Shutdown: :meth:`RayPipeline.close` stops the worker pool (joins the processes, frees the
 shared memory) and the pipeline; it is idempotent and also runs from ``__del__``.
 """

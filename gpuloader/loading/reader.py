@@ -11,7 +11,9 @@ Layout of one epoch: batch ``i`` of the sampler is DALI iteration ``i``; slot ``
 the batch's ``j``-th request, and slots past the end of a short batch (the last, partial
 batch of a level) are *fillers*: empty arrays with ``meta[0] == -1``, which the loader drops.
 Iterations past the last batch raise ``StopIteration``. DALI's epoch counter ``e`` maps to
-``epoch = first_epoch + e``.
+``epoch = first_epoch + e``; in DALI's first epoch iteration ``i`` is batch ``first_start + i``
+(a resumed epoch starts there, nothing before it is read). The sampler's batches are already
+this rank's shard, so DALI's ``shard_id``/``num_shards`` are not used.
 
 Outputs of one sample (:data:`OUTPUT_NAMES`, :data:`OUTPUT_DTYPES`)::
 
@@ -160,6 +162,7 @@ class RayReader:
         sampler: a :class:`~gpuloader.loading.sampler.RayBatchSampler` over ``dataset``; a copy
             without its dataset is kept, only ``batches(epoch)`` is called.
         first_epoch: the epoch of DALI's epoch 0.
+        first_start: the batch of ``first_epoch`` that DALI's iteration 0 reads (resume).
         cpu_transforms: custom callables applied per sample, in order, after reading.
         ray_budget: rows the full transform keeps (``transforms.ray_budget``), or None.
         batch_size: slots per batch (default: ``sampler.subvolumes_per_batch``).
@@ -173,6 +176,7 @@ class RayReader:
         cpu_transforms: Sequence[Callable] = (),
         ray_budget: int | None = None,
         batch_size: int | None = None,
+        first_start: int = 0,
     ) -> None:
         ds = copy.copy(dataset)
         if hasattr(ds, "transform"):
@@ -183,6 +187,7 @@ class RayReader:
             smp.dataset = None
         self.sampler = smp
         self.first_epoch = int(first_epoch)
+        self.first_start = int(first_start)
         self.cpu_transforms = list(cpu_transforms)
         self.ray_budget = ray_budget
         self.batch_size = int(batch_size or sampler.subvolumes_per_batch)
@@ -211,12 +216,13 @@ class RayReader:
                 del self._batches[old]
         return got
 
-    def request(self, epoch: int, iteration: int, slot: int) -> RayRequest | None:
-        """Request of ``slot`` of batch ``iteration`` (None: a filler slot).
+    def request(self, epoch: int, iteration: int, slot: int, start: int = 0) -> RayRequest | None:
+        """Request of ``slot`` of batch ``start + iteration`` (None: a filler slot).
 
         Raises:
-            StopIteration: ``iteration`` is past the epoch's last batch.
+            StopIteration: that batch is past the epoch's last batch.
         """
+        iteration = int(iteration) + int(start)
         batches = self.batches(epoch)
         if iteration >= len(batches):
             raise StopIteration
@@ -229,8 +235,10 @@ class RayReader:
         """DALI sample-mode entry: ``sample_info`` has ``iteration``, ``idx_in_batch`` and
         ``epoch_idx``. Returns the outputs of :data:`OUTPUT_NAMES` (fillers past a short
         batch's end); raises ``StopIteration`` past the epoch's end."""
-        epoch = self.first_epoch + int(sample_info.epoch_idx)
-        req = self.request(epoch, int(sample_info.iteration), int(sample_info.idx_in_batch))
+        e = int(sample_info.epoch_idx)
+        epoch = self.first_epoch + e
+        start = self.first_start if e == 0 else 0
+        req = self.request(epoch, int(sample_info.iteration), int(sample_info.idx_in_batch), start)
         if req is None:
             return self.filler(epoch)
         try:

@@ -13,6 +13,20 @@ holds exactly ``rays_per_batch`` rays whenever its sub-volumes hold that many in
 Order: a pure function of ``(seed, epoch)``: sample order within a level and batch order
 come from counter-based permutations, so a run can be repeated, resumed or sharded.
 By default a batch holds one level only, so its grids have one size and stack.
+
+Distributed: with ``world_size > 1`` (by default from ``torch.distributed`` when it is
+initialized) rank ``r`` gets batches ``r, r + world_size, ...`` of the epoch's global order
+(:meth:`RayBatchSampler.global_batches`): the ranks' shards are disjoint and together cover
+the epoch once. Every rank yields the same number of batches, so DDP never waits on a rank
+that ran out: with ``drop_last=False`` the global list is padded by repeating its first
+batches (as ``DistributedSampler`` pads), with ``drop_last=True`` the last
+``len % world_size`` batches are dropped. ``len()`` is per rank.
+
+Resume: :meth:`RayBatchSampler.state_dict` is ``(epoch, batches_yielded)`` of the pass in
+progress; after :meth:`RayBatchSampler.load_state_dict` the next pass starts that epoch at
+that batch, so the next batch is the one an uninterrupted run would yield. (Behind a
+``DataLoader`` with workers the sampler runs ahead of the training loop by the prefetched
+batches: there, save ``{"epoch": e, "batches_yielded": steps_done}`` from your own count.)
 """
 
 from __future__ import annotations
@@ -24,7 +38,15 @@ import numpy as np
 
 from gpuloader.augment.rng import Purpose, permutation
 
-__all__ = ["RayBatchSampler", "RayRequest", "allocate_rays"]
+__all__ = [
+    "RayBatchSampler",
+    "RayRequest",
+    "allocate_rays",
+    "check_resume_state",
+    "distributed_rank_world",
+    "resume_state",
+    "shard_batches",
+]
 
 
 class RayRequest(NamedTuple):
@@ -73,6 +95,47 @@ def _permutation(n: int, seed: int, epoch: int, stream: int) -> np.ndarray:
     return np.asarray(permutation(n, seed, epoch, Purpose.SHUFFLE, index=stream), dtype=np.int64)
 
 
+def distributed_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: the given values, else ``torch.distributed``'s when it is
+    initialized, else ``(0, 1)``.
+
+    Raises:
+        ValueError: ``world_size < 1`` or ``rank`` outside ``[0, world_size)``.
+    """
+    if rank is None or world_size is None:
+        dist_rank, dist_world = 0, 1
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist_rank, dist_world = dist.get_rank(), dist.get_world_size()
+        except ImportError:  # torch without distributed support
+            pass
+        world_size = dist_world if world_size is None else world_size
+        rank = dist_rank if rank is None else rank
+    rank, world_size = int(rank), int(world_size)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1; got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}); got {rank}")
+    return rank, world_size
+
+
+def shard_batches(batches: list, rank: int, world_size: int, drop_last: bool) -> list:
+    """Rank ``rank``'s share of ``batches``: every ``world_size``-th from ``rank``, equal in
+    length on every rank (padded by repeating the first batches, or the remainder dropped
+    when ``drop_last``)."""
+    if world_size == 1:
+        return batches
+    n = len(batches)
+    if drop_last:
+        batches = batches[: n - n % world_size]
+    elif n % world_size:
+        pad = world_size - n % world_size
+        batches = batches + (batches * (pad // n + 1))[:pad]
+    return batches[rank::world_size]
+
+
 class RayBatchSampler:
     """Batches of ``subvolumes_per_batch`` sub-volumes holding ``rays_per_batch`` rays.
 
@@ -86,10 +149,13 @@ class RayBatchSampler:
         drop_last: drop each level's last, incomplete batch.
         seed: order seed (default: ``dataset.seed``).
         mixed_levels: allow several levels in one batch (collate then zero-pads grids).
+        rank, world_size: this process's shard (module doc); default: ``torch.distributed``
+            when initialized, else 0 and 1. Every rank must use the same seed.
 
     Each pass uses the current epoch and advances it by one when it starts (so epochs differ
     even without ``set_epoch``); ``set_epoch(e)`` pins the epoch of the next pass, as with
-    ``DistributedSampler``. ``batches(epoch)`` gives any epoch's batches without iterating.
+    ``DistributedSampler``. ``batches(epoch)`` gives any epoch's batches (this rank's)
+    without iterating; ``global_batches(epoch)`` those of every rank.
     """
 
     def __init__(
@@ -101,6 +167,8 @@ class RayBatchSampler:
         drop_last: bool = False,
         seed: int | None = None,
         mixed_levels: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if subvolumes_per_batch < 1:
             raise ValueError(f"subvolumes_per_batch must be >= 1; got {subvolumes_per_batch}")
@@ -113,7 +181,10 @@ class RayBatchSampler:
         self.drop_last = drop_last
         self.seed = int(seed if seed is not None else getattr(dataset, "seed", 0))
         self.mixed_levels = mixed_levels
+        self.rank, self.world_size = distributed_rank_world(rank, world_size)
         self.epoch = 0
+        self._resume_at = 0  # batches of ``self.epoch`` the next pass skips (load_state_dict)
+        self._pass: list[int] | None = None  # [epoch, batches yielded] of the pass in progress
         samples = dataset.samples
         avail = getattr(dataset, "available_rays", None)
         self._capacity = np.array(
@@ -129,18 +200,31 @@ class RayBatchSampler:
             self._groups = [(int(lv) + 1, np.flatnonzero(levels == lv)) for lv in np.unique(levels)]
 
     def set_epoch(self, epoch: int) -> None:
-        """Epoch of the next pass (its order and every ray draw)."""
-        self.epoch = int(epoch)
+        """Epoch of the next pass (its order and every ray draw). A position restored by
+        :meth:`load_state_dict` is kept when ``epoch`` is the restored epoch."""
+        epoch = int(epoch)
+        if epoch != self.epoch:
+            self._resume_at = 0
+        self.epoch = epoch
 
     def _group_batches(self, n: int) -> int:
         full, rest = divmod(n, self.subvolumes_per_batch)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def __len__(self) -> int:
+    def _global_len(self) -> int:
         return sum(self._group_batches(len(idx)) for _, idx in self._groups)
 
+    def __len__(self) -> int:
+        """Batches per epoch of this rank."""
+        n, ws = self._global_len(), self.world_size
+        return n // ws if self.drop_last else -(-n // ws)
+
     def batches(self, epoch: int) -> list[list[RayRequest]]:
-        """Every batch of ``epoch``, in order (a pure function of seed and epoch)."""
+        """This rank's batches of ``epoch``, in order (a pure function of seed and epoch)."""
+        return shard_batches(self.global_batches(epoch), self.rank, self.world_size, self.drop_last)
+
+    def global_batches(self, epoch: int) -> list[list[RayRequest]]:
+        """Every batch of ``epoch`` over all ranks, in order (a pure function of seed, epoch)."""
         chunks: list[np.ndarray] = []
         spb = self.subvolumes_per_batch
         for stream, idx in self._groups:
@@ -162,6 +246,77 @@ class RayBatchSampler:
     def __iter__(self) -> Iterator[list[RayRequest]]:
         # A generator: the epoch is taken (and advanced) when the pass really starts. The
         # multi-worker DataLoader calls iter() twice per pass and drops the first iterator.
-        epoch = self.epoch
-        self.epoch = epoch + 1
-        yield from self.batches(epoch)
+        epoch, start = self.epoch, self._resume_at
+        self.epoch, self._resume_at = epoch + 1, 0
+        pos = self._pass = [epoch, start]
+        for batch in self.batches(epoch)[start:]:
+            pos[1] += 1  # counted when handed out
+            yield batch
+        if self._pass is pos:
+            self._pass = None
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the order stands: ``epoch`` and ``batches_yielded`` (of this rank) of the pass
+        in progress, or of the next pass; a finished epoch reads as the next epoch at 0.
+        ``seed``, ``world_size`` and ``num_batches`` are there to check the state on load."""
+        epoch, done = self._pass if self._pass is not None else (self.epoch, self._resume_at)
+        return resume_state(epoch, done, len(self), self.seed, self.world_size)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` (:meth:`state_dict`'s): the next pass starts its epoch at
+        its batch. Only ``epoch`` and ``batches_yielded`` are required.
+
+        Raises:
+            ValueError: the state was saved with another seed, world size or epoch length.
+        """
+        self.epoch, self._resume_at = check_resume_state(
+            state, len(self), self.seed, self.world_size, "RayBatchSampler"
+        )
+        self._pass = None
+
+
+def resume_state(epoch: int, done: int, num_batches: int, seed: int, world_size: int) -> dict:
+    """A resume state ``{epoch, batches_yielded, seed, world_size, num_batches}``; a finished
+    epoch (``done >= num_batches``) becomes the next epoch at batch 0."""
+    epoch, done = int(epoch), int(done)
+    if done >= num_batches:
+        epoch, done = epoch + 1, 0
+    return {
+        "epoch": epoch,
+        "batches_yielded": done,
+        "seed": int(seed),
+        "world_size": int(world_size),
+        "num_batches": int(num_batches),
+    }
+
+
+def check_resume_state(
+    state: dict, num_batches: int, seed: int, world_size: int, owner: str
+) -> tuple[int, int]:
+    """``(epoch, batches_yielded)`` of a resume state, after checking that it fits.
+
+    Raises:
+        ValueError: a missing key, a negative position, or a state of another seed, world
+            size or epoch length.
+    """
+    try:
+        epoch, done = int(state["epoch"]), int(state["batches_yielded"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{owner}.load_state_dict: the state needs 'epoch' and 'batches_yielded'; got {state!r}"
+        ) from exc
+    if epoch < 0 or done < 0:
+        raise ValueError(f"{owner}.load_state_dict: negative epoch or position in {state!r}")
+    mine = {"seed": int(seed), "world_size": int(world_size), "num_batches": int(num_batches)}
+    for key, value in mine.items():
+        if key in state and int(state[key]) != value:
+            raise ValueError(
+                f"{owner}.load_state_dict: the state was saved with {key}={state[key]}, this "
+                f"one has {key}={value}; resume with the same dataset, sampler arguments, seed "
+                "and number of processes"
+            )
+    if done >= num_batches:
+        epoch, done = epoch + 1, 0
+    return epoch, done

@@ -92,6 +92,7 @@ class PackBatchReader:
         segment: the known transforms (for the ray counts of the plan).
         layout: :func:`pack_layout`'s layout. levels: (K,) int64.
         first_epoch: the epoch of DALI's epoch 0.
+        first_start: the batch of ``first_epoch`` that DALI's iteration 0 reads (resume).
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class PackBatchReader:
         layout: StoreLayout,
         levels: np.ndarray,
         first_epoch: int = 0,
+        first_start: int = 0,
     ) -> None:
         ds = copy.copy(dataset)
         ds.transform = None
@@ -115,6 +117,7 @@ class PackBatchReader:
         self.seed = int(getattr(dataset, "seed", 0))
         self.sps = getattr(dataset, "samples_per_subvolume", None)
         self.first_epoch = int(first_epoch)
+        self.first_start = int(first_start)
         self._plans: dict[int, EpochPlan] = {}
 
     def __getstate__(self) -> dict:
@@ -185,9 +188,10 @@ class PackBatchReader:
         """DALI batch-mode entry: one DALI sample per loader batch."""
         from gpuloader.loading.reader import encode_error
 
-        epoch = self.first_epoch + int(batch_info.epoch_idx)
+        e = int(batch_info.epoch_idx)
+        start = self.first_start if e == 0 else 0
         try:
-            arrays = self.read(epoch, int(batch_info.iteration))
+            arrays = self.read(self.first_epoch + e, start + int(batch_info.iteration))
         except GPULoaderError as exc:
             raise RuntimeError(encode_error(exc)) from exc
         return tuple([a] for a in arrays)
@@ -208,16 +212,17 @@ _STREAM_NDIM = {"origins": 2, "directions": 2, "view_positions": 2}
 
 
 class _BatchIndexDataset:
-    """Map-style view for torch DataLoader workers: batch ``i`` of ``self.epoch``."""
+    """Map-style view for torch DataLoader workers: item ``i`` is batch ``start + i`` of
+    ``self.epoch`` (``n`` batches in all)."""
 
-    def __init__(self, reader: PackBatchReader, epoch: int, n: int) -> None:
-        self.reader, self.epoch, self.n = reader, epoch, n
+    def __init__(self, reader: PackBatchReader, epoch: int, n: int, start: int = 0) -> None:
+        self.reader, self.epoch, self.n, self.start = reader, epoch, n, start
 
     def __len__(self) -> int:
-        return self.n
+        return max(0, self.n - self.start)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, ...]:
-        return self.reader.read(self.epoch, int(i))
+        return self.reader.read(self.epoch, self.start + int(i))
 
 
 def _dali_stream(reader: PackBatchReader, num_workers: int, prefetch: int) -> Any:
@@ -290,15 +295,17 @@ class StreamBatches:
             if shutdown is not None:
                 shutdown()
 
-    def _raw(self, epoch: int, n: int) -> Any:
+    def _raw(self, epoch: int, n: int, start: int = 0) -> Any:
+        """The reader's outputs of batches ``start, ..., n - 1`` of ``epoch``."""
         if self.backend == "dali":
-            if self._pipe is None or self._pipe_epoch != epoch:
+            if self._pipe is None or self._pipe_epoch != epoch or start:
                 self.close()
                 self.reader.first_epoch = epoch
+                self.reader.first_start = start  # DALI's later epochs start at batch 0
                 self._pipe = _dali_stream(self.reader, self.num_workers, self.prefetch)
             pipe = self._pipe
             self._pipe_epoch = None  # mid-epoch: an interrupted pass rebuilds the pipeline
-            for _ in range(n):
+            for _ in range(start, n):
                 try:
                     outs = pipe.run()
                 except Exception as exc:
@@ -316,7 +323,7 @@ class StreamBatches:
         import torch
 
         dl = torch.utils.data.DataLoader(
-            _BatchIndexDataset(self.reader, epoch, n),
+            _BatchIndexDataset(self.reader, epoch, n, start),
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch if self.num_workers > 0 else None,
@@ -324,12 +331,13 @@ class StreamBatches:
         for arrays in dl:
             yield tuple(np.asarray(a) for a in arrays)
 
-    def __call__(self, epoch: int) -> Any:
+    def __call__(self, epoch: int, start: int = 0) -> Any:
+        """The batches of ``epoch`` from batch ``start`` on (a resumed epoch)."""
         from gpuloader.loading.batches import assemble_host, to_device
 
         plan = self.reader.plan(epoch)
         n = len(plan)
-        for i, arrays in enumerate(self._raw(epoch, n)):
+        for i, arrays in enumerate(self._raw(epoch, n, start), start):
             local = dict(zip(STREAM_OUTPUTS, arrays, strict=True))
             if tuple(local["meta"].tolist()) != (epoch, i):
                 raise RuntimeError(f"stream out of order: got {local['meta']}, want {(epoch, i)}")
