@@ -217,3 +217,23 @@ def test_preallocated_outputs_are_filled_in_place():
     vox = np.full((2, 1, 4, 4, 4), 7, np.float32)
     F.gather_grids(store["grids"], plan, out=vox)
     assert set(np.unique(vox)) <= {0.0, 1.0}
+
+
+def test_record_store_equals_field_arrays():
+    """A store whose rays are one RAY_RECORD array gives the same batch as separate arrays."""
+    sides, counts, views = [8, 4, 8], [90, 70, 120], [3, 2, 4]
+    store = make_store(sides, counts, views)
+    records = np.empty(sum(counts), dtype=F.RAY_RECORD)
+    for k in F.RAY_FIELDS:
+        records[k] = store[k]
+    rec_store = {"records": records, "view_positions": store["view_positions"]}
+    b = 3
+    params = dict(symmetry=[3, 30, 47], origin_scale=[0.5, 1, 2], distance_scale=[1, 1, 1],
+                  origin_std=[0.1, 0, 0.2], direction_std=[0, 0.1, 0.1],
+                  jitter_threshold=np.zeros(b))  # fmt: skip
+    plan = make_plan(sides, counts, views, [2, 0, 1], [50, 70, 33], params)
+    want = F.gather_rays(store, plan)
+    got = F.gather_rays(rec_store, plan)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        assert got[k].dtype == want[k].dtype and got[k].flags.c_contiguous, k

@@ -188,28 +188,46 @@ def select_store_rows(plan: BatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarr
 # --- rays ----------------------------------------------------------------------------------
 
 
-def _gather_signed(
-    vec: np.ndarray, rows: np.ndarray, table: np.ndarray, scale: np.ndarray | None = None
-) -> np.ndarray:
-    """``P v * scale`` for rows of a (R, 3) float32 array, in one gather.
+#: per-ray fields of a store, in the record layout (``RAY_RECORD``) and as separate arrays
+RAY_FIELDS = ("origins", "directions", "distances", "hits", "view_ids", "face_ids")
+#: one ray as one 40-byte record: a batch's gather then touches one cache line per ray
+#: instead of six (the host store keeps its rays so; the arrays are views of the fields)
+RAY_RECORD = np.dtype(
+    [
+        ("origins", "<f4", (3,)),
+        ("directions", "<f4", (3,)),
+        ("distances", "<f4"),
+        ("view_ids", "<i4"),
+        ("face_ids", "<i4"),
+        ("hits", "u1"),
+    ],
+    align=True,
+)
 
-    Args:
-        vec: (R, 3) float32 (C-contiguous, or memory-mapped).
-        rows: (T,) int64 rows to take.
-        table: (T, 6) int32 ``SYMMETRY_TABLE`` row of each output (perm, signs).
-        scale: (T,) float32 or None.
 
-    Returns:
-        (T, 3) float32. ``sign * v[perm] * s`` is computed as ``v[perm] * (sign * s)``:
-        negation commutes with rounding, so the result is bit-identical.
+def _signed(vec: np.ndarray, table: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """``P v * scale`` row by row: vec (T, 3) float32 (any strides), table (T, 6) int32
+    ``SYMMETRY_TABLE`` rows, scale (T,) float32 or None -> new (T, 3) float32.
+
+    ``sign * v[perm] * s`` is computed as ``v[perm] * (sign * s)``: negation commutes with
+    rounding, so the result is bit-identical to ``numpy_backend.transform_rays``.
     """
-    flat = vec.reshape(-1)
-    out = np.take(flat, rows[:, None] * 3 + table[:, :3])
+    out = np.take_along_axis(vec, table[:, :3], axis=1)
     factor = table[:, 3:].astype(np.float32)
     if scale is not None:
         factor *= scale[:, None]
     out *= factor
     return out
+
+
+def _gather_rows(store: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-ray fields of ``rows``: from the record array when the store has one (one
+    gather), else one gather per field array."""
+    records = store.get("records")
+    if records is not None:
+        got = np.take(records, rows)
+        return {k: got[k] for k in RAY_FIELDS}
+    return {k: np.take(store[k], rows, axis=0) for k in RAY_FIELDS}
 
 
 def _normals(plan: BatchPlan, owner: np.ndarray, j: np.ndarray, purpose: int) -> np.ndarray:
@@ -237,7 +255,8 @@ def gather_rays(
 
     Args:
         store: ``origins``/``directions`` (R, 3) float32, ``distances`` (R,) float32, ``hits``
-            (R,) uint8, ``view_ids``/``face_ids`` (R,) int32 (numpy or memory-mapped).
+            (R,) uint8, ``view_ids``/``face_ids`` (R,) int32 (numpy or memory-mapped), or
+            ``records`` (R,) :data:`RAY_RECORD` holding the same fields.
         plan: the batch's parameters.
         out: preallocated outputs to fill (the keys below), or None for new arrays.
 
@@ -247,8 +266,9 @@ def gather_rays(
     """
     rows, owner, j = select_store_rows(plan)
     table = SYMMETRY_TABLE[plan.symmetry][owner]
-    o = _gather_signed(store["origins"], rows, table, plan.origin_scale[owner])
-    d = _gather_signed(store["directions"], rows, table)
+    got = _gather_rows(store, rows)
+    o = _signed(got["origins"], table, plan.origin_scale[owner])
+    d = _signed(got["directions"], table)
     ostd = plan.origin_std[owner]
     if np.any(ostd > 0):
         sel = np.flatnonzero(ostd > 0)
@@ -261,15 +281,15 @@ def gather_rays(
         v = d[sel] + dstd[sel][:, None] * noise
         sq = (v[:, 0] * v[:, 0] + v[:, 1] * v[:, 1]) + v[:, 2] * v[:, 2]
         d[sel] = v / np.sqrt(sq)[:, None]
-    dist = np.take(store["distances"], rows)
+    dist = got["distances"]
     dscale = plan.distance_scale[owner]
     result = {
         "origins": o,
         "directions": d,
         "distances": dist * dscale if np.any(plan.distance_scale != 1) else dist,
-        "hits": np.take(store["hits"], rows),
-        "view_ids": np.take(store["view_ids"], rows),
-        "face_ids": np.take(store["face_ids"], rows),
+        "hits": got["hits"],
+        "view_ids": got["view_ids"],
+        "face_ids": got["face_ids"],
         "ray_to_voxel": owner,
     }
     return _fill(result, out, _RAY_OUT_DTYPES)
@@ -290,7 +310,7 @@ def _fill(
     result: dict[str, np.ndarray], out: dict[str, np.ndarray] | None, dtypes: dict[str, type]
 ) -> dict[str, np.ndarray]:
     if out is None:
-        return {k: np.asarray(v, dtype=dtypes[k]) for k, v in result.items()}
+        return {k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in result.items()}
     for k, v in result.items():
         out[k][...] = v
     return out
@@ -313,7 +333,9 @@ def gather_views(
     owner = _owners(count)
     k = np.arange(owner.shape[0], dtype=np.int64) - np.asarray(plan.view_out_start)[owner]
     table = SYMMETRY_TABLE[plan.symmetry][owner]
-    p = _gather_signed(view_positions, plan.view_start[owner] + k, table, plan.origin_scale[owner])
+    p = _signed(
+        np.take(view_positions, plan.view_start[owner] + k, axis=0), table, plan.origin_scale[owner]
+    )
     if out is None:
         return p
     out[...] = p
