@@ -25,3 +25,116 @@ class GenerationError(GPULoaderError):
 
 class UnsupportedTransformError(GPULoaderError, TypeError):
     """A transform the GPU back end cannot apply in the place it stands."""
+
+
+class FileCheckError(DamagedFileError):
+    """A read-time check of :mod:`gpuloader.format.validate` failed.
+
+    The first line of the message names the file, then the array (key) and the first bad
+    row where there is one: ``<path>: 'distances' row 3: ...``. The same facts are on the
+    attributes ``path``, ``key``, ``row`` and ``detail`` (what is wrong, without the file
+    and the fix); None when unknown.
+
+    Raised again in the main process by a torch DataLoader (which rebuilds an error from its
+    formatted traceback), the message is reordered so that its first line is still this
+    one, followed by torch's "Caught ... in DataLoader worker process N" and the traceback.
+    """
+
+    #: what :func:`gpuloader.format.validate.classify` reports for this class
+    category: str = "damaged"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: object = None,
+        key: str | None = None,
+        row: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        message = _worker_message_first(message, type(self))
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.key = key
+        self.row = None if row is None else int(row)
+        self.detail = detail
+
+
+def _worker_message_first(message: str, cls: type) -> str:
+    """Move the original error line of a DataLoader worker's re-raised message to the top."""
+    if not (isinstance(message, str) and message.startswith("Caught ")):
+        return message
+    head, sep, _ = message.partition("\n")
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    at = message.rfind(marker)
+    if not sep or at < 0:
+        return message
+    original = message[at + len(marker) :].rstrip("\n")
+    return f"{original}\n({head.rstrip('.')}; its traceback:)\n{message[len(head) + 1 :]}"
+
+
+class UnreadableFileError(FileCheckError):
+    """The file cannot be opened: permission denied, a symlink loop or an I/O error.
+
+    Not damage: the file may be fine once its permissions or links are fixed.
+    """
+
+    category = "unreadable"
+
+
+class NotAnNpzError(FileCheckError):
+    """The file is not an npz archive (not a zip: a bare ``.npy``, a pickle, text, empty)."""
+
+
+class CorruptArchiveError(FileCheckError):
+    """The npz archive is damaged: bad CRC, truncated, or a member that does not inflate."""
+
+
+class PickledArrayError(FileCheckError):
+    """An array of the file holds Python objects (a pickle); npz files of the format never do."""
+
+
+class MissingKeyError(FileCheckError):
+    """An array the format requires is not in the file."""
+
+
+class WrongDtypeError(FileCheckError):
+    """An array has a dtype that cannot stand for the format's (e.g. strings for floats)."""
+
+
+class WrongShapeError(FileCheckError):
+    """An array has the wrong number of dimensions or rows."""
+
+
+class BadGridError(WrongShapeError):
+    """A voxel grid that is not a cube with a power-of-two side."""
+
+
+class EmptyRayFileError(FileCheckError):
+    """A ray file that holds no rays."""
+
+
+class InvalidValueError(FileCheckError):
+    """Values a sample must never carry into training (base of the value checks)."""
+
+    category = "invalid"
+
+
+class NonFiniteValueError(InvalidValueError):
+    """NaN or inf in origins, directions, distances or view positions."""
+
+
+class BadDirectionError(InvalidValueError):
+    """A zero-length or non-unit direction (see ``validate.UNIT_TOL``)."""
+
+
+class NegativeDistanceError(InvalidValueError):
+    """A negative path length."""
+
+
+class HitsMismatchError(InvalidValueError):
+    """``hits`` differs from ``distances > 0``."""
+
+
+class OutOfRangeError(InvalidValueError):
+    """``face_ids`` outside 0..5, or ``view_ids`` outside the file's views."""

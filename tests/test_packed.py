@@ -219,7 +219,7 @@ def test_modified_removed_and_added_files_are_stale(copy_of_rays) -> None:
     files = sorted((rd / "level_2").rglob("*_rays.npz"))
     with np.load(files[0]) as npz:
         arrays = dict(npz)
-    arrays["distances"] = arrays["distances"] + 1
+    arrays["distances"] = arrays["distances"] * 2  # changed, still valid (hits unchanged)
     np.savez_compressed(files[0], **arrays)
     files[1].unlink()
     new = files[2].parent / ("0" * 64 + "_rays.npz")

@@ -42,8 +42,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gpuloader.errors import DamagedFileError, DatasetLayoutError, NoSamplesError
+from gpuloader.errors import DamagedFileError, DatasetLayoutError, EmptyRayFileError, NoSamplesError
 from gpuloader.format import layout
+from gpuloader.format.validate import unreadable_error
 
 __all__ = [
     "SPLITS",
@@ -80,6 +81,9 @@ def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     except FileNotFoundError as exc:
         raise DatasetLayoutError(f"{path}: file not found") from exc
     except _NPZ_ERRORS as exc:
+        unreadable = unreadable_error(path, exc)
+        if unreadable is not None:
+            raise unreadable from exc
         raise DamagedFileError(
             f"{path}: cannot read the header of array {key!r} ({type(exc).__name__}: {exc}); "
             "the file is damaged or not an npz written by numpy.savez_compressed: "
@@ -277,6 +281,7 @@ def build_index(
     levels: Sequence[int] | None = None,
     include_empty: bool = False,
     isolation: Isolation = "shared",
+    errors: list[tuple[str, BaseException]] | None = None,
 ) -> list[dict[str, Any]]:
     """Samples of one split, sorted by (level, hash).
 
@@ -287,6 +292,9 @@ def build_index(
         levels: keep only these levels (None: all).
         include_empty: keep all-empty sub-volumes (skipped by default).
         isolation: "shared" (upstream) or "strict" (no val/test sample a train object uses).
+        errors: None: a file whose npz header cannot be read raises (as below). A list: the
+            sample is left out and ``(file, error)`` appended (the ``on_error='skip'``
+            policy; a ray file with no rays is left out the same way).
 
     Raises:
         DatasetLayoutError: a required file is missing (named, with the fix).
@@ -361,7 +369,13 @@ def build_index(
                 "dataset_dir that the rays were made from)"
             )
         if level > 0 and level not in zero_hashes:
-            shape, _ = npz_member_header(vpath, "voxels")
+            try:
+                shape, _ = npz_member_header(vpath, "voxels")
+            except (DamagedFileError, DatasetLayoutError) as exc:
+                if errors is None:
+                    raise
+                errors.append((str(vpath), exc))
+                continue
             side_of_level[level] = shape[0] if shape else 0
             zero_hashes[level] = _zero_hash(side_of_level[level])
         is_empty = level > 0 and (hash_ == zero_hashes[level] or hash_ in map_empty)
@@ -399,10 +413,23 @@ def build_index(
         )
 
     for s in kept:
-        shape, _ = npz_member_header(s["ray_path"], "origins")
-        if len(shape) != 2 or shape[1] != 3:
-            raise DamagedFileError(
-                f"{s['ray_path']}: 'origins' has shape {shape}, expected (N, 3); regenerate it"
-            )
+        try:
+            shape, _ = npz_member_header(s["ray_path"], "origins")
+            if len(shape) != 2 or shape[1] != 3:
+                raise DamagedFileError(
+                    f"{s['ray_path']}: 'origins' has shape {shape}, expected (N, 3); regenerate it"
+                )
+            if errors is not None and shape[0] == 0:
+                raise EmptyRayFileError(
+                    f"{s['ray_path']}: 'origins': holds no rays (N = 0); regenerate it",
+                    path=s["ray_path"],
+                    key="origins",
+                )
+        except (DamagedFileError, DatasetLayoutError) as exc:
+            if errors is None:
+                raise
+            errors.append((str(s["ray_path"]), exc))
+            s["num_rays"] = -1
+            continue
         s["num_rays"] = shape[0]
-    return kept
+    return [s for s in kept if s["num_rays"] >= 0]

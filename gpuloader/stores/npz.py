@@ -28,8 +28,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from gpuloader.errors import DamagedFileError, DatasetLayoutError
-from gpuloader.format.layout import RAY_DTYPES, RAY_ROW_KEYS
+from gpuloader.errors import DatasetLayoutError
+from gpuloader.format.layout import RAY_ROW_KEYS
+from gpuloader.format.validate import (
+    as_ray_dtypes,
+    check_ray_shapes,
+    check_ray_values,
+    load_npz,
+    validate_voxels,
+)
 
 __all__ = ["NpzRayStore", "RayStore", "read_voxel_file"]
 
@@ -47,40 +54,13 @@ class RayStore(Protocol):
 
 
 def _check_dtype(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
-    want = RAY_DTYPES[key]
-    if arr.dtype == want:
-        return arr
-    ok = (want.kind == "f" and arr.dtype.kind == "f") or (
-        want.kind in "iu" and arr.dtype.kind in "biu"
-    )
-    if not ok:
-        raise DamagedFileError(
-            f"{path}: array {key!r} has dtype {arr.dtype}, expected {want}; {_FIX}"
-        )
-    return arr.astype(want)
+    """``arr`` cast to the format's dtype of ``key`` (``validate.as_ray_dtypes``)."""
+    return as_ray_dtypes(path, {key: arr})[key]
 
 
 def _validate(path: Path, arrays: dict[str, np.ndarray]) -> int:
-    """Check shapes of the ray arrays; returns N."""
-    origins = arrays["origins"]
-    if origins.ndim != 2 or origins.shape[1] != 3:
-        raise DamagedFileError(
-            f"{path}: 'origins' has shape {origins.shape}, expected (N, 3); {_FIX}"
-        )
-    n = origins.shape[0]
-    for key in RAY_ROW_KEYS:
-        want = (n, 3) if key in ("origins", "directions") else (n,)
-        if arrays[key].shape != want:
-            raise DamagedFileError(
-                f"{path}: {key!r} has shape {arrays[key].shape}, expected {want} "
-                f"(N = {n} from 'origins'); {_FIX}"
-            )
-    vp = arrays["view_positions"]
-    if vp.ndim != 2 or vp.shape[1] != 3:
-        raise DamagedFileError(
-            f"{path}: 'view_positions' has shape {vp.shape}, expected (V, 3); {_FIX}"
-        )
-    return n
+    """Check shapes of the ray arrays (and N >= 1); returns N."""
+    return check_ray_shapes(path, arrays)
 
 
 class NpzRayStore:
@@ -94,26 +74,12 @@ class NpzRayStore:
 
     def read(self, sample: dict[str, Any], rows: np.ndarray | None) -> dict[str, np.ndarray]:
         path = Path(sample["ray_path"])
-        arrays: dict[str, np.ndarray] = {}
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                missing = [k for k in self.keys if k not in npz.files]
-                if missing:
-                    raise DamagedFileError(
-                        f"{path}: missing array(s) {missing} (has {sorted(npz.files)}); {_FIX}"
-                    )
-                for key in self.keys:
-                    arrays[key] = _check_dtype(path, key, npz[key])
+            arrays = as_ray_dtypes(path, load_npz(path, self.keys))
         except FileNotFoundError as exc:
             raise DatasetLayoutError(
                 f"{path}: ray file not found (removed after the index was built?); "
                 "rebuild the dataset object or regenerate the rays"
-            ) from exc
-        except DamagedFileError:
-            raise
-        except _READ_ERRORS as exc:
-            raise DamagedFileError(
-                f"{path}: cannot read ray file ({type(exc).__name__}: {exc}); {_FIX}"
             ) from exc
         n = _validate(path, arrays)
         if rows is not None:
@@ -124,6 +90,7 @@ class NpzRayStore:
                 )
             for key in RAY_ROW_KEYS:
                 arrays[key] = arrays[key][rows]
+        check_ray_values(path, arrays, rows)
         return arrays
 
 
@@ -132,31 +99,15 @@ def read_voxel_file(path: Path) -> np.ndarray:
 
     Raises:
         DatasetLayoutError: the file is missing.
-        DamagedFileError: unreadable, no ``voxels`` key, or not a 3-D grid.
+        DamagedFileError: unreadable, no ``voxels`` key, not a cube with a power-of-two
+            side (the named subclasses of :mod:`gpuloader.format.validate`).
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "voxels" not in npz.files:
-                raise DamagedFileError(
-                    f"{path}: no 'voxels' array (has {sorted(npz.files)}); {_FIX}"
-                )
-            vox = npz["voxels"]
+        vox = load_npz(path, ("voxels",))["voxels"]
     except FileNotFoundError as exc:
         raise DatasetLayoutError(
             f"{path}: voxel file not found; the voxel dataset does not match the index "
             "(regenerate it, or pass the dataset_dir the rays were made from)"
         ) from exc
-    except DamagedFileError:
-        raise
-    except _READ_ERRORS as exc:
-        raise DamagedFileError(
-            f"{path}: cannot read voxel file ({type(exc).__name__}: {exc}); {_FIX}"
-        ) from exc
-    if vox.ndim != 3:
-        raise DamagedFileError(f"{path}: 'voxels' has shape {vox.shape}, expected (D, H, W)")
-    if vox.dtype != np.bool_:
-        if vox.dtype.kind not in "biuf":
-            raise DamagedFileError(f"{path}: 'voxels' has dtype {vox.dtype}, expected bool")
-        vox = vox != 0
-    return np.ascontiguousarray(vox)
+    return validate_voxels(path, vox)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import multiprocessing as mp
 import os
 import shutil
@@ -52,7 +51,14 @@ from gpuloader.errors import DamagedFileError, DatasetLayoutError, GPULoaderErro
 from gpuloader.format import layout
 from gpuloader.format.index import npz_member_header, scan_ray_tree
 from gpuloader.format.layout import RAY_ROW_KEYS
-from gpuloader.stores.npz import NpzRayStore, RayStore, _check_dtype, _validate
+from gpuloader.format.validate import (
+    as_ray_dtypes,
+    check_ray_values,
+    load_npz,
+    npz_error,
+    validate_rays,
+)
+from gpuloader.stores.npz import NpzRayStore, RayStore
 
 __all__ = [
     "FORMAT_VERSION",
@@ -304,29 +310,21 @@ def _pack_job(job: tuple[str, str, list[tuple]]) -> list[tuple[str, str]]:
     try:
         for rel, size, mtime_ns, r0, n, v0, v in files:
             path = Path(source_root) / rel
-            with open(path, "rb") as f:
-                data = f.read()
-                st = os.fstat(f.fileno())
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                    st = os.fstat(f.fileno())
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise npz_error(path, exc) from exc
             if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
                 raise StalePackError(
                     f"{path}: changed while it was being packed; run `gpuloader pack` again"
                 )
-            try:
-                with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                    missing = [k for k in PACK_KEYS if k not in npz.files]
-                    if missing:
-                        raise DamagedFileError(
-                            f"{path}: missing array(s) {missing}; regenerate it or delete it"
-                        )
-                    arrays = {k: _check_dtype(path, k, npz[k]) for k in PACK_KEYS}
-            except (DamagedFileError, StalePackError):
-                raise
-            except Exception as exc:  # zlib, zip, header errors
-                raise DamagedFileError(
-                    f"{path}: cannot read ray file ({type(exc).__name__}: {exc}); "
-                    "regenerate it (gpuloader generate) or delete it, then pack again"
-                ) from exc
-            got_n = _validate(path, arrays)
+            # every check of gpuloader.format.validate: a bad file is refused, never stored
+            arrays = as_ray_dtypes(path, load_npz(path, PACK_KEYS, data=data))
+            got_n = validate_rays(path, arrays)
             got_v = arrays["view_positions"].shape[0]
             if (got_n, got_v) != (n, v):
                 raise DamagedFileError(
@@ -440,7 +438,10 @@ def pack_rays(
     stats: dict[str, tuple[int, int]] = {}
     for level, _, path in tqdm(found, desc="headers", unit="file", disable=not progress):
         rel = _rel(root, path)
-        stats[rel] = _stat(path)
+        try:
+            stats[rel] = _stat(path)
+        except OSError as exc:  # a symlink loop, no permission
+            raise npz_error(path, exc) from exc
         shape, _ = npz_member_header(path, "origins")
         vshape, _ = npz_member_header(path, "view_positions")
         if len(shape) != 2 or shape[1] != 3 or len(vshape) != 2 or vshape[1] != 3:
@@ -714,6 +715,7 @@ class PackedRayStore:
             for k in RAY_ROW_KEYS:
                 out[k] = np.take(arrays[k], idx, axis=0)
         out["view_positions"] = arrays["view_positions"][v0 : v0 + v].copy()
+        check_ray_values(sample.get("ray_path"), out, rows)  # the rows gathered only
         return out
 
 

@@ -1,0 +1,497 @@
+"""Read-time checks of ray files and voxel grids: one set of checks for every reader.
+
+``gpuloader verify``, ``gpuloader pack``, the npz and packed ray stores, the voxel reader and
+the resident store fill all check files with this module, so a file is judged the same way
+wherever it is read. Every check is vectorized (a few passes over the arrays, no Python loop
+over rays), cheap next to inflating the file.
+
+Each problem is a named error, a subclass of :class:`~gpuloader.errors.DamagedFileError`
+(see :mod:`gpuloader.errors`), whose message starts with the file, the array and the first
+bad row: ``<path>: 'distances' row 3: NaN or inf in 1 of 432 row(s); <fix>``.
+
+What is checked:
+
+* the file itself: readable (permission denied and symlink loops say so:
+  :class:`~gpuloader.errors.UnreadableFileError`, not damage), a zip archive (a bare
+  ``.npy``, a pickle or text: :class:`~gpuloader.errors.NotAnNpzError`), members that
+  inflate with a good CRC (:class:`~gpuloader.errors.CorruptArchiveError`), no pickled
+  object arrays (:class:`~gpuloader.errors.PickledArrayError`);
+* ray files: every key of :data:`RAY_KEYS` present, dtypes that stand for the format's
+  (other float widths and integer kinds are cast by the readers; ``verify`` asks for the
+  exact dtypes), shapes ``(N, 3)`` / ``(N,)`` / ``(V, 3)``, ``N >= 1``;
+* ray values: finite origins, directions, distances and view positions; directions of
+  length 1 within :data:`UNIT_TOL` (``| |d| - 1 | <= 1e-3``; a zero-length direction is
+  named as such); distances ``>= 0``; ``hits == (distances > 0)`` (format.md: hits means
+  the ray's path length through occupied voxels is positive); ``face_ids`` in 0..5;
+  ``view_ids`` in ``[0, V)``;
+* voxel grids: 3-D, a cube, side a power of two, bool (or a number dtype read as ``!= 0``).
+
+Which rows: whole-file checks (:func:`validate_rays`, :func:`ray_problems`) serve ``verify``,
+``pack`` and the store fill; the per-sample readers check the structure of the whole file and
+the values of the rows they return (:func:`check_ray_values` with ``rows``), so a bad value
+never reaches a sample and a row is judged the same on every store.
+
+:func:`classify` tells a caller with an ``on_error`` policy which exceptions are a bad file
+(skip-able) and which are not.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpuloader.errors import (
+    BadDirectionError,
+    BadGridError,
+    CorruptArchiveError,
+    DamagedFileError,
+    DatasetLayoutError,
+    EmptyRayFileError,
+    FileCheckError,
+    HitsMismatchError,
+    InvalidValueError,
+    MissingKeyError,
+    NegativeDistanceError,
+    NonFiniteValueError,
+    NotAnNpzError,
+    OutOfRangeError,
+    PickledArrayError,
+    UnreadableFileError,
+    WrongDtypeError,
+    WrongShapeError,
+)
+from gpuloader.format.layout import RAY_DTYPES, RAY_ROW_KEYS
+
+__all__ = [
+    "FIX",
+    "RAY_KEYS",
+    "UNIT_TOL",
+    "as_ray_dtypes",
+    "check_ray_shapes",
+    "check_ray_values",
+    "classify",
+    "first_bad_row",
+    "load_npz",
+    "npz_error",
+    "ray_problems",
+    "unreadable_error",
+    "validate_rays",
+    "validate_voxels",
+    "voxel_problems",
+]
+
+#: Allowed deviation of a direction's length from 1: ``| |d| - 1 | <= UNIT_TOL``. The
+#: generator writes float32 unit vectors (error about 1e-7); 1e-3 leaves room for other
+#: writers' rounding and still refuses any direction a renderer would notice.
+UNIT_TOL = 1e-3
+#: The fix named by damage errors.
+FIX = "regenerate it (gpuloader generate) or delete it and rebuild the index"
+#: Arrays a ray file must hold (the per-ray keys, then one row per view).
+RAY_KEYS: tuple[str, ...] = (*RAY_ROW_KEYS, "view_positions")
+_VEC_KEYS = ("origins", "directions", "view_positions")
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _make(
+    cls: type[FileCheckError],
+    path: Any,
+    detail: str,
+    key: str | None = None,
+    row: int | None = None,
+    fix: str = FIX,
+) -> FileCheckError:
+    where = str(path)
+    if key is not None:
+        where += f": {key!r}"
+        if row is not None:
+            where += f" row {int(row)}"
+    return cls(f"{where}: {detail}; {fix}", path=path, key=key, row=row, detail=detail)
+
+
+# ------------------------------------------------------------------ reading npz files
+
+
+def unreadable_error(path: Any, exc: BaseException) -> FileCheckError | None:
+    """The named error for an OSError that is not damage (permission, symlink loop, a
+    folder, an I/O error); None for any other exception."""
+    if not isinstance(exc, OSError) or isinstance(exc, zipfile.BadZipFile):
+        return None
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return _make(
+            UnreadableFileError,
+            path,
+            f"permission denied ({exc.strerror or exc})",
+            fix="make it readable (chmod / chown) or run as a user who may read it",
+        )
+    if exc.errno == errno.ELOOP:
+        return _make(
+            UnreadableFileError,
+            path,
+            "symlink loop (too many levels of symbolic links)",
+            fix="point the link at the real file or remove it",
+        )
+    if isinstance(exc, IsADirectoryError):
+        return _make(UnreadableFileError, path, "is a folder, not a file", fix="remove it")
+    if exc.errno == errno.EIO:
+        return _make(
+            UnreadableFileError,
+            path,
+            f"I/O error ({exc.strerror or exc})",
+            fix="check the disk or file system, then restore the file",
+        )
+    return None
+
+
+def npz_error(path: Any, exc: BaseException, key: str | None = None) -> FileCheckError:
+    """The named error for an exception raised while opening ``path`` or reading ``key``."""
+    if isinstance(exc, FileCheckError):
+        return exc
+    got = unreadable_error(path, exc)
+    if got is not None:
+        return got
+    text = f"{type(exc).__name__}: {str(exc).strip() or 'no detail'}"
+    if isinstance(exc, ValueError) and ("pickle" in str(exc) or "Object arrays" in str(exc)):
+        return _make(PickledArrayError, path, f"holds a pickled object array ({text})", key)
+    if key is None:
+        return _make(CorruptArchiveError, path, f"not a readable npz archive ({text})")
+    return _make(CorruptArchiveError, path, f"does not inflate ({text})", key)
+
+
+def load_npz(
+    path: Path | str, keys: tuple[str, ...] | None = None, data: bytes | None = None
+) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` (None: all) of an ``.npz``, inflated whole (CRC checked).
+
+    ``data``: the file's bytes, already read (``path`` then only names it).
+
+    Raises:
+        FileNotFoundError: no such file (callers name it as a layout problem).
+        MissingKeyError: a key is not in the archive (all missing keys are named).
+        UnreadableFileError, NotAnNpzError, CorruptArchiveError, PickledArrayError: as named.
+    """
+    path = Path(path)
+    if data is not None:
+        magic = data[:6]
+    else:
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(6)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise npz_error(path, exc) from exc
+    if magic == _NPY_MAGIC:
+        raise _make(NotAnNpzError, path, "holds a bare .npy array, not an npz archive")
+    if magic[:4] not in _ZIP_MAGIC:
+        what = "is empty" if not magic else "is not a zip archive (nor an npz)"
+        raise _make(NotAnNpzError, path, what)
+    out: dict[str, np.ndarray] = {}
+    key = None
+    try:
+        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as npz:
+            names = list(npz.files)
+            wanted = names if keys is None else list(keys)
+            missing = [k for k in wanted if k not in names]
+            if missing:
+                raise _make(
+                    MissingKeyError,
+                    path,
+                    f"missing array(s) {missing} (has {sorted(names)})",
+                    missing[0],
+                )
+            for key in wanted:
+                out[key] = npz[key]
+    except FileCheckError:
+        raise
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
+        raise npz_error(path, exc, key) from exc
+    for k, a in out.items():
+        if a.dtype.hasobject:
+            raise _make(PickledArrayError, path, "holds a pickled object array", k)
+    return out
+
+
+# ------------------------------------------------------------------ ray files: structure
+
+
+def _dtype_ok(key: str, dtype: np.dtype, exact: bool) -> bool:
+    want = RAY_DTYPES[key]
+    if dtype == want:
+        return True
+    if exact:
+        return False
+    return (want.kind == "f" and dtype.kind == "f") or (want.kind in "iu" and dtype.kind in "biu")
+
+
+def as_ray_dtypes(path: Any, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ray arrays cast to the format's dtypes (other float widths, integer kinds).
+
+    Raises:
+        WrongDtypeError: a dtype that cannot stand for the format's (strings, complex ...).
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, arr in arrays.items():
+        if key not in RAY_DTYPES:
+            out[key] = arr
+            continue
+        if not _dtype_ok(key, arr.dtype, exact=False):
+            raise _make(
+                WrongDtypeError, path, f"dtype {arr.dtype}, expected {RAY_DTYPES[key]}", key
+            )
+        out[key] = arr if arr.dtype == RAY_DTYPES[key] else arr.astype(RAY_DTYPES[key])
+    return out
+
+
+def _shape_problems(path: Any, arrays: Mapping[str, np.ndarray]) -> Iterator[FileCheckError]:
+    n = None
+    for key in ("origins", "distances", *RAY_ROW_KEYS):
+        a = arrays.get(key)
+        if a is not None and a.ndim >= 1:
+            n = int(a.shape[0])
+            break
+    for key in RAY_KEYS:
+        a = arrays.get(key)
+        if a is None:
+            continue
+        if key in _VEC_KEYS:
+            rows = "V" if key == "view_positions" else n
+            ok = a.ndim == 2 and a.shape[1] == 3 and (key == "view_positions" or a.shape[0] == n)
+            want = f"({rows}, 3)"
+        else:
+            ok = a.shape == (n,)
+            want = f"({n},)"
+        if not ok:
+            yield _make(WrongShapeError, path, f"shape {a.shape}, expected {want}", key)
+    if n == 0:
+        yield _make(EmptyRayFileError, path, "holds no rays (N = 0)", "origins")
+
+
+def check_ray_shapes(path: Any, arrays: Mapping[str, np.ndarray]) -> int:
+    """Shapes of a whole ray file's arrays; returns N (the rays), which is at least 1.
+
+    Raises:
+        WrongShapeError, EmptyRayFileError.
+    """
+    for problem in _shape_problems(path, arrays):
+        raise problem
+    return int(arrays["origins"].shape[0])
+
+
+# ------------------------------------------------------------------ ray files: values
+
+
+def _value_masks(
+    arrays: Mapping[str, Any], xp: Any, num_views: int | None
+) -> Iterator[tuple[type[InvalidValueError], str, Any, str]]:
+    """``(error class, key, bad-row mask, what is wrong)`` per check, lazily, in order.
+
+    Later checks look only at rows whose origins, directions and distances are finite, so
+    a NaN row is reported once, as non-finite.
+    """
+    finite = None
+    for key in ("origins", "directions", "distances", "view_positions"):
+        a = arrays.get(key)
+        if a is None:
+            continue
+        ok = xp.isfinite(a)
+        if ok.ndim > 1:
+            ok = ok.all(axis=1)
+        if key != "view_positions":
+            finite = ok if finite is None else finite & ok
+        yield NonFiniteValueError, key, ~ok, "NaN or inf"
+    d = arrays.get("directions")
+    if d is not None:
+        d64 = d.astype(xp.float64)
+        n2 = (d64 * d64).sum(axis=1)
+        zero = n2 == 0
+        if finite is not None:
+            zero &= finite
+        yield BadDirectionError, "directions", zero, "zero-length direction"
+        off = xp.abs(xp.sqrt(n2) - 1.0) > UNIT_TOL
+        off &= ~zero if finite is None else finite & ~zero
+        what = f"not a unit vector (| |d| - 1 | > {UNIT_TOL:g})"
+        yield BadDirectionError, "directions", off, what
+    dist = arrays.get("distances")
+    if dist is not None:
+        neg = dist < 0
+        if finite is not None:
+            neg &= finite
+        yield NegativeDistanceError, "distances", neg, "negative distance"
+        hits = arrays.get("hits")
+        if hits is not None:
+            bad = (hits != 0) != (dist > 0)
+            if finite is not None:
+                bad &= finite
+            yield HitsMismatchError, "hits", bad, "hits differs from (distances > 0)"
+    faces = arrays.get("face_ids")
+    if faces is not None:
+        yield OutOfRangeError, "face_ids", (faces < 0) | (faces > 5), "face id outside 0..5"
+    views = arrays.get("view_ids")
+    if views is not None and num_views is not None:
+        bad = (views < 0) | (views >= num_views)
+        yield OutOfRangeError, "view_ids", bad, f"view id outside [0, {num_views})"
+
+
+def first_bad_row(
+    arrays: Mapping[str, Any], xp: Any = np, num_views: int | None = None
+) -> tuple[type[InvalidValueError], str, int, str] | None:
+    """The first failed value check of (possibly concatenated) ray arrays, or None.
+
+    Works on numpy or CuPy arrays (``xp``); one host sync per check. ``view_ids`` are
+    checked only when ``num_views`` is given. Returns ``(error class, key, row, what)``.
+    """
+    for cls, key, mask, what in _value_masks(arrays, xp, num_views):
+        if bool(mask.any()):
+            return cls, key, int(xp.argmax(mask)), what
+    return None
+
+
+def _num_views(arrays: Mapping[str, np.ndarray]) -> int | None:
+    vp = arrays.get("view_positions")
+    return None if vp is None or vp.ndim < 1 else int(vp.shape[0])
+
+
+def check_ray_values(
+    path: Any, arrays: Mapping[str, np.ndarray], rows: np.ndarray | None = None
+) -> None:
+    """Raise the first value problem of the ray arrays (whole, or ``rows`` gathered).
+
+    Args:
+        path: the file, for the message.
+        arrays: ray arrays; the per-ray ones may be a gather of ``rows`` of the file.
+        rows: file rows of the gathered arrays (named in the message); None: file order.
+
+    Raises:
+        NonFiniteValueError, BadDirectionError, NegativeDistanceError, HitsMismatchError,
+        OutOfRangeError.
+    """
+    bad = first_bad_row(arrays, np, _num_views(arrays))
+    if bad is None:
+        return
+    cls, key, row, what = bad
+    vec = arrays[key]
+    n = 1 if vec.ndim == 0 else vec.shape[0]
+    if key != "view_positions" and rows is not None:
+        row = int(np.asarray(rows)[row])
+    raise _make(cls, path, f"{what} (first of the rows read; {n} read)", key, row)
+
+
+def validate_rays(path: Any, arrays: Mapping[str, np.ndarray]) -> int:
+    """Every check of one whole ray file's arrays (dtypes as the readers accept them).
+
+    Returns:
+        N, the rays of the file.
+
+    Raises:
+        MissingKeyError, WrongDtypeError, WrongShapeError, EmptyRayFileError, or a value
+        error (:func:`check_ray_values`); the message names the file, key and first bad row.
+    """
+    missing = [k for k in RAY_KEYS if k not in arrays]
+    if missing:
+        raise _make(MissingKeyError, path, f"missing array(s) {missing}", missing[0])
+    for key in RAY_KEYS:
+        if not _dtype_ok(key, arrays[key].dtype, exact=False):
+            raise _make(
+                WrongDtypeError, path, f"dtype {arrays[key].dtype}, expected {RAY_DTYPES[key]}", key
+            )
+    n = check_ray_shapes(path, arrays)
+    bad = first_bad_row(arrays, np, _num_views(arrays))
+    if bad is not None:
+        cls, key, row, what = bad
+        raise _make(cls, path, what, key, row)
+    return n
+
+
+def ray_problems(path: Any, arrays: Mapping[str, np.ndarray]) -> list[FileCheckError]:
+    """Every problem of one whole ray file (exact dtypes), one error per failed check.
+
+    For ``verify``: each error's ``detail`` counts the bad rows; ``row`` is the first.
+    Value checks run on the arrays whose dtype and shape are right.
+    """
+    out: list[FileCheckError] = []
+    missing = [k for k in RAY_KEYS if k not in arrays]
+    if missing:
+        out.append(_make(MissingKeyError, path, f"missing array(s) {missing}", missing[0]))
+    good = {k: arrays[k] for k in RAY_KEYS if k in arrays}
+    for key in list(good):
+        if not _dtype_ok(key, good[key].dtype, exact=True):
+            detail = f"dtype {good[key].dtype}, expected {RAY_DTYPES[key]}"
+            out.append(_make(WrongDtypeError, path, detail, key))
+            del good[key]
+    for problem in _shape_problems(path, good):
+        out.append(problem)
+        if problem.key in good and not isinstance(problem, EmptyRayFileError):
+            del good[problem.key]
+    for cls, key, mask, what in _value_masks(good, np, _num_views(good)):
+        count = int(np.count_nonzero(mask))
+        if count:
+            unit = "view(s)" if key == "view_positions" else "ray(s)"
+            detail = f"{what} in {count} {unit}"
+            out.append(_make(cls, path, detail, key, int(np.argmax(mask))))
+    return out
+
+
+# ------------------------------------------------------------------ voxel grids
+
+
+def voxel_problems(path: Any, vox: np.ndarray, exact: bool = True) -> list[FileCheckError]:
+    """Problems of a ``voxels`` array: dtype (``exact``: bool only), 3-D cube, power of two."""
+    out: list[FileCheckError] = []
+    if vox.dtype != np.bool_ and (exact or vox.dtype.kind not in "biuf"):
+        out.append(_make(WrongDtypeError, path, f"dtype {vox.dtype}, expected bool", "voxels"))
+    if vox.ndim != 3:
+        detail = f"shape {vox.shape}, expected a 3-D grid (D, H, W)"
+        out.append(_make(BadGridError, path, detail, "voxels"))
+    elif len(set(vox.shape)) != 1:
+        out.append(_make(BadGridError, path, f"shape {vox.shape} is not a cube", "voxels"))
+    else:
+        side = int(vox.shape[0])
+        if side < 1 or side & (side - 1):
+            detail = f"side {side} is not a power of two"
+            out.append(_make(BadGridError, path, detail, "voxels"))
+    return out
+
+
+def validate_voxels(path: Any, vox: np.ndarray) -> np.ndarray:
+    """The grid as (S, S, S) bool, C-contiguous; number dtypes are read as ``!= 0``.
+
+    Raises:
+        WrongDtypeError, BadGridError.
+    """
+    for problem in voxel_problems(path, vox, exact=False):
+        raise problem
+    if vox.dtype != np.bool_:
+        vox = vox != 0
+    return np.ascontiguousarray(vox)
+
+
+# ------------------------------------------------------------------ policy helper
+
+
+def classify(exc: BaseException) -> str | None:
+    """What kind of bad file ``exc`` reports, or None when it is not about one file.
+
+    ``"unreadable"`` (permission, symlink loop, I/O), ``"missing"`` (removed after the index
+    was built), ``"invalid"`` (values), ``"damaged"`` (archive, keys, dtypes, shapes). An
+    ``on_error='skip'`` policy skips exactly these; None (a bug, a stale pack, a bad
+    argument) is always raised.
+    """
+    if isinstance(exc, FileCheckError):
+        return exc.category
+    if isinstance(exc, DatasetLayoutError):
+        return "missing"
+    if isinstance(exc, DamagedFileError):
+        from gpuloader.stores.packed import PackError  # a pack-wide problem, not one file
+
+        return None if isinstance(exc, PackError) else "damaged"
+    return None
