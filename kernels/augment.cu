@@ -14,24 +14,9 @@
 // with denormals kept (gpl_fmul, gpl_fadd, gpl_fdiv, gpl_fsqrt of philox.cuh: the
 // __fmul_rn/__fadd_rn/__fdiv_rn/__fsqrt_rn operations, written in PTX on the device so that
 // neither fused multiply-add nor CuPy's -ftz=true changes them); the module is compiled with
-// -fmad=false besides.
-#include "philox.cuh"
-
-#define GPL_GRID_STRIDE_LOOP(t, n)                                                    \
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (n);     \
-         t += (long long)gridDim.x * blockDim.x)
-
-// (P v) for one 3-vector: exact (a gather and sign changes).
-__device__ __forceinline__ void gpl_apply_symmetry(const int* row6, float v0, float v1, float v2,
-                                                   float* out) {
-    const float v[3] = {v0, v1, v2};
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-        const int p = row6[i];
-        const float g = p == 0 ? v[0] : (p == 1 ? v[1] : v[2]);
-        out[i] = row6[3 + i] < 0 ? gpl_fneg(g) : g;
-    }
-}
+// -fmad=false besides. The per-ray, per-point and per-voxel math is that of transform.cuh,
+// shared with kernels/fused.cu.
+#include "transform.cuh"
 
 // One thread per ray i < n:
 //   o' = P o * origin_scale (+ origin_std * n_o when origin_std > 0)
@@ -52,45 +37,12 @@ extern "C" __global__ void transform_rays(
     float* out_origins, float* out_directions, float* out_distances, long long n) {
     GPL_GRID_STRIDE_LOOP(i, n) {
         const int b = ray_sample[i];
-        const unsigned int row = (unsigned int)ray_row[i];
-        const int* P = sym_table + 6 * symmetry[b];
-        const float ox = origins[3 * i], oy = origins[3 * i + 1], oz = origins[3 * i + 2];
-        const float dx = directions[3 * i], dy = directions[3 * i + 1],
-                    dz = directions[3 * i + 2];
         const float dist = distances[i];
-
         float o[3], d[3];
-        gpl_apply_symmetry(P, ox, oy, oz, o);
-        gpl_apply_symmetry(P, dx, dy, dz, d);
-        const float s = origin_scale[b];
-#pragma unroll
-        for (int c = 0; c < 3; ++c) o[c] = gpl_fmul(o[c], s);
-
-        const float ostd = origin_std[b];
-        if (gpl_positive(ostd)) {
-            const gpl_u32x4 w = philox4x32_10(row, index[b], epoch[b],
-                                              GPL_PURPOSE_ORIGIN_NOISE + purpose_offset[b],
-                                              key0, key1);
-            float nz[3];
-            normal3(w, nz);
-#pragma unroll
-            for (int c = 0; c < 3; ++c) o[c] = gpl_fadd(o[c], gpl_fmul(ostd, nz[c]));
-        }
-        const float dstd = direction_std[b];
-        if (gpl_positive(dstd)) {
-            const gpl_u32x4 w = philox4x32_10(row, index[b], epoch[b],
-                                              GPL_PURPOSE_DIRECTION_NOISE + purpose_offset[b],
-                                              key0, key1);
-            float nz[3];
-            normal3(w, nz);
-#pragma unroll
-            for (int c = 0; c < 3; ++c) d[c] = gpl_fadd(d[c], gpl_fmul(dstd, nz[c]));
-            const float sq = gpl_fadd(gpl_fadd(gpl_fmul(d[0], d[0]), gpl_fmul(d[1], d[1])),
-                                      gpl_fmul(d[2], d[2]));
-            const float len = gpl_fsqrt(sq);
-#pragma unroll
-            for (int c = 0; c < 3; ++c) d[c] = gpl_fdiv(d[c], len);
-        }
+        gpl_transform_ray(sym_table + 6 * symmetry[b], origins + 3 * i, directions + 3 * i,
+                          origin_scale[b], origin_std[b], direction_std[b],
+                          gpl_make_stream(epoch, index, purpose_offset, key0, key1, b),
+                          (unsigned int)ray_row[i], o, d);
 #pragma unroll
         for (int c = 0; c < 3; ++c) {
             out_origins[3 * i + c] = o[c];
@@ -109,11 +61,9 @@ extern "C" __global__ void transform_points(const float* points, const int* poin
     GPL_GRID_STRIDE_LOOP(i, n) {
         const int b = point_sample[i];
         float p[3];
-        gpl_apply_symmetry(sym_table + 6 * symmetry[b], points[3 * i], points[3 * i + 1],
-                           points[3 * i + 2], p);
-        const float s = origin_scale[b];
+        gpl_transform_point(sym_table + 6 * symmetry[b], points + 3 * i, origin_scale[b], p);
 #pragma unroll
-        for (int c = 0; c < 3; ++c) out_points[3 * i + c] = gpl_fmul(p[c], s);
+        for (int c = 0; c < 3; ++c) out_points[3 * i + c] = p[c];
     }
 }
 
@@ -148,27 +98,10 @@ extern "C" __global__ void transform_voxels(const unsigned char* voxels_in, cons
             voxels_out[t] = 0;
             continue;
         }
-        const int* P = sym_table + 6 * symmetry[b];
-        const int q[3] = {x, y, z};
-        long long src = (long long)b * s3;
-#pragma unroll
-        for (int i = 0; i < 3; ++i) {
-            const int p = P[i];
-            const long long stride = p == 0 ? 1 : (p == 1 ? (long long)S : (long long)S * S);
-            const int c = P[3 + i] > 0 ? q[i] : side - 1 - q[i];
-            src += stride * c;
-        }
-        unsigned char value = voxels_in[src];
-        const unsigned int thr = jitter_threshold[b];
-        if (thr > 0u) {
-            const unsigned long long v =
-                ((unsigned long long)z * side + (unsigned long long)y) * side + x;
-            const gpl_u32x4 w =
-                philox4x32_10((unsigned int)(v >> 2), index[b], epoch[b],
-                              GPL_PURPOSE_JITTER + purpose_offset[b], key0, key1);
-            if ((philox_word(w, (unsigned int)(v & 3u)) >> 8) < thr) value ^= 1;
-        }
-        voxels_out[t] = value;
+        voxels_out[t] = gpl_transform_voxel(
+            voxels_in + (long long)b * s3, S, (long long)S * S, sym_table + 6 * symmetry[b], x,
+            y, z, side, jitter_threshold[b],
+            gpl_make_stream(epoch, index, purpose_offset, key0, key1, b));
     }
 }
 
@@ -184,24 +117,8 @@ extern "C" __global__ void select_rows(const long long* n, const long long* k,
                                        long long* rows, int* ray_sample, int num_samples,
                                        long long total) {
     GPL_GRID_STRIDE_LOOP(t, total) {
-        int lo = 0, hi = num_samples - 1;  // largest b with offsets[b] <= t
-        while (lo < hi) {
-            const int mid = lo + (hi - lo + 1) / 2;
-            if (offsets[mid] <= t) {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        const int b = lo;
-        const long long j = t - offsets[b];
-        const long long nb = n[b];
-        long long row = j;
-        if (k[b] < nb) {
-            row = (long long)feistel_permute((unsigned int)j, (unsigned int)nb,
-                                             keys + GPL_FEISTEL_ROUNDS * b);
-        }
-        rows[t] = row;
+        const int b = gpl_find_sample(offsets, num_samples, t);
+        rows[t] = gpl_kept_row(n[b], k[b], keys + GPL_FEISTEL_ROUNDS * b, t - offsets[b]);
         ray_sample[t] = b;
     }
 }

@@ -13,45 +13,13 @@
 //
 // Plain pointers and integers only, so the source runs under CuPy (gpuloader/augment/
 // fused_cupy.py, NVRTC) and, without a GPU, as C++ through tests/cuda_shim/shim.h. Each kernel
-// is a grid-stride loop (any grid and block size give the same result). The float arithmetic
-// is that of kernels/augment.cu (the gpl_f* operations of philox.cuh, each rounded on its
-// own like numpy; compiled with -fmad=false). `sym_table` is numpy_backend.SYMMETRY_TABLE,
+// is a grid-stride loop (any grid and block size give the same result). Each ray, view
+// position and voxel goes through the functions of transform.cuh that kernels/augment.cu
+// uses too (the gpl_f* operations of philox.cuh, each rounded on its own like numpy;
+// compiled with -fmad=false). `sym_table` is numpy_backend.SYMMETRY_TABLE,
 // (48, 6) int32 rows (perm0, perm1, perm2, sign0, sign1, sign2); (key0, key1) = (seed &
 // 0xffffffff, seed >> 32).
-#include "philox.cuh"
-
-#define GPL_FUSED_GRID_STRIDE_LOOP(t, n)                                              \
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (n);     \
-         t += (long long)gridDim.x * blockDim.x)
-
-// (P v) for one 3-vector: exact (a gather and sign changes).
-__device__ __forceinline__ void gpl_fused_symmetry(const int* row6, float v0, float v1,
-                                                   float v2, float* out) {
-    const float v[3] = {v0, v1, v2};
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-        const int p = row6[i];
-        const float g = p == 0 ? v[0] : (p == 1 ? v[1] : v[2]);
-        out[i] = row6[3 + i] < 0 ? gpl_fneg(g) : g;
-    }
-}
-
-// The sample of output item t: the largest b in [0, num_samples) with starts[b] <= t
-// (starts: exclusive prefix sum of the per-sample counts, so empty samples, which share their
-// start with the next one, are skipped). num_samples >= 1.
-__device__ __forceinline__ int gpl_find_sample(const long long* starts, int num_samples,
-                                               long long t) {
-    int lo = 0, hi = num_samples - 1;
-    while (lo < hi) {
-        const int mid = lo + (hi - lo + 1) / 2;
-        if (starts[mid] <= t) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    return lo;
-}
+#include "transform.cuh"
 
 // The store row of kept ray j of sample b (module doc of fused_numpy):
 //   ray_start[b] + j                                                if keep[b] >= ray_count[b]
@@ -61,13 +29,8 @@ __device__ __forceinline__ long long gpl_store_row(const long long* ray_start,
                                                    const long long* keep,
                                                    const unsigned int* select_keys, int b,
                                                    long long j) {
-    const long long n = ray_count[b];
-    long long row = j;
-    if (keep[b] < n) {
-        row = (long long)feistel_permute((unsigned int)j, (unsigned int)n,
-                                         select_keys + GPL_FEISTEL_ROUNDS * b);
-    }
-    return ray_start[b] + row;
+    return ray_start[b] +
+           gpl_kept_row(ray_count[b], keep[b], select_keys + GPL_FEISTEL_ROUNDS * b, j);
 }
 
 // One thread per output ray r < total: rows[r] = gpl_store_row(b, j), owner[r] = b,
@@ -80,7 +43,7 @@ extern "C" __global__ void fused_select_rows(const long long* ray_start,
                                              const unsigned int* select_keys, long long* rows,
                                              long long* owner, long long* js, int num_samples,
                                              long long total) {
-    GPL_FUSED_GRID_STRIDE_LOOP(r, total) {
+    GPL_GRID_STRIDE_LOOP(r, total) {
         const int b = gpl_find_sample(out_start, num_samples, r);
         const long long j = r - out_start[b];
         rows[r] = gpl_store_row(ray_start, ray_count, keep, select_keys, b, j);
@@ -120,46 +83,16 @@ extern "C" __global__ void fused_rays(
     unsigned int key1, float* out_origins, float* out_directions, float* out_distances,
     float* out_hits, long long* out_view_ids, long long* out_face_ids,
     long long* out_ray_to_voxel, int num_samples, long long total) {
-    GPL_FUSED_GRID_STRIDE_LOOP(r, total) {
+    GPL_GRID_STRIDE_LOOP(r, total) {
         const int b = gpl_find_sample(out_start, num_samples, r);
         const long long j = r - out_start[b];
         const long long g = gpl_store_row(ray_start, ray_count, keep, select_keys, b, j);
 
-        const int* P = sym_table + 6 * symmetry[b];
         float o[3], d[3];
-        gpl_fused_symmetry(P, origins[3 * g], origins[3 * g + 1], origins[3 * g + 2], o);
-        gpl_fused_symmetry(P, directions[3 * g], directions[3 * g + 1], directions[3 * g + 2],
-                           d);
-        const float s = origin_scale[b];
-#pragma unroll
-        for (int c = 0; c < 3; ++c) o[c] = gpl_fmul(o[c], s);
-
-        const unsigned int counter = (unsigned int)j;
-        const float ostd = origin_std[b];
-        if (gpl_positive(ostd)) {
-            const gpl_u32x4 w = philox4x32_10(counter, index[b], epoch[b],
-                                              GPL_PURPOSE_ORIGIN_NOISE + purpose_offset[b],
-                                              key0, key1);
-            float nz[3];
-            normal3(w, nz);
-#pragma unroll
-            for (int c = 0; c < 3; ++c) o[c] = gpl_fadd(o[c], gpl_fmul(ostd, nz[c]));
-        }
-        const float dstd = direction_std[b];
-        if (gpl_positive(dstd)) {
-            const gpl_u32x4 w = philox4x32_10(counter, index[b], epoch[b],
-                                              GPL_PURPOSE_DIRECTION_NOISE + purpose_offset[b],
-                                              key0, key1);
-            float nz[3];
-            normal3(w, nz);
-#pragma unroll
-            for (int c = 0; c < 3; ++c) d[c] = gpl_fadd(d[c], gpl_fmul(dstd, nz[c]));
-            const float sq = gpl_fadd(gpl_fadd(gpl_fmul(d[0], d[0]), gpl_fmul(d[1], d[1])),
-                                      gpl_fmul(d[2], d[2]));
-            const float len = gpl_fsqrt(sq);
-#pragma unroll
-            for (int c = 0; c < 3; ++c) d[c] = gpl_fdiv(d[c], len);
-        }
+        gpl_transform_ray(sym_table + 6 * symmetry[b], origins + 3 * g, directions + 3 * g,
+                          origin_scale[b], origin_std[b], direction_std[b],
+                          gpl_make_stream(epoch, index, purpose_offset, key0, key1, b),
+                          (unsigned int)j, o, d);
 #pragma unroll
         for (int c = 0; c < 3; ++c) {
             out_origins[3 * r + c] = o[c];
@@ -195,7 +128,7 @@ extern "C" __global__ void fused_grids(const unsigned char* grids, const long lo
     const long long s2 = S * S;
     const long long s3 = s2 * S;
     const long long total = s3 * num_samples;
-    GPL_FUSED_GRID_STRIDE_LOOP(t, total) {
+    GPL_GRID_STRIDE_LOOP(t, total) {
         const int b = (int)(t / s3);
         const long long rem = t - (long long)b * s3;
         const long long z = rem / s2;
@@ -207,25 +140,9 @@ extern "C" __global__ void fused_grids(const unsigned char* grids, const long lo
             out[t] = 0.0f;
             continue;
         }
-        const int* P = sym_table + 6 * symmetry[b];
-        const long long q[3] = {x, y, z};
-        long long src = grid_start[b];
-#pragma unroll
-        for (int i = 0; i < 3; ++i) {
-            const int p = P[i];
-            const long long stride = p == 0 ? 1 : (p == 1 ? n : n * n);
-            const long long c = P[3 + i] > 0 ? q[i] : n - 1 - q[i];
-            src += stride * c;
-        }
-        unsigned char value = grids[src];
-        const unsigned int thr = jitter_threshold[b];
-        if (thr > 0u) {
-            const unsigned long long v = (unsigned long long)((z * n + y) * n + x);
-            const gpl_u32x4 w =
-                philox4x32_10((unsigned int)(v >> 2), index[b], epoch[b],
-                              GPL_PURPOSE_JITTER + purpose_offset[b], key0, key1);
-            if ((philox_word(w, (unsigned int)(v & 3u)) >> 8) < thr) value ^= 1;
-        }
+        const unsigned char value = gpl_transform_voxel(
+            grids + grid_start[b], n, n * n, sym_table + 6 * symmetry[b], x, y, z, n,
+            jitter_threshold[b], gpl_make_stream(epoch, index, purpose_offset, key0, key1, b));
         out[t] = (float)value;
     }
 }
@@ -239,14 +156,12 @@ extern "C" __global__ void fused_views(const float* views, const long long* view
                                        const long long* view_out_start, const int* sym_table,
                                        const int* symmetry, const float* origin_scale,
                                        float* out, int num_samples, long long total) {
-    GPL_FUSED_GRID_STRIDE_LOOP(r, total) {
+    GPL_GRID_STRIDE_LOOP(r, total) {
         const int b = gpl_find_sample(view_out_start, num_samples, r);
         const long long g = view_start[b] + (r - view_out_start[b]);
         float p[3];
-        gpl_fused_symmetry(sym_table + 6 * symmetry[b], views[3 * g], views[3 * g + 1],
-                           views[3 * g + 2], p);
-        const float s = origin_scale[b];
+        gpl_transform_point(sym_table + 6 * symmetry[b], views + 3 * g, origin_scale[b], p);
 #pragma unroll
-        for (int c = 0; c < 3; ++c) out[3 * r + c] = gpl_fmul(p[c], s);
+        for (int c = 0; c < 3; ++c) out[3 * r + c] = p[c];
     }
 }

@@ -19,11 +19,8 @@ Integers must match bit for bit, floats within 1e-6.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 import types
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +30,11 @@ from gpuloader.augment import numpy_backend as augment_numpy
 from gpuloader.augment.fused_numpy import BatchPlan
 from gpuloader.augment.numpy_backend import SYMMETRY_TABLE, BatchParams
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIM = ROOT / "tests" / "cuda_shim"
-KERNELS = ROOT / "kernels"
+try:  # as a package (pytest rootdir on sys.path) or from the tests folder
+    from tests._shim import build_shim_library
+except ImportError:  # pragma: no cover
+    from _shim import build_shim_library
+
 FLOAT_TOL = {"rtol": 1e-6, "atol": 1e-6}
 F32, I32, U32, U8, I64 = np.float32, np.int32, np.uint32, np.uint8, np.int64
 
@@ -104,27 +103,13 @@ SIGNATURES = {
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     """kernels/fused.cu built as a shared library by g++ through the shim."""
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found: the CPU run of the CUDA kernels needs a C++ compiler")
-    so = tmp_path_factory.mktemp("cuda_shim") / "libfused.so"
-    cmd = [
-        gxx, "-std=c++14", "-O1", "-ffp-contract=off", "-fPIC", "-shared",
-        "-Wall", "-Wextra", "-Wno-unknown-pragmas",
-        "-include", str(SHIM / "shim.h"), f"-I{KERNELS}",
-        "-x", "c++", str(SHIM / "fused_launcher.cpp"), "-o", str(so),
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"g++ failed:\n{' '.join(cmd)}\n{res.stderr}"
-    assert "warning" not in res.stderr, res.stderr
-    dll = ctypes.CDLL(str(so))
-    for name, sig in SIGNATURES.items():
-        fn = getattr(dll, f"launch_{name}")
-        fn.argtypes = [ctypes.c_int, ctypes.c_int] + [
-            a.ctype if isinstance(a, Scalar) else ctypes.c_void_p for a in sig
-        ]
-        fn.restype = None
-    return dll
+    return build_shim_library(
+        tmp_path_factory,
+        "fused_launcher.cpp",
+        "libfused.so",
+        SIGNATURES,
+        lambda a: a.ctype if isinstance(a, Scalar) else ctypes.c_void_p,
+    )
 
 
 class ShimKernel:

@@ -16,10 +16,7 @@ Integers must match bit for bit, floats within 1e-6.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,9 +26,11 @@ from gpuloader.augment import numpy_backend as augment_numpy
 from gpuloader.augment import rng
 from gpuloader.augment.numpy_backend import BatchParams
 
-ROOT = Path(__file__).resolve().parent.parent
-SHIM = ROOT / "tests" / "cuda_shim"
-KERNELS = ROOT / "kernels"
+try:  # as a package (pytest rootdir on sys.path) or from the tests folder
+    from tests._shim import build_shim_library
+except ImportError:  # pragma: no cover
+    from _shim import build_shim_library
+
 FLOAT_TOL = {"rtol": 1e-6, "atol": 1e-6}
 
 
@@ -72,26 +71,13 @@ SIGNATURES = {
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     """The kernels built as a shared library by g++ through the shim, with typed launchers."""
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ not found: the CPU run of the CUDA kernels needs a C++ compiler")
-    so = tmp_path_factory.mktemp("cuda_shim") / "libaugment.so"
-    cmd = [
-        gxx, "-std=c++14", "-O1", "-ffp-contract=off", "-fPIC", "-shared",
-        "-Wall", "-Wextra", "-Wno-unknown-pragmas",
-        "-include", str(SHIM / "shim.h"), f"-I{KERNELS}",
-        "-x", "c++", str(SHIM / "launcher.cpp"), "-o", str(so),
-    ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"g++ failed:\n{' '.join(cmd)}\n{res.stderr}"
-    assert "warning" not in res.stderr, res.stderr
-    dll = ctypes.CDLL(str(so))
-    for name, sig in SIGNATURES.items():
-        fn = getattr(dll, f"launch_{name}")
-        fn.argtypes = [ctypes.c_int, ctypes.c_int] + [
-            a[0] if isinstance(a, tuple) else a for a in sig
-        ]
-        fn.restype = None
+    dll = build_shim_library(
+        tmp_path_factory,
+        "launcher.cpp",
+        "libaugment.so",
+        SIGNATURES,
+        lambda a: a[0] if isinstance(a, tuple) else a,
+    )
     dll.shim_philox.argtypes = [_ptr(U32), ctypes.c_uint32, ctypes.c_uint32, _ptr(U32, True)]
     dll.shim_philox.argtypes.append(ctypes.c_longlong)
     dll.shim_normal3.argtypes = [_ptr(U32), _ptr(F32, True), ctypes.c_longlong]

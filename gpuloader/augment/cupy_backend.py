@@ -10,10 +10,12 @@ copy to the host: objects with ``__cuda_array_interface__`` such as torch CUDA t
 Results are new CuPy arrays (hand them to torch with ``torch.from_dlpack``). Work runs on
 CuPy's current device and stream.
 
-Kernels (``kernels/augment.cu`` and ``kernels/philox.cuh``) are compiled once per process
-with NVRTC through :class:`cupy.RawModule` with :data:`NVRTC_OPTIONS` and ``-I<kernels>``
-(CuPy also caches the binary on disk; the source it gets carries a digest of every file in
-``kernels/``, so an edited header is recompiled). CuPy appends ``-ftz=true`` to every
+Kernels (``kernels/augment.cu`` with the headers ``transform.cuh`` and ``philox.cuh``) are
+compiled once per process and device with NVRTC through :class:`cupy.RawModule` with
+:data:`NVRTC_OPTIONS` and ``-I<kernels>`` (CuPy also caches the binary on disk; the source it
+gets carries a digest of every file in ``kernels/``, so an edited header is recompiled).
+:mod:`gpuloader.augment.fused_cupy` compiles, caches and launches ``kernels/fused.cu`` with
+this module's helpers too. CuPy appends ``-ftz=true`` to every
 compile; the kernels write their float32 operations in PTX so that it changes nothing.
 The kernel folder is, in order: ``$GPULOADER_KERNELS``; ``kernels/`` beside the package
 (a source checkout); ``gpuloader/kernels/`` (an installed wheel).
@@ -67,7 +69,8 @@ MODULE_SOURCE = "augment.cu"
 KERNEL_NAMES = ("transform_rays", "transform_points", "transform_voxels", "select_rows")
 
 _lock = threading.Lock()
-_module_cache: dict[str, object] = {}
+#: Compiled modules, by (kernel folder, device id); the symmetry table, by device id.
+_module_cache: dict[tuple[str, int], object] = {}
 _table_cache: dict[int, object] = {}
 
 
@@ -156,15 +159,21 @@ def _source_digest(kdir: Path) -> str:
     return h.hexdigest()
 
 
-def _cupy():
+def _import_cupy(user: str, cpu_twin: str):
+    """The ``cupy`` module; without it an ImportError that names ``gpuloader.augment.<user>``
+    and its CPU twin ``gpuloader.augment.<cpu_twin>``."""
     try:
         import cupy
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError(
-            "gpuloader.augment.cupy_backend needs CuPy: `pip install cupy-cuda12x` "
-            "(or use gpuloader.augment.numpy_backend on the CPU)"
+            f"gpuloader.augment.{user} needs CuPy: `pip install cupy-cuda12x` "
+            f"(or use gpuloader.augment.{cpu_twin} on the CPU)"
         ) from e
     return cupy
+
+
+def _cupy():
+    return _import_cupy("cupy_backend", "numpy_backend")
 
 
 # --- compiling -----------------------------------------------------------------------------
@@ -205,42 +214,54 @@ def compile_kernels_nvrtc(arch: str = "compute_80") -> dict[str, int]:
     return sizes
 
 
-def _module():
-    """The compiled :class:`cupy.RawModule` of ``kernels/augment.cu`` (once per process)."""
+def _compiled_module(cp, source: str, cache: dict):
+    """The compiled :class:`cupy.RawModule` of ``kernels/<source>`` for the current device.
+
+    Compiled once per (kernel folder, device) and kept in ``cache`` (each kernel module keeps
+    its own), with :data:`NVRTC_OPTIONS` and ``-I<kernels>``; the code CuPy gets starts with
+    the digest of every file in ``kernels/``, so that CuPy's disk cache sees an edited header.
+    """
     kdir = kernels_dir()
-    key = str(kdir)
+    key = (str(kdir), int(cp.cuda.Device().id))
     with _lock:
-        mod = _module_cache.get(key)
+        mod = cache.get(key)
         if mod is None:
-            cp = _cupy()
             ensure_nvrtc()
-            code = (
-                f"// sources digest {_source_digest(kdir)}\n" + (kdir / MODULE_SOURCE).read_text()
-            )
+            code = f"// sources digest {_source_digest(kdir)}\n" + (kdir / source).read_text()
             mod = cp.RawModule(code=code, options=(*NVRTC_OPTIONS, f"-I{kdir}"))
-            _module_cache[key] = mod
+            cache[key] = mod
     return mod
 
 
+def _launch_kernel(kernel, n: int, args: tuple, block: int, max_blocks: int) -> None:
+    """1-D launch of ``kernel`` (a grid-stride loop over ``n`` items): ``block`` threads,
+    ``ceil(n / block)`` blocks capped at ``max_blocks``."""
+    blocks = max(1, min(-(-int(n) // block), max_blocks))
+    kernel((blocks,), (block,), args)
+
+
+def _device_symmetry_table(cp, cache: dict):
+    """:data:`numpy_backend.SYMMETRY_TABLE` on the current device, (48, 6) int32, uploaded
+    once per device and kept in ``cache``."""
+    dev = int(cp.cuda.Device().id)
+    with _lock:
+        table = cache.get(dev)
+        if table is None:
+            table = cp.asarray(SYMMETRY_TABLE, dtype=cp.int32)
+            cache[dev] = table
+    return table
+
+
 def _kernel(name: str):
-    return _module().get_function(name)
+    return _compiled_module(_cupy(), MODULE_SOURCE, _module_cache).get_function(name)
 
 
 def _launch(name: str, n: int, args: tuple) -> None:
-    blocks = max(1, min(-(-int(n) // BLOCK), MAX_BLOCKS))
-    _kernel(name)((blocks,), (BLOCK,), args)
+    _launch_kernel(_kernel(name), n, args, BLOCK, MAX_BLOCKS)
 
 
 def _symmetry_table():
-    """:data:`augment_numpy.SYMMETRY_TABLE` on the current device, (48, 6) int32 (cached)."""
-    cp = _cupy()
-    dev = cp.cuda.Device().id
-    with _lock:
-        table = _table_cache.get(dev)
-        if table is None:
-            table = cp.asarray(SYMMETRY_TABLE, dtype=cp.int32)
-            _table_cache[dev] = table
-    return table
+    return _device_symmetry_table(_cupy(), _table_cache)
 
 
 # --- argument plumbing ---------------------------------------------------------------------
@@ -264,13 +285,16 @@ def _dlpack_on_gpu(x) -> bool:
         return False
 
 
-def _as_cupy(x):
+def _to_cupy(cp, x):
     """A CuPy view of ``x`` when it lives on the GPU (``__cuda_array_interface__`` or a CUDA
     DLPack producer), else a host-to-device copy of it."""
-    cp = _cupy()
     if not hasattr(x, "__cuda_array_interface__") and _dlpack_on_gpu(x):
         return cp.from_dlpack(x)
     return cp.asarray(x)
+
+
+def _as_cupy(x):
+    return _to_cupy(_cupy(), x)
 
 
 def _device(x, dtype, shape: tuple | None = None, name: str = "array"):

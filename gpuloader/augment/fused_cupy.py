@@ -24,13 +24,13 @@ functions, missing keys filled with new CuPy arrays).
 
 Kernels are compiled once per device with NVRTC through :class:`cupy.RawModule`, with
 :data:`gpuloader.augment.cupy_backend.NVRTC_OPTIONS` (``--std=c++14 -fmad=false``) and
-``-I<kernels>``; the symmetry table is uploaded once per device. Importing this module needs
-neither CuPy nor a GPU.
+``-I<kernels>``; the symmetry table is uploaded once per device. Compiling, caching and
+launching are :mod:`gpuloader.augment.cupy_backend`'s (one place for both kernel modules);
+this module keeps its own caches. Importing this module needs neither CuPy nor a GPU.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,13 +38,15 @@ import numpy as np
 
 from gpuloader.augment import symmetry
 from gpuloader.augment.cupy_backend import (
-    NVRTC_OPTIONS,
-    _source_digest,
-    ensure_nvrtc,
-    kernels_dir,
+    _compiled_module,
+    _device_symmetry_table,
+    _dlpack_on_gpu,
+    _import_cupy,
+    _launch_kernel,
+    _seed_key,
+    _to_cupy,
 )
 from gpuloader.augment.fused_numpy import BatchPlan
-from gpuloader.augment.numpy_backend import SYMMETRY_TABLE
 
 __all__ = [
     "BLOCK",
@@ -121,94 +123,44 @@ _ALL_FIELDS = tuple(dict.fromkeys(_RAY_FIELDS + _GRID_FIELDS + _VIEW_FIELDS))
 #: A null pointer kernel argument (8 zero bytes): a store field that is absent.
 _NULL = np.uint64(0)
 
-_lock = threading.Lock()
+#: Compiled modules, by (kernel folder, device id); the symmetry table, by device id.
 _module_cache: dict[tuple[str, int], Any] = {}
 _table_cache: dict[int, Any] = {}
 
 
-# --- CuPy, the module, launches --------------------------------------------------------------
+# --- CuPy, the module, launches (cupy_backend's helpers) -------------------------------------
 
 
 def _cupy():
-    try:
-        import cupy
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "gpuloader.augment.fused_cupy needs CuPy: `pip install cupy-cuda12x` "
-            "(or use gpuloader.augment.fused_numpy on the CPU)"
-        ) from e
-    return cupy
-
-
-def _module():
-    """The compiled :class:`cupy.RawModule` of ``kernels/fused.cu`` for the current device."""
-    cp = _cupy()
-    kdir = kernels_dir()
-    key = (str(kdir), int(cp.cuda.Device().id))
-    with _lock:
-        mod = _module_cache.get(key)
-        if mod is None:
-            ensure_nvrtc()
-            code = (
-                f"// sources digest {_source_digest(kdir)}\n" + (kdir / MODULE_SOURCE).read_text()
-            )
-            mod = cp.RawModule(code=code, options=(*NVRTC_OPTIONS, f"-I{kdir}"))
-            _module_cache[key] = mod
-    return mod
+    return _import_cupy("fused_cupy", "fused_numpy")
 
 
 def _kernel(name: str):
-    return _module().get_function(name)
+    return _compiled_module(_cupy(), MODULE_SOURCE, _module_cache).get_function(name)
 
 
 def _launch(name: str, n: int, args: tuple) -> None:
-    """1-D launch of ``BLOCK`` threads, ``ceil(n / BLOCK)`` blocks capped at ``MAX_BLOCKS``."""
-    blocks = max(1, min(-(-int(n) // BLOCK), MAX_BLOCKS))
-    _kernel(name)((blocks,), (BLOCK,), args)
+    _launch_kernel(_kernel(name), n, args, BLOCK, MAX_BLOCKS)
 
 
 def _symmetry_table():
-    """``numpy_backend.SYMMETRY_TABLE`` on the current device, (48, 6) int32 (cached)."""
-    cp = _cupy()
-    dev = int(cp.cuda.Device().id)
-    with _lock:
-        table = _table_cache.get(dev)
-        if table is None:
-            table = cp.asarray(SYMMETRY_TABLE, dtype=cp.int32)
-            _table_cache[dev] = table
-    return table
+    return _device_symmetry_table(_cupy(), _table_cache)
 
 
 # --- argument plumbing -----------------------------------------------------------------------
-
-_DLPACK_CUDA_DEVICES = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 
 def _on_device(x) -> bool:
     """True for a CuPy array, a ``__cuda_array_interface__`` object or a CUDA DLPack producer."""
     if isinstance(x, _cupy().ndarray) or hasattr(x, "__cuda_array_interface__"):
         return True
-    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack_device__"):
-        return False
-    try:
-        return int(x.__dlpack_device__()[0]) in _DLPACK_CUDA_DEVICES
-    except Exception:
-        return False
+    return _dlpack_on_gpu(x)
 
 
 def _as_cupy(x):
     """A CuPy view of a device array (no copy); host arrays are copied to the device."""
     cp = _cupy()
-    if isinstance(x, cp.ndarray):
-        return x
-    if not hasattr(x, "__cuda_array_interface__") and _on_device(x):
-        return cp.from_dlpack(x)
-    return cp.asarray(x)
-
-
-def _seed_key(seed: int) -> tuple[np.uint32, np.uint32]:
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    return x if isinstance(x, cp.ndarray) else _to_cupy(cp, x)
 
 
 def _device_plan(plan: BatchPlan, fields: tuple[str, ...]) -> dict[str, Any]:
