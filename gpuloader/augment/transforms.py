@@ -34,6 +34,7 @@ __all__ = [
     "RandomRotation90",
     "RandomFlip",
     "NormalizeRayOrigins",
+    "NormalizeDistances",
     "RandomRaySubsample",
     "AddNoise",
     "VoxelOccupancyJitter",
@@ -146,6 +147,46 @@ class NormalizeRayOrigins(Transform):
         return 2.0 / (self.voxel_size * float(grid_side))
 
 
+class NormalizeDistances(Transform):
+    """Divide distances by a length of the grid (folded into the plan's distance scale).
+
+    ``mode='diagonal'``: the grid's diagonal, ``sqrt(3) * side`` (voxel size 1), so every
+    distance lies in [0, 1] whatever the data's base resolution. ``mode='upstream-new'``:
+    ``sqrt(3) * 2 ** (7 - level)``, what the newer upstream loader does to every sample
+    (the diagonal only when the level-0 grid is 128^3); it needs the sample's ``level``.
+    """
+
+    MODES = ("diagonal", "upstream-new")
+
+    def __init__(self, mode: str = "diagonal"):
+        if mode not in self.MODES:
+            raise ValueError(f"NormalizeDistances: mode must be one of {self.MODES}; got {mode!r}")
+        self.mode = mode
+
+    def factor(self, grid_side: int, level: int | None = None) -> float:
+        """The multiplier of the distances of one sample (float64 arithmetic)."""
+        if self.mode == "diagonal":
+            return 1.0 / (float(np.sqrt(3.0)) * float(grid_side))
+        if level is None:
+            raise ValueError(
+                "NormalizeDistances(mode='upstream-new') needs the sample's level: "
+                "the sample dict has no 'level' (pass level= to draw_plan)"
+            )
+        return 1.0 / (float(np.sqrt(3.0)) * 2.0 ** (7 - int(level)))
+
+    def factors(self, grid_side: np.ndarray, level: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`factor` for many samples: (B,) float64, the same values."""
+        if self.mode == "diagonal":
+            return 1.0 / (float(np.sqrt(3.0)) * np.asarray(grid_side, dtype=np.float64))
+        if level is None:
+            raise ValueError(
+                "NormalizeDistances(mode='upstream-new') needs the samples' levels "
+                "(pass level= to draw_plans)"
+            )
+        exp = 7 - np.asarray(level, dtype=np.int64)
+        return 1.0 / (float(np.sqrt(3.0)) * np.ldexp(1.0, exp))
+
+
 class RandomRaySubsample(Transform):
     """Keep ``num_rays`` rays drawn without replacement (all of them when there are fewer)."""
 
@@ -197,6 +238,7 @@ _PLANNED = (
     RandomRotation90,
     RandomFlip,
     NormalizeRayOrigins,
+    NormalizeDistances,
     RandomRaySubsample,
     AddNoise,
     VoxelOccupancyJitter,
@@ -228,7 +270,9 @@ class Compose:
         for seg in self.segments:
             if isinstance(seg, list):
                 side = _grid_side(sample)
-                plan = draw_plan(seg, context, side, segment=planned)
+                level = sample.get("level")
+                level = None if level is None else int(level)
+                plan = draw_plan(seg, context, side, segment=planned, level=level)
                 sample = apply_plan(plan, sample, context)
                 planned += 1
             elif isinstance(seg, Transform):
@@ -251,14 +295,17 @@ def draw_plan(
     context: rng.SampleContext,
     grid_side: int,
     segment: int = 0,
+    level: int | None = None,
 ) -> SamplePlan:
     """Fold one run of known transforms into a :class:`SamplePlan` for one sample.
 
     Args:
         transforms: the known transforms of the run, in list order.
         context: the sample's (seed, epoch, index).
-        grid_side: the side of the sample's (cubic) grid, for NormalizeRayOrigins.
+        grid_side: the side of the sample's (cubic) grid, for NormalizeRayOrigins and
+            NormalizeDistances.
         segment: which run of the Compose this is (offsets the random purposes).
+        level: the sample's octree level (only NormalizeDistances('upstream-new') needs it).
     """
     offset = segment * rng.Purpose.SEGMENT_STRIDE
     sym = symmetry.IDENTITY
@@ -277,6 +324,8 @@ def draw_plan(
             ostd *= f
             if t.scale_distances:
                 dscale *= f
+        elif isinstance(t, NormalizeDistances):
+            dscale *= t.factor(grid_side, level)
         elif isinstance(t, AddNoise):
             ostd = float(np.hypot(ostd, t.origin_std))
             dstd = float(np.hypot(dstd, t.direction_std))
@@ -305,6 +354,7 @@ def draw_plans(
     index: np.ndarray,
     grid_side: np.ndarray,
     segment: int = 0,
+    level: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`draw_plan` for many samples of one epoch at once, vectorized.
 
@@ -313,6 +363,7 @@ def draw_plans(
         seed, epoch: the samples' stream (as ``SampleContext``).
         index: (B,) dataset indices. grid_side: (B,) side of each sample's grid.
         segment: which run of the Compose this is.
+        level: (B,) octree level of each sample (for NormalizeDistances('upstream-new')).
 
     Returns:
         ``symmetry`` (B,) int32, ``origin_scale``, ``distance_scale``, ``origin_std``,
@@ -341,6 +392,8 @@ def draw_plans(
             ostd = ostd * f
             if t.scale_distances:
                 dscale = dscale * f
+        elif isinstance(t, NormalizeDistances):
+            dscale = dscale * t.factors(side, level)
         elif isinstance(t, AddNoise):
             ostd = np.hypot(ostd, t.origin_std)
             dstd = float(np.hypot(dstd, t.direction_std))

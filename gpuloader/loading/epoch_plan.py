@@ -124,7 +124,8 @@ def build_epoch_plan(
     request = np.array([-1 if r[2] is None else int(r[2]) for r in flat], dtype=np.int64)
     count = layout.ray_count[index]
     side = layout.side[index]
-    params = draw_plans(segment, seed, epoch, index, side)
+    level = np.asarray(levels, dtype=np.int64)[index]
+    params = draw_plans(segment, seed, epoch, index, side, level=level)
     keep = count.copy()
     for limit in (samples_per_subvolume, params.pop("num_rays")):
         if limit is not None:

@@ -249,6 +249,12 @@ class GPURayLoader:
         self.resident: ResidentStore | None = None
         if backend not in ("auto", "dali", "torch"):
             raise ValueError(f"backend must be 'auto', 'dali' or 'torch'; got {backend!r}")
+        if getattr(dataset, "sparse_voxels", False):
+            raise UnsupportedTransformError(
+                "GPURayLoader does not make sparse voxels (the dataset has sparse_voxels=True): "
+                "use the CPU API (DataLoader(dataset, batch_sampler=RayBatchSampler(...), "
+                "collate_fn=collate_ray_batch)), or a dataset with sparse_voxels=False"
+            )
         self.dataset = dataset
         self.transform = dataset.transform if transform is None else transform
         cpu, segments, target = known_segments(self.transform)
@@ -601,7 +607,10 @@ class GPURayLoader:
         vp = arrays["view_positions"]
         contexts = [SampleContext(self._data_seed, int(epochs[i]), int(index[i])) for i in range(b)]
         for j, seg in enumerate(self._segments):
-            plans = [draw_plan(seg, contexts[i], int(sides[i]), segment=j) for i in range(b)]
+            plans = [
+                draw_plan(seg, contexts[i], int(sides[i]), segment=j, level=int(levels[i]))
+                for i in range(b)
+            ]
             params = to_batch_params(plans, contexts)
             want = np.array(
                 [

@@ -31,10 +31,12 @@ batches: there, save ``{"epoch": e, "batches_yielded": steps_done}`` from your o
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from torch.utils.data import Sampler
 
 from gpuloader.augment.rng import Purpose, permutation
 
@@ -136,7 +138,55 @@ def shard_batches(batches: list, rank: int, world_size: int, drop_last: bool) ->
     return batches[rank::world_size]
 
 
-class RayBatchSampler:
+def _resolve_batch_arguments(
+    rays_per_batch: Any,
+    subvolumes_per_batch: Any,
+    shuffle: bool | None,
+    drop_last: bool | None,
+    batch_size: int | None,
+) -> tuple[int | None, int, bool, bool]:
+    """``(rays_per_batch, subvolumes_per_batch, shuffle, drop_last)`` from either API.
+
+    The seed's order is ``(dataset, rays_per_batch, subvolumes_per_batch, shuffle,
+    drop_last)``; the newer upstream's is ``(dataset, batch_size, shuffle, drop_last)``
+    (``batch_size`` sub-volumes, every ray of each). A bool in the third place means the
+    upstream order; ``batch_size=`` by keyword means upstream's meaning. ``subvolumes_per_batch``
+    None means the default, 8.
+    """
+    if isinstance(subvolumes_per_batch, bool):  # (dataset, batch_size, shuffle[, drop_last])
+        if batch_size is not None:
+            raise TypeError("RayBatchSampler got batch_size twice (by position and keyword)")
+        if shuffle is not None and drop_last is not None:
+            raise TypeError("RayBatchSampler got drop_last twice (by position and keyword)")
+        batch_size = rays_per_batch
+        shuffle, drop_last = subvolumes_per_batch, shuffle if shuffle is not None else drop_last
+        rays_per_batch, subvolumes_per_batch = None, batch_size
+    elif batch_size is not None:
+        if rays_per_batch != 4096 or subvolumes_per_batch is not None:
+            raise TypeError(
+                "RayBatchSampler: pass either batch_size (the newer upstream API: batch_size "
+                "sub-volumes, every ray of each) or rays_per_batch/subvolumes_per_batch (the "
+                "seed's), not both"
+            )
+        rays_per_batch, subvolumes_per_batch = None, batch_size
+    elif subvolumes_per_batch is None and rays_per_batch is not None and rays_per_batch <= 8:
+        warnings.warn(
+            f"RayBatchSampler(dataset, {rays_per_batch}) reads {rays_per_batch} as "
+            "rays_per_batch (the seed's order): at most one ray per sub-volume of 8. For the "
+            f"newer upstream's meaning ({rays_per_batch} sub-volumes, every ray of each) pass "
+            f"batch_size={rays_per_batch}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return (
+        rays_per_batch,
+        8 if subvolumes_per_batch is None else int(subvolumes_per_batch),
+        True if shuffle is None else bool(shuffle),
+        False if drop_last is None else bool(drop_last),
+    )
+
+
+class RayBatchSampler(Sampler):
     """Batches of ``subvolumes_per_batch`` sub-volumes holding ``rays_per_batch`` rays.
 
     Args:
@@ -144,13 +194,17 @@ class RayBatchSampler:
             optionally ``available_rays(i)`` (rows it may read after its own limits) and
             ``.seed``.
         rays_per_batch: rays in a batch (None: every available ray of each sub-volume).
-        subvolumes_per_batch: sub-volumes in a batch.
+        subvolumes_per_batch: sub-volumes in a batch (None: 8).
         shuffle: permute samples (within a level) and batches each epoch.
         drop_last: drop each level's last, incomplete batch.
         seed: order seed (default: ``dataset.seed``).
         mixed_levels: allow several levels in one batch (collate then zero-pads grids).
         rank, world_size: this process's shard (module doc); default: ``torch.distributed``
             when initialized, else 0 and 1. Every rank must use the same seed.
+        batch_size: the newer upstream's argument: ``batch_size`` sub-volumes per batch,
+            every ray of each (``subvolumes_per_batch=batch_size, rays_per_batch=None``).
+            Upstream's positional order ``(dataset, batch_size, shuffle, drop_last)`` works
+            too (recognised by the bool in third place).
 
     Each pass uses the current epoch and advances it by one when it starts (so epochs differ
     even without ``set_epoch``); ``set_epoch(e)`` pins the epoch of the next pass, as with
@@ -162,14 +216,18 @@ class RayBatchSampler:
         self,
         dataset: Any,
         rays_per_batch: int | None = 4096,
-        subvolumes_per_batch: int = 8,
-        shuffle: bool = True,
-        drop_last: bool = False,
+        subvolumes_per_batch: int | None = None,
+        shuffle: bool | None = None,
+        drop_last: bool | None = None,
         seed: int | None = None,
         mixed_levels: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
+        rays_per_batch, subvolumes_per_batch, shuffle, drop_last = _resolve_batch_arguments(
+            rays_per_batch, subvolumes_per_batch, shuffle, drop_last, batch_size
+        )
         if subvolumes_per_batch < 1:
             raise ValueError(f"subvolumes_per_batch must be >= 1; got {subvolumes_per_batch}")
         if rays_per_batch is not None and rays_per_batch < 0:
@@ -177,6 +235,7 @@ class RayBatchSampler:
         self.dataset = dataset
         self.rays_per_batch = rays_per_batch
         self.subvolumes_per_batch = int(subvolumes_per_batch)
+        self.batch_size = self.subvolumes_per_batch  # upstream's name
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = int(seed if seed is not None else getattr(dataset, "seed", 0))
