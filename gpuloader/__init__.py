@@ -13,6 +13,12 @@ from typing import Any
 
 from gpuloader.augment import transforms
 from gpuloader.augment.rng import SampleContext
+from gpuloader.format.sparse import (
+    compute_sparse_statistics,
+    sparse_coo_to_dense,
+    voxels_to_sparse_coo,
+    voxels_to_sparse_index,
+)
 from gpuloader.generate.tracer import trace
 from gpuloader.loading.collate import collate_ray_batch
 from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
@@ -35,10 +41,14 @@ __all__ = [
     "RayRequest",
     "SampleContext",
     "collate_ray_batch",
+    "compute_sparse_statistics",
     "open_ray_store",
     "pack_rays",
+    "sparse_coo_to_dense",
     "trace",
     "transforms",
+    "voxels_to_sparse_coo",
+    "voxels_to_sparse_index",
 ]
 
 

@@ -18,6 +18,9 @@ plain ``dict``::
     is_empty: bool        all-zero voxels (so no ray hits)
     is_trivial: bool      listed in ``trivial_hashes`` and all-empty (see below)
 
+:func:`chunk_samples` turns this list into one of chunks (``rays_per_chunk``): records that
+add ``ray_offset``, ``chunk_idx`` and ``file_num_rays`` and whose ``num_rays`` is the chunk's.
+
 Split membership follows the format: a sub-volume belongs to a split when it is trivial or
 when any object using it is in that split. Trivial means all-empty, as upstream's pipeline
 writes ``trivial_hashes``: a listed hash that is not the all-empty grid of its level (an
@@ -49,6 +52,7 @@ from gpuloader.format.validate import unreadable_error
 __all__ = [
     "SPLITS",
     "build_index",
+    "chunk_samples",
     "npz_member_header",
     "read_splits",
     "scan_ray_tree",
@@ -433,3 +437,34 @@ def build_index(
             continue
         s["num_rays"] = shape[0]
     return [s for s in kept if s["num_rays"] >= 0]
+
+
+def chunk_samples(samples: Sequence[dict[str, Any]], rays_per_chunk: int) -> list[dict[str, Any]]:
+    """Cut each sample's ray file into chunks of ``rays_per_chunk`` consecutive rays.
+
+    From the index alone (``num_rays`` came from the npz headers): nothing is inflated. Each
+    chunk is a copy of its sample's record with ``num_rays`` (the chunk's rows, the last
+    chunk of a file may be shorter), ``ray_offset`` (its first row in the file),
+    ``chunk_idx`` (0, 1, ... within the file) and ``file_num_rays`` (the file's rows). A file
+    without rays gives no chunk, as upstream.
+
+    Returns:
+        the chunks, in the order of ``samples`` and, within a file, of their rows.
+    """
+    size = int(rays_per_chunk)
+    if size < 1:
+        raise ValueError(f"rays_per_chunk must be >= 1 or None; got {rays_per_chunk}")
+    out: list[dict[str, Any]] = []
+    for s in samples:
+        n = int(s["num_rays"])
+        for c, start in enumerate(range(0, n, size)):
+            out.append(
+                {
+                    **s,
+                    "num_rays": min(size, n - start),
+                    "ray_offset": start,
+                    "chunk_idx": c,
+                    "file_num_rays": n,
+                }
+            )
+    return out

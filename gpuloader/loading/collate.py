@@ -24,6 +24,19 @@ each sample stays its own grid's centre. With ``pad='center'`` each grid sits in
 of the padded box instead (sizes are powers of two, so the offset is a whole number of
 voxels), which keeps the padded grid centred on the origin: its rays still trace the same
 distances through it. Optional ray keys missing from any sample are left out.
+
+Sparse samples (``HierarchicalVoxelRayDataset(sparse_voxels=True)``: ``voxel_pos`` and no
+``voxels``) are concatenated instead of stacked, as the newer upstream collate does::
+
+    voxel_pos         (M, 3) float32   occupied voxels of all samples (x, y, z)
+    voxel_features    (M, 1)
+    voxel_batch       (M,)   long      which sample (0..B-1) each voxel belongs to
+    voxel_shapes      (B, 3) long      each grid's (D, H, W)
+    num_voxels        (B,)   long      M_i
+    voxel_edge_index  (2, E) long      graph mode: each sample's edges, node ids offset by
+                                       the voxels of the samples before it
+
+A batch must not mix sparse and dense samples.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ RAY_DTYPES: dict[str, torch.dtype] = {
     "face_ids": torch.long,
 }
 _REQUIRED = ("voxels", "origins", "directions", "distances", "hits")
+_REQUIRED_SPARSE = ("voxel_pos", "voxel_features", "voxel_shape", *_REQUIRED[1:])
 
 
 def _tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -67,11 +81,52 @@ def collate_ray_batch(
         raise ValueError("collate_ray_batch got an empty batch")
     if pad not in ("end", "center"):
         raise ValueError(f"pad must be 'end' or 'center'; got {pad!r}")
+    sparse = [("voxel_pos" in s and "voxels" not in s) for s in batch]
+    if any(sparse) and not all(sparse):
+        raise ValueError("collate_ray_batch: a batch mixes sparse (voxel_pos) and dense samples")
+    required = _REQUIRED_SPARSE if sparse[0] else _REQUIRED
     for i, s in enumerate(batch):
-        missing = [k for k in _REQUIRED if k not in s]
+        missing = [k for k in required if k not in s]
         if missing:
             raise ValueError(f"sample {i} of the batch lacks {missing}")
+    out = _collate_sparse(batch) if sparse[0] else _collate_grids(batch, pad)
+    return _collate_rays(batch, out)
 
+
+def _collate_sparse(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate the sparse grids of B samples (module doc)."""
+    pos = [_tensor(s["voxel_pos"], torch.float32).reshape(-1, 3) for s in batch]
+    counts = torch.tensor([p.shape[0] for p in pos], dtype=torch.long)
+    feats = [_tensor(s["voxel_features"]) for s in batch]
+    fdtype = feats[0].dtype
+    for f in feats[1:]:
+        fdtype = torch.promote_types(fdtype, f.dtype)
+    out: dict[str, Any] = {
+        "voxel_pos": torch.cat(pos, dim=0),
+        "voxel_features": torch.cat(
+            [(f if f.dim() == 2 else f.reshape(-1, 1)).to(fdtype) for f in feats]
+        ),
+        "voxel_batch": torch.repeat_interleave(torch.arange(len(batch)), counts),
+        "voxel_shapes": torch.stack(
+            [_tensor(s["voxel_shape"], torch.long).reshape(3) for s in batch]
+        ),
+        "num_voxels": counts,
+    }
+    graph = ["voxel_edge_index" in s for s in batch]
+    if any(graph) and not all(graph):
+        raise ValueError("collate_ray_batch: a batch mixes graph and coo sparse samples")
+    if graph[0]:
+        first = torch.cumsum(counts, 0) - counts
+        edges = [
+            _tensor(s["voxel_edge_index"], torch.long).reshape(2, -1) + first[i]
+            for i, s in enumerate(batch)
+        ]
+        out["voxel_edge_index"] = torch.cat(edges, dim=1)
+    return out
+
+
+def _collate_grids(batch: Sequence[dict[str, Any]], pad: str) -> dict[str, Any]:
+    """Stack (zero-padding) the dense grids of B samples (module doc)."""
     grids = [_tensor(s["voxels"]) for s in batch]
     for i, g in enumerate(grids):
         if g.dim() == 3:
@@ -94,8 +149,11 @@ def collate_ray_batch(
             else:
                 z0, y0, x0 = (big[0] - d) // 2, (big[1] - h) // 2, (big[2] - w) // 2
             voxels[i, :, z0 : z0 + d, y0 : y0 + h, x0 : x0 + w] = g.to(dtype)
+    return {"voxels": voxels, "voxel_shapes": shapes}
 
-    out: dict[str, Any] = {"voxels": voxels, "voxel_shapes": shapes}
+
+def _collate_rays(batch: Sequence[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
+    """Add the concatenated rays and the per-sample keys of B samples to ``out``."""
     for key, kdtype in RAY_DTYPES.items():
         if all(key in s and s[key] is not None for s in batch):
             out[key] = torch.cat([_tensor(s[key], kdtype) for s in batch], dim=0)

@@ -25,6 +25,16 @@ transforms draw from the dataset's counter-based streams, plain callables get
 ``transform(sample)``. The voxel tensor is a fresh float32 copy of the cached grid, so no
 transform can corrupt the cache. :meth:`read_sample` gives the raw sample (numpy arrays with
 the on-disk dtypes, voxels bool and read-only): that is what the GPU loader's reader uses.
+
+The newer upstream API: ``rays_per_chunk=N`` makes each run of N consecutive rays of a file
+its own item (``len`` counts chunks; the sample adds ``chunk_idx``; ``view_positions`` stays
+every view of the file); each chunk is an ordinary entry of ``samples`` (``num_rays`` its
+rows, ``ray_offset`` its first row), so the sampler, the stores and the GPU loader see chunks
+as samples. ``sparse_voxels=True`` replaces ``voxels`` by ``voxel_pos`` (M, 3) float32
+(x, y, z), ``voxel_features`` (M, 1) float32 and ``voxel_shape`` (3,) int64 (D, H, W), plus
+``num_voxels`` int (``sparse_mode='coo'``) or ``voxel_edge_index`` (2, E) int64
+(``'graph'``, ``sparse_connectivity`` 6, 18 or 26): see :mod:`gpuloader.format.sparse`. The
+transform runs on the dense grid first, so a symmetry moves the sparse voxels with the rays.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ from torch.utils.data import Dataset
 
 from gpuloader.augment.rng import SampleContext, select_rows
 from gpuloader.augment.transforms import apply_transform, ray_budget
-from gpuloader.format.index import Isolation, build_index
+from gpuloader.format.index import Isolation, build_index, chunk_samples
+from gpuloader.format.sparse import voxels_to_sparse_coo, voxels_to_sparse_index
 from gpuloader.loading.collate import RAY_DTYPES
 from gpuloader.loading.sampler import RayRequest
 from gpuloader.stores.cache import LRUCache
@@ -93,6 +104,11 @@ class HierarchicalVoxelRayDataset(Dataset):
         isolation: "shared" (upstream: val/test may reuse sub-volumes of train objects) or
             "strict" (val/test drop every non-trivial sub-volume a train object uses).
         ray_store: where rays are read from (default: the npz files).
+        rays_per_chunk: cut each ray file into items of this many consecutive rays (the
+            newer upstream's argument; None: one item per file).
+        sparse_voxels: give the grid as sparse voxels instead of ``voxels`` (module doc).
+        sparse_mode: "coo" (points) or "graph" (points and neighbour edges).
+        sparse_connectivity: neighbours of the graph: 6, 18 or 26.
 
     Raises:
         DatasetLayoutError, NoSamplesError, DamagedFileError: see :mod:`gpuloader.format.index`.
@@ -111,9 +127,23 @@ class HierarchicalVoxelRayDataset(Dataset):
         seed: int = 42,
         isolation: Isolation = "shared",
         ray_store: RayStore | None = None,
+        rays_per_chunk: int | None = None,
+        sparse_voxels: bool = False,
+        sparse_mode: str = "coo",
+        sparse_connectivity: int = 6,
     ) -> None:
         if samples_per_subvolume is not None and samples_per_subvolume < 0:
             raise ValueError(f"samples_per_subvolume must be >= 0; got {samples_per_subvolume}")
+        if sparse_mode not in ("coo", "graph"):
+            raise ValueError(f"sparse_mode must be 'coo' or 'graph'; got {sparse_mode!r}")
+        if sparse_connectivity not in (6, 18, 26):
+            raise ValueError(f"sparse_connectivity must be 6, 18 or 26; got {sparse_connectivity}")
+        if rays_per_chunk is not None and int(rays_per_chunk) < 1:
+            raise ValueError(f"rays_per_chunk must be >= 1 or None; got {rays_per_chunk}")
+        self.rays_per_chunk = None if rays_per_chunk is None else int(rays_per_chunk)
+        self.sparse_voxels = bool(sparse_voxels)
+        self.sparse_mode = sparse_mode
+        self.sparse_connectivity = int(sparse_connectivity)
         self.dataset_dir = Path(dataset_dir)
         self.ray_dataset_dir = Path(ray_dataset_dir)
         self.split = split
@@ -132,6 +162,8 @@ class HierarchicalVoxelRayDataset(Dataset):
             include_empty=include_empty,
             isolation=isolation,
         )
+        if self.rays_per_chunk is not None:
+            self.samples = chunk_samples(self.samples, self.rays_per_chunk)
         self.voxel_cache: LRUCache[np.ndarray] = LRUCache(cache_size)
         self.ray_store: RayStore = ray_store if ray_store is not None else NpzRayStore()
 
@@ -188,8 +220,9 @@ class HierarchicalVoxelRayDataset(Dataset):
         self.set_epoch(int(state.get("epoch", self.epoch)))
 
     def get_level_distribution(self) -> dict[int, int]:
-        """``{level: number of samples}``, levels ascending."""
-        counts = Counter(s["level"] for s in self.samples)
+        """``{level: number of samples}``, levels ascending (sub-volumes, not chunks)."""
+        files = {(s["level"], s["hash"]) for s in self.samples}
+        counts = Counter(level for level, _ in files)
         return dict(sorted(counts.items()))
 
     def available_rays(self, index: int) -> int:
@@ -252,6 +285,8 @@ class HierarchicalVoxelRayDataset(Dataset):
         sample.update(rays)
         sample["level"] = int(s["level"])
         sample["hash"] = str(s["hash"])
+        if "chunk_idx" in s:
+            sample["chunk_idx"] = int(s["chunk_idx"])
         sample["index"] = i
         sample["epoch"] = epoch
         return sample
@@ -269,7 +304,31 @@ class HierarchicalVoxelRayDataset(Dataset):
         if self.transform is not None:
             sample = apply_transform(self.transform, sample, SampleContext(self.seed, epoch, i))
             sample = self._to_output(sample)
+        if self.sparse_voxels:
+            sample = self._to_sparse(sample)
         return sample
+
+    def _to_sparse(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Replace ``voxels`` (1, D, H, W) by the sparse keys of ``sparse_mode`` (module doc)."""
+        out = dict(sample)
+        voxels = out.pop("voxels")
+        if self.sparse_mode == "coo":
+            sp = voxels_to_sparse_coo(voxels)
+            out.update(
+                voxel_pos=sp["pos"],
+                voxel_features=sp["features"].to(torch.float32),
+                voxel_shape=sp["shape"],
+                num_voxels=int(sp["num_nodes"]),
+            )
+        else:
+            sp = voxels_to_sparse_index(voxels, connectivity=self.sparse_connectivity)
+            out.update(
+                voxel_pos=sp["pos"],
+                voxel_features=sp["features"],
+                voxel_edge_index=sp["edge_index"],
+                voxel_shape=sp["shape"],
+            )
+        return out
 
     @staticmethod
     def _to_output(sample: dict[str, Any]) -> dict[str, Any]:

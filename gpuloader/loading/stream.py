@@ -29,6 +29,7 @@ import numpy as np
 from gpuloader.augment.fused_numpy import BatchPlan, select_store_rows
 from gpuloader.errors import GPULoaderError
 from gpuloader.loading.epoch_plan import EpochPlan, StoreLayout, build_epoch_plan
+from gpuloader.stores.npz import chunk_span
 
 __all__ = ["STREAM_OUTPUTS", "PackBatchReader", "local_plan", "pack_layout"]
 
@@ -48,7 +49,8 @@ STREAM_OUTPUTS: tuple[str, ...] = (
 def pack_layout(dataset: Any, sides: np.ndarray) -> tuple[StoreLayout, np.ndarray]:
     """Each sample's place in its pack level: (layout with level-relative starts, levels).
 
-    ``dataset.ray_store`` must be a PackedRayStore (``locate`` gives the offsets).
+    ``dataset.ray_store`` must be a PackedRayStore (``locate`` gives the offsets). A chunk
+    (``rays_per_chunk``) starts ``ray_offset`` rows into its file and has ``num_rays`` rows.
     """
     store = dataset.ray_store
     k = len(dataset.samples)
@@ -58,6 +60,8 @@ def pack_layout(dataset: Any, sides: np.ndarray) -> tuple[StoreLayout, np.ndarra
     v = np.zeros(k, np.int64)
     for i, s in enumerate(dataset.samples):
         _, r0[i], n[i], v0[i], v[i] = store.locate(s)
+        off, n[i] = chunk_span(s, int(n[i]))
+        r0[i] += off
     levels = np.array([int(s["level"]) for s in dataset.samples], dtype=np.int64)
     layout = StoreLayout(
         ray_start=r0,

@@ -14,6 +14,10 @@ Arrays returned by ``read`` (dtypes as on disk, shapes with ``k = len(rows)`` or
     view_ids       (k,)   int32
     view_positions (V, 3) float32   one row per view, never indexed by ray rows
 
+A sample that is a chunk of its file (``HierarchicalVoxelRayDataset(rays_per_chunk=...)``)
+carries ``ray_offset``: its rays are the file's rows ``ray_offset .. ray_offset + num_rays``,
+and ``rows`` index those (:func:`chunk_span`).
+
 Compatible dtypes (other float widths, bool/unsigned/signed integers) are cast to these;
 anything else, a missing key, inconsistent row counts or an unreadable file raise
 :class:`~gpuloader.errors.DamagedFileError` naming the file.
@@ -28,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from gpuloader.errors import DatasetLayoutError
+from gpuloader.errors import DamagedFileError, DatasetLayoutError
 from gpuloader.format.layout import RAY_ROW_KEYS
 from gpuloader.format.validate import (
     as_ray_dtypes,
@@ -38,7 +42,7 @@ from gpuloader.format.validate import (
     validate_voxels,
 )
 
-__all__ = ["NpzRayStore", "RayStore", "read_voxel_file"]
+__all__ = ["NpzRayStore", "RayStore", "chunk_span", "read_voxel_file"]
 
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError)
 _FIX = "regenerate it (gpuloader generate) or delete it and rebuild the index"
@@ -63,6 +67,28 @@ def _validate(path: Path, arrays: dict[str, np.ndarray]) -> int:
     return check_ray_shapes(path, arrays)
 
 
+def chunk_span(sample: dict[str, Any], n_file: int, where: Any = None) -> tuple[int, int]:
+    """``(first row, row count)`` of a sample's rays in its file of ``n_file`` rows.
+
+    A whole-file sample is ``(0, n_file)``; a chunk (``ray_offset`` set) is
+    ``(ray_offset, num_rays)``.
+
+    Raises:
+        DamagedFileError: the chunk runs past the file (it changed since the index was built).
+    """
+    off = sample.get("ray_offset")
+    if off is None:
+        return 0, int(n_file)
+    off, count = int(off), int(sample["num_rays"])
+    if off < 0 or off + count > n_file:
+        raise DamagedFileError(
+            f"{where or sample.get('ray_path')}: chunk rows [{off}, {off + count}) are past "
+            f"the file's {n_file} rays; the file changed since the dataset was indexed: "
+            "rebuild the dataset object"
+        )
+    return off, count
+
+
 class NpzRayStore:
     """Reads ``*_rays.npz`` files (``numpy.savez_compressed``) and gathers rows.
 
@@ -82,6 +108,17 @@ class NpzRayStore:
                 "rebuild the dataset object or regenerate the rays"
             ) from exc
         n = _validate(path, arrays)
+        off, count = chunk_span(sample, n, path)
+        if count != n and rows is None:
+            rows = np.arange(off, off + count, dtype=np.int64)
+        elif count != n:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= count):
+                raise IndexError(
+                    f"{path}: ray rows out of range [0, {count}) of the chunk at row {off}: "
+                    f"min {rows.min()}, max {rows.max()}"
+                )
+            rows = rows + off
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64)
             if rows.size and (rows.min() < 0 or rows.max() >= n):

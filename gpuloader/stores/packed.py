@@ -58,7 +58,7 @@ from gpuloader.format.validate import (
     npz_error,
     validate_rays,
 )
-from gpuloader.stores.npz import NpzRayStore, RayStore
+from gpuloader.stores.npz import NpzRayStore, RayStore, chunk_span
 
 __all__ = [
     "FORMAT_VERSION",
@@ -688,15 +688,18 @@ class PackedRayStore:
         return lv, r0, n, v0, v
 
     def read(self, sample: dict[str, Any], rows: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Rays of ``sample`` (``rows``: (k,) int indices into its N rays, None: all)."""
+        """Rays of ``sample`` (``rows``: (k,) int indices into its N rays, None: all; a chunk's
+        rows count from its ``ray_offset``)."""
         lv, r0, n, v0, v = self.locate(sample)
-        expected = sample.get("num_rays")
+        expected = sample.get("file_num_rays", sample.get("num_rays"))
         if expected is not None and int(expected) != n:
             raise StalePackError(
                 f"ray pack {self.pack_dir}: level {sample['level']}, hash {sample['hash']} "
                 f"has {n} rays in the pack and {expected} in {sample.get('ray_path')}; rebuild "
                 f"it: `{_rebuild_command(self.source_root, self.pack_dir, None)}`"
             )
+        off, n = chunk_span(sample, n)
+        r0 += off
         arrays = lv.arrays
         out: dict[str, np.ndarray] = {}
         if rows is None:
@@ -715,7 +718,8 @@ class PackedRayStore:
             for k in RAY_ROW_KEYS:
                 out[k] = np.take(arrays[k], idx, axis=0)
         out["view_positions"] = arrays["view_positions"][v0 : v0 + v].copy()
-        check_ray_values(sample.get("ray_path"), out, rows)  # the rows gathered only
+        file_rows = np.arange(off, off + n) if rows is None else rows + off
+        check_ray_values(sample.get("ray_path"), out, file_rows)  # the rows gathered only
         return out
 
 
