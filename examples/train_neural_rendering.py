@@ -15,12 +15,22 @@ ray's level. Runs with no arguments on the demo data (generated into ./demo_data
         --ray-dataset-dir ray_dataset_hierarchical --batch-size 8 --rays-per-batch 4096 \\
         --epochs 10 --checkpoint runs/model.pt --plot runs/curves.png
     python examples/train_neural_rendering.py --checkpoint runs/model.pt --resume --epochs 20
+
+Mid-epoch checkpoints: ``--checkpoint-every N`` also saves every N steps, with the loader's
+``state_dict()``; ``--resume`` then continues at the very next batch, so a run cut anywhere
+and resumed trains on the batches (and to the losses) of an uninterrupted one.
+
+Several processes (DDP): each rank's loader reads its shard of every epoch (``rank`` and
+``world_size`` come from ``torch.distributed``); rank 0 prints and saves. On the CPU::
+
+    torchrun --nproc_per_node 2 examples/train_neural_rendering.py --device cpu
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -63,7 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="stop each epoch after this many batches")
     p.add_argument("--val-batches", type=int, help="validation batches per epoch (all)")
     p.add_argument("--checkpoint", type=Path, help="save model and optimizer here every epoch")
+    p.add_argument(
+        "--checkpoint-every", type=int, metavar="N", help="also save every N steps (mid-epoch)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="stop after N steps of this run, as if interrupted (to try --resume)",
+    )
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot the loss curves here")
     p.add_argument("--metrics", type=Path, metavar="FILE.json", help="write the history here")
     p.add_argument("--seed", type=int, default=0, help="seed of model, order, augmentation (0)")
@@ -202,6 +221,9 @@ class Batches:
         # (a cut or repeated epoch would restart the reader workers each time)
         workers = args.num_workers if train else 0
         common = {"split": split, "levels": args.levels, "seed": args.seed}
+        # training batches are sharded over the ranks of torch.distributed (the default);
+        # every rank evaluates the whole validation split
+        shard = {} if train else {"rank": 0, "world_size": 1}
         if args.loader == "gpu":
             from gpuloader.loading.loader import GPURayLoader
 
@@ -218,12 +240,18 @@ class Batches:
                 prefetch=2,
                 device=str(device),
                 backend="auto",
+                **shard,
             )
             self.backend = str(getattr(self.loader, "backend", "gpu"))
         else:
             self.dataset = HierarchicalVoxelRayDataset(dd, rd, transform=tf, **common)
             self.sampler = RayBatchSampler(
-                self.dataset, args.rays_per_batch, args.batch_size, shuffle=train, seed=args.seed
+                self.dataset,
+                args.rays_per_batch,
+                args.batch_size,
+                shuffle=train,
+                seed=args.seed,
+                **shard,
             )
             self.loader = DataLoader(
                 self.dataset,
@@ -235,12 +263,20 @@ class Batches:
             )
             self.backend = "torch DataLoader"
 
-    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def position(self, epoch: int, steps: int) -> dict[str, Any]:
+        """Where training stands, for a mid-epoch checkpoint: the GPU loader's own state (it
+        counts the batches handed out); a DataLoader's workers read ahead, so there the
+        sampler's state is built from the steps taken."""
         if self.kind == "gpu":
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(epoch)
-        else:
-            self.sampler.set_epoch(epoch)
+            return self.loader.state_dict()
+        return {"epoch": epoch, "batches_yielded": steps}
+
+    def epoch(self, epoch: int, resume: dict | None = None) -> Iterator[dict[str, Any]]:
+        """The batches of ``epoch``; from a saved :meth:`position` when ``resume`` is given."""
+        target = self.loader if self.kind == "gpu" else self.sampler
+        if resume is not None:
+            target.load_state_dict(resume)
+        target.set_epoch(epoch)  # the epoch restored keeps its place
         for batch in self.loader:
             yield {
                 k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -301,6 +337,21 @@ def evaluate(
             n += int(target.numel())
     model.train()
     return {k: v / max(n, 1) for k, v in sq.items()} | {"rays": n}
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): joins the process group when started by ``torchrun``
+    (gloo on the CPU, NCCL on CUDA, one GPU per local rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -380,58 +431,109 @@ def check_validation_split(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    rank, world, device = setup_distributed(pick_device(args.device))
+    say = print if rank == 0 else (lambda *a, **k: None)
     t_start = time.perf_counter()
     check_validation_split(args)
     train = Batches(args, "train", device, train=True)
     val = Batches(args, "val", device, train=False)
     base = level_means(train.dataset)
-    model = NeuralRenderer(hidden=args.hidden, points=args.points).to(device)
+    net = NeuralRenderer(hidden=args.hidden, points=args.points).to(device)
+    model: nn.Module = net
+    if world > 1:  # same initial weights on every rank (seeded), gradients averaged
+        model = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     history: dict[str, Any] = {"train_loss": [], "epoch_end_step": [], "val": []}
-    start_epoch = 0
+    start_epoch, resume, losses = 0, None, []
     if args.resume:
         if args.checkpoint is None:
             raise SystemExit("--resume needs --checkpoint PATH")
         if args.checkpoint.is_file():
             state = torch.load(args.checkpoint, map_location=device, weights_only=False)
-            model.load_state_dict(state["model"])
+            net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             history, base, start_epoch = state["history"], state["baselines"], state["epoch"] + 1
-            print(f"resumed from {args.checkpoint} after epoch {start_epoch}")
+            if state.get("position") is not None:  # a mid-epoch checkpoint
+                resume, losses = state["position"], state["epoch_losses"]
+                start_epoch = resume["epoch"]
+                say(
+                    f"resumed from {args.checkpoint} in epoch {start_epoch + 1}, after "
+                    f"{resume['step']} steps"
+                )
+            else:
+                say(f"resumed from {args.checkpoint} after epoch {start_epoch}")
         else:
-            print(f"no checkpoint at {args.checkpoint}: starting afresh")
+            say(f"no checkpoint at {args.checkpoint}: starting afresh")
 
-    params = sum(p.numel() for p in model.parameters())
-    print(
+    def checkpoint(epoch_done: int, position: dict | None = None) -> None:
+        if args.checkpoint is None or rank != 0:
+            return
+        save_checkpoint(
+            args.checkpoint,
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch_done,  # the last finished epoch
+                "position": position,  # mid-epoch: epoch, step and the loader's state
+                "epoch_losses": list(losses),
+                "history": history,
+                "baselines": base,
+                "args": vars(args)
+                | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
+            },
+        )
+
+    params = sum(p.numel() for p in net.parameters())
+    say(
         f"data: train {len(train.dataset)} / val {len(val.dataset)} sub-volumes; "
         f"loader: {train.backend}; device: {device}; model: {params:,} parameters"
+        + (f"; DDP world size {world} ({len(train.loader)} batches per rank)" if world > 1 else "")
     )
-    print(
+    say(
         f"baselines (normalized distance): mean {base['mean']:.4f}, per level "
         + ", ".join(f"L{lv} {m:.4f}" for lv, m in base["per_level"].items())
     )
 
     if "val_initial" not in history:
-        history["val_initial"] = evaluate(model, val.epoch(0), base, args.val_batches)
-        print(f"before training: val {history['val_initial']['model']:.4f}")
+        history["val_initial"] = evaluate(net, val.epoch(0), base, args.val_batches)
+        say(f"before training: val {history['val_initial']['model']:.4f}")
+    steps_this_run = 0
     for epoch in range(start_epoch, args.epochs):
         tick = time.perf_counter()
         rays = 0
-        losses: list[float] = []
-        for step, batch in enumerate(train.epoch(epoch)):
-            if args.max_steps is not None and step >= args.max_steps:
+        first = resume["step"] if resume is not None else 0
+        limit = len(train.loader)
+        if args.max_steps is not None:
+            limit = min(limit, args.max_steps)
+        # a checkpoint taken at the epoch's last step resumes straight into its validation
+        batches = train.epoch(epoch, resume and resume["loader"]) if first < limit else iter(())
+        for step, batch in enumerate(batches, first):
+            if step >= limit:
                 break
             loss = torch.mean((model(batch) - batch["distances"]) ** 2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            losses.append(loss.item())
+            logged = loss.detach()
+            if world > 1:  # the loss over every rank's batch
+                import torch.distributed as dist
+
+                dist.all_reduce(logged)
+                logged /= world
+            losses.append(logged.item())
             rays += int(batch["distances"].numel())
+            steps_this_run += 1
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                position = {"epoch": epoch, "step": step + 1}
+                checkpoint(epoch - 1, position | {"loader": train.position(epoch, step + 1)})
+            if args.stop_after is not None and steps_this_run >= args.stop_after:
+                say(f"stopped after {steps_this_run} steps, as if interrupted")
+                return 0
+        resume = None
         history["train_loss"] += losses
         history["epoch_end_step"].append(len(history["train_loss"]))
-        metrics = evaluate(model, val.epoch(0), base, args.val_batches)
+        metrics = evaluate(net, val.epoch(0), base, args.val_batches)
         history["val"].append(metrics)
         secs = time.perf_counter() - tick
         verdict = (
@@ -440,25 +542,14 @@ def main(argv: list[str] | None = None) -> int:
             else ("does not beat both yet")
         )
         train_mean = float(np.mean(losses)) if losses else float("nan")
-        print(
+        say(
             f"epoch {epoch + 1:3d}/{args.epochs}  train {train_mean:.4f}  "
             f"val {metrics['model']:.4f} | mean baseline {metrics['mean']:.4f} | "
             f"level-mean baseline {metrics['level_mean']:.4f}  ({verdict}; "
             f"{rays / secs:,.0f} rays/s, {secs:.1f} s)"
         )
-        if args.checkpoint is not None:
-            save_checkpoint(
-                args.checkpoint,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "baselines": base,
-                    "args": vars(args)
-                    | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
-                },
-            )
+        losses = []
+        checkpoint(epoch)
 
     summary = {
         "epochs": args.epochs,
@@ -469,22 +560,27 @@ def main(argv: list[str] | None = None) -> int:
         "baselines": {"mean": base["mean"], "per_level": base["per_level"]},
         "loader": train.backend,
         "device": str(device),
+        "world_size": world,
         "seconds": time.perf_counter() - t_start,
     }
     if history["val"]:
         last = history["val"][-1]
-        print(
+        say(
             f"final val MSE: model {last['model']:.4f}, mean baseline {last['mean']:.4f} "
             f"({last['mean'] / max(last['model'], 1e-12):.1f}x worse), per-level mean baseline "
             f"{last['level_mean']:.4f} ({last['level_mean'] / max(last['model'], 1e-12):.1f}x "
             "worse)"
         )
-    if args.metrics is not None:
+    if args.metrics is not None and rank == 0:
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         args.metrics.write_text(json.dumps(summary, indent=1))
-    if args.plot is not None:
+    if args.plot is not None and rank == 0:
         plot_curves(args.plot, history)
-        print(f"plot: {args.plot}")
+        say(f"plot: {args.plot}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
