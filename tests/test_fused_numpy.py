@@ -133,6 +133,23 @@ def reference(store, plan):
     return out
 
 
+@pytest.fixture(params=["numba", "numpy"])
+def loops(request, monkeypatch):
+    """Run a test with the numba loops (when numba is installed) and with plain numpy."""
+    if request.param == "numba" and not F.fused_numba.AVAILABLE:
+        pytest.skip("numba is not installed")
+    monkeypatch.setattr(F, "USE_NUMBA", request.param == "numba")
+    return request.param
+
+
+def as_records(store):
+    """The same store with its rays as one RAY_RECORD array (the host store's layout)."""
+    records = np.empty(store["origins"].shape[0], dtype=F.RAY_RECORD)
+    for k in F.RAY_FIELDS:
+        records[k] = store[k]
+    return {"records": records, **{k: v for k, v in store.items() if k not in F.RAY_FIELDS}}
+
+
 CASES = {
     "subsample_symmetry": dict(noise=False, jitter=False, keep=40),
     "all_rows": dict(noise=False, jitter=False, keep=10_000),
@@ -142,7 +159,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("mixed", [False, True])
-def test_fused_equals_per_sample(case, mixed):
+@pytest.mark.parametrize("layout", ["arrays", "records"])
+def test_fused_equals_per_sample(case, mixed, layout, loops):
     cfg = CASES[case]
     g = np.random.default_rng(hash((case, mixed)) % 2**32)
     sides = [8, 8, 4, 16, 8, 4, 8, 8, 16, 4] if mixed else [8] * 10
@@ -162,7 +180,7 @@ def test_fused_equals_per_sample(case, mixed):
     }
     plan = make_plan(sides, counts, views, picks, [cfg["keep"]] * b, params)
     want = reference(store, plan)
-    got = F.gather_rays(store, plan)
+    got = F.gather_rays(as_records(store) if layout == "records" else store, plan)
     for k in ("hits", "view_ids", "face_ids", "ray_to_voxel"):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
         assert got[k].dtype == (np.float32 if k == "hits" else np.int64)
@@ -174,12 +192,16 @@ def test_fused_equals_per_sample(case, mixed):
     np.testing.assert_array_equal(F.gather_grids(store["grids"], plan), want["voxels"])
 
 
-def test_feistel_many_equals_scalar_walks():
+def test_feistel_many_equals_scalar_walks(loops):
     g = np.random.default_rng(1)
     n = g.integers(1, 100_000, 500)
     j = (g.random(500) * n).astype(np.int64)
     keys = g.integers(0, 2**32, (500, 4), dtype=np.uint64).astype(np.uint32)
-    got = F.feistel_permute_many(j, n, keys)
+    if loops == "numba":
+        got = np.empty(500, np.int64)
+        F.fused_numba.feistel_rows(j.astype(np.int64), n.astype(np.int64), keys, got)
+    else:
+        got = F.feistel_permute_many(j, n, keys)
     want = [int(rng.feistel_permute(np.array([j[i]]), int(n[i]), keys[i])[0]) for i in range(500)]
     np.testing.assert_array_equal(got, want)
     assert np.all(got < n)
@@ -219,14 +241,11 @@ def test_preallocated_outputs_are_filled_in_place():
     assert set(np.unique(vox)) <= {0.0, 1.0}
 
 
-def test_record_store_equals_field_arrays():
+def test_record_store_equals_field_arrays(loops):
     """A store whose rays are one RAY_RECORD array gives the same batch as separate arrays."""
     sides, counts, views = [8, 4, 8], [90, 70, 120], [3, 2, 4]
     store = make_store(sides, counts, views)
-    records = np.empty(sum(counts), dtype=F.RAY_RECORD)
-    for k in F.RAY_FIELDS:
-        records[k] = store[k]
-    rec_store = {"records": records, "view_positions": store["view_positions"]}
+    rec_store = as_records(store)
     b = 3
     params = dict(symmetry=[3, 30, 47], origin_scale=[0.5, 1, 2], distance_scale=[1, 1, 1],
                   origin_std=[0.1, 0, 0.2], direction_std=[0, 0.1, 0.1],

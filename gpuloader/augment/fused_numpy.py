@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpuloader.augment import rng, symmetry
+from gpuloader.augment import fused_numba, rng, symmetry
 from gpuloader.augment.numpy_backend import SYMMETRY_TABLE
 
 __all__ = ["BatchPlan", "select_store_rows", "gather_rays", "gather_grids", "gather_views"]
@@ -181,7 +181,13 @@ def select_store_rows(plan: BatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarr
     if sub.any():
         pick = np.flatnonzero(sub)
         o = owner[pick]
-        local[pick] = feistel_permute_many(j[pick], count[o], plan.select_keys[o])
+        if fused_numba.AVAILABLE and USE_NUMBA:
+            got = np.empty(pick.shape[0], dtype=np.int64)
+            keys = np.ascontiguousarray(plan.select_keys[o], dtype=np.uint32)
+            fused_numba.feistel_rows(j[pick], count[o], keys, got)
+            local[pick] = got
+        else:
+            local[pick] = feistel_permute_many(j[pick], count[o], plan.select_keys[o])
     return np.asarray(plan.ray_start, dtype=np.int64)[owner] + local, owner, j
 
 
@@ -217,6 +223,42 @@ def _signed(vec: np.ndarray, table: np.ndarray, scale: np.ndarray | None = None)
     if scale is not None:
         factor *= scale[:, None]
     out *= factor
+    return out
+
+
+#: use the numba loops of ``fused_numba`` when numba is there (tests switch it off to compare)
+USE_NUMBA = True
+
+
+def _gather_records_numba(
+    records: np.ndarray, rows: np.ndarray, owner: np.ndarray, plan: BatchPlan
+) -> dict[str, np.ndarray]:
+    """Gather, symmetry and scales of every ray from a record store in one compiled loop."""
+    t = rows.shape[0]
+    out = {
+        "origins": np.empty((t, 3), np.float32),
+        "directions": np.empty((t, 3), np.float32),
+        "distances": np.empty(t, np.float32),
+        "hits": np.empty(t, np.float32),
+        "view_ids": np.empty(t, np.int64),
+        "face_ids": np.empty(t, np.int64),
+    }
+    fused_numba.gather_signed_records(
+        records.view(np.uint32).reshape(-1, RAY_RECORD.itemsize // 4),
+        records.view(np.uint8).reshape(-1, RAY_RECORD.itemsize),
+        rows,
+        owner,
+        SYMMETRY_TABLE,
+        np.asarray(plan.symmetry, np.int64),
+        np.asarray(plan.origin_scale, np.float32),
+        np.asarray(plan.distance_scale, np.float32),
+        out["origins"],
+        out["directions"],
+        out["distances"],
+        out["hits"],
+        out["view_ids"],
+        out["face_ids"],
+    )
     return out
 
 
@@ -265,10 +307,16 @@ def gather_rays(
         ``view_ids``/``face_ids``/``ray_to_voxel`` (T,) int64.
     """
     rows, owner, j = select_store_rows(plan)
-    table = SYMMETRY_TABLE[plan.symmetry][owner]
-    got = _gather_rows(store, rows)
-    o = _signed(got["origins"], table, plan.origin_scale[owner])
-    d = _signed(got["directions"], table)
+    if "records" in store and fused_numba.AVAILABLE and USE_NUMBA:
+        got = _gather_records_numba(store["records"], rows, owner, plan)
+        o, d = got["origins"], got["directions"]
+    else:
+        table = SYMMETRY_TABLE[plan.symmetry][owner]
+        got = _gather_rows(store, rows)
+        o = _signed(got["origins"], table, plan.origin_scale[owner])
+        d = _signed(got["directions"], table)
+        got["distances"] = got["distances"] * plan.distance_scale[owner]
+        got["hits"] = got["hits"].astype(np.float32)
     ostd = plan.origin_std[owner]
     if np.any(ostd > 0):
         sel = np.flatnonzero(ostd > 0)
@@ -281,12 +329,10 @@ def gather_rays(
         v = d[sel] + dstd[sel][:, None] * noise
         sq = (v[:, 0] * v[:, 0] + v[:, 1] * v[:, 1]) + v[:, 2] * v[:, 2]
         d[sel] = v / np.sqrt(sq)[:, None]
-    dist = got["distances"]
-    dscale = plan.distance_scale[owner]
     result = {
         "origins": o,
         "directions": d,
-        "distances": dist * dscale if np.any(plan.distance_scale != 1) else dist,
+        "distances": got["distances"],
         "hits": got["hits"],
         "view_ids": got["view_ids"],
         "face_ids": got["face_ids"],

@@ -1,0 +1,118 @@
+"""Numba loops for the two hot spots of the CPU fused pass (``fused_numpy``).
+
+numpy spends most of a batch in the Feistel row selection (about 36 array operations per
+cycle-walking pass) and in gathering six fields per ray. Compiled loops do both in one pass
+over the batch's rays, with the same integer arithmetic and the same float32 operations
+(each product rounded on its own; no fast-math), so the results are bit-identical to the
+numpy path (tests check this). Compiled on first use and cached on disk (``cache=True``).
+
+Without numba (or with ``GPULOADER_NUMBA=0``) :data:`AVAILABLE` is False and ``fused_numpy``
+uses its numpy code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["AVAILABLE", "feistel_rows", "gather_signed_records"]
+
+try:  # numba is a dependency; the numpy code stays for platforms without it
+    if os.environ.get("GPULOADER_NUMBA", "1") == "0":
+        raise ImportError("disabled by GPULOADER_NUMBA=0")
+    import numba
+except ImportError:  # pragma: no cover - exercised with GPULOADER_NUMBA=0
+    numba = None
+
+AVAILABLE = numba is not None
+
+
+def _feistel_rows(
+    j: np.ndarray, n: np.ndarray, keys: np.ndarray, out: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    """out[t] = the image of j[t] under the keyed bijection of [0, n[t]) (rng.feistel_permute).
+
+    j (T,) int64, n (T,) int64, keys (T, 4) uint32, out (T,) int64.
+    """
+    mask32 = np.uint64(0xFFFFFFFF)
+    for t in range(j.shape[0]):
+        nn = np.uint64(n[t])
+        bits = 0
+        m = n[t] - 1
+        while m > 0:
+            bits += 1
+            m >>= 1
+        if bits < 2:
+            bits = 2
+        x = np.uint64(j[t])
+        while True:
+            wr = bits // 2
+            wl = bits - wr
+            left = x >> np.uint64(wr)
+            right = x & np.uint64((1 << wr) - 1)
+            for r in range(4):
+                h = right ^ np.uint64(keys[t, r])
+                h ^= h >> np.uint64(16)
+                h = (h * np.uint64(0x7FEB352D)) & mask32
+                h ^= h >> np.uint64(15)
+                h = (h * np.uint64(0x846CA68B)) & mask32
+                h ^= h >> np.uint64(16)
+                nxt = left ^ (h & np.uint64((1 << wl) - 1))
+                left = right
+                right = nxt
+                wl, wr = wr, wl
+            x = (left << np.uint64(wr)) | right
+            if x < nn:
+                break
+        out[t] = np.int64(x)
+
+
+def _gather_signed_records(
+    words: np.ndarray,
+    hits: np.ndarray,
+    rows: np.ndarray,
+    owner: np.ndarray,
+    table: np.ndarray,
+    symmetry: np.ndarray,
+    origin_scale: np.ndarray,
+    distance_scale: np.ndarray,
+    out_o: np.ndarray,
+    out_d: np.ndarray,
+    out_dist: np.ndarray,
+    out_hits: np.ndarray,
+    out_vid: np.ndarray,
+    out_fid: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    """One pass over the batch's rays from a record store (``fused_numpy.RAY_RECORD``).
+
+    words: (R, 10) uint32 view of the records (origins 0-2, directions 3-5, distance 6,
+    view id 7, face id 8); hits: (R, 40) uint8 view (byte 36). Per output ray t of sample
+    b = owner[t]: ``o = o[perm] * (sign * origin_scale[b])``, ``d = d[perm] * sign``,
+    ``dist * distance_scale[b]``, hits as float32, ids as int64 (the float32 products of
+    ``fused_numpy``, each rounded on its own).
+    """
+    f32 = words.view(np.float32)
+    i32 = words.view(np.int32)
+    for t in range(rows.shape[0]):
+        g = rows[t]
+        b = owner[t]
+        s = symmetry[b]
+        scale = origin_scale[b]
+        for i in range(3):
+            p = table[s, i]
+            sign = np.float32(table[s, 3 + i])
+            out_o[t, i] = f32[g, p] * (sign * scale)
+            out_d[t, i] = f32[g, 3 + p] * sign
+        out_dist[t] = f32[g, 6] * distance_scale[b]
+        out_vid[t] = i32[g, 7]
+        out_fid[t] = i32[g, 8]
+        out_hits[t] = np.float32(hits[g, 36])
+
+
+if AVAILABLE:
+    feistel_rows = numba.njit(cache=True, nogil=True)(_feistel_rows)
+    gather_signed_records = numba.njit(cache=True, nogil=True)(_gather_signed_records)
+else:  # pragma: no cover
+    feistel_rows = _feistel_rows
+    gather_signed_records = _gather_signed_records
