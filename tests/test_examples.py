@@ -224,7 +224,8 @@ def test_upstream_baseline_keeps_the_upstream_behaviour(demo_dir: Path) -> None:
     sampler = up.UpstreamRayBatchSampler(
         base, rays_per_batch=64, subvolumes_per_batch=3, group_by_level=True
     )
-    batch = up.upstream_collate([base[i] for i in next(iter(sampler))])
+    full = next(b for b in sampler if len(b) == 3)
+    batch = up.upstream_collate([base[i] for i in full])
     assert batch["origins"].shape[0] == 300  # rays_per_batch ignored, as upstream
     levels = {s["level"] for s in base.samples}
     assert len(levels) > 1
