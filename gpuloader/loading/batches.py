@@ -15,6 +15,12 @@ sampler's order into the dicts of ``collate_ray_batch``:
   the work the consumer queued while it held that slot's batch. **Reuse:** a batch's
   tensors are valid until ``ring`` (default 3) further batches have been taken; ``clone()``
   what you keep longer.
+* per batch on CUDA with ``cuda_graphs=True`` (opt-in, not yet validated on hardware): the
+  epoch plan goes into a persistent device arena once per epoch and each batch is one replay
+  of a captured CUDA graph (``augment.fused_cupy.EpochGraphs``: one graph per ring slot, the
+  epoch-indexed kernels of ``kernels/fused.cu`` walking the epoch with a device cursor), on the
+  same side stream and ring. Graphs have static sizes: captured for the ring's capacities
+  (the largest batch seen), captured again when the ring grows.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class FusedBatches:
         threads: CPU batch builders (host store).
         prefetch: batches built ahead (CPU) .
         ring: output slots on CUDA (see module doc).
+        cuda_graphs: on CUDA, replay a captured CUDA graph per batch instead of launching
+            the kernels from Python (module doc; opt-in, not yet validated on hardware).
     """
 
     def __init__(
@@ -59,6 +67,7 @@ class FusedBatches:
         threads: int = 2,
         prefetch: int = 4,
         ring: int = 3,
+        cuda_graphs: bool = False,
     ) -> None:
         self.store = store
         self.sampler = sampler
@@ -71,6 +80,7 @@ class FusedBatches:
         self.threads = max(1, int(threads))
         self.prefetch = max(1, int(prefetch))
         self.ring = max(2, int(ring))
+        self.cuda_graphs = bool(cuda_graphs)
         self._gpu: _GPUState | None = None
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -184,6 +194,7 @@ class _GPUState:
         self.stream = torch.cuda.Stream(self.device)
         self.slots: list[dict[str, torch.Tensor]] = []
         self.capacity = (0, 0, 0)  # rays, voxels, views per slot
+        self.graphs: Any = None  # fused_cupy.EpochGraphs over the ring (cuda_graphs)
 
     def _ensure_ring(self, rays: int, voxels: int, views: int, b: int) -> None:
         if (
@@ -194,6 +205,8 @@ class _GPUState:
         ):
             return
         torch.cuda.current_stream(self.device).synchronize()
+        if self.graphs is not None:
+            self.stream.synchronize()  # no replay in flight reads the arena we drop
         dev = self.device
         self.capacity = (rays, voxels, views)
         self.slots = []
@@ -212,6 +225,7 @@ class _GPUState:
                 }
             )
         self.views = [{k: self.cupy.asarray(v) for k, v in s.items()} for s in self.slots]
+        self.graphs = None  # captured again for the new outputs
 
     def iterate(self, plan: EpochPlan, start: int = 0) -> Iterator[dict[str, Any]]:
         """The plan's batches from ``start`` on (module doc)."""
@@ -231,7 +245,14 @@ class _GPUState:
         dev = self.device
         consumer = torch.cuda.current_stream(dev)
         with cp.cuda.Device(dev.index or 0):
-            dplan = plan.to(cp)  # one upload per epoch
+            if owner.cuda_graphs:
+                side_stream = cp.cuda.ExternalStream(self.stream.cuda_stream)
+                if self.graphs is None:
+                    self.graphs = self.kernels.EpochGraphs(owner.store.arrays, self.views)
+                # the epoch's one upload, on the side stream: after last epoch's replays
+                self.graphs.load(plan, start, stream=side_stream)
+            else:
+                dplan = plan.to(cp)  # one upload per epoch
             keep_t = torch.as_tensor(keep, device=dev)
             levels_t = torch.as_tensor(plan.levels, device=dev)
             side_t = torch.as_tensor(plan.arrays["side"], device=dev)
@@ -243,6 +264,14 @@ class _GPUState:
             def launch(i: int) -> None:
                 s = i % len(self.slots)
                 self.stream.wait_event(free[s])  # the consumer is done with this slot
+                if owner.cuda_graphs:
+                    written = self.graphs.launch(i, side_stream)  # one graph replay
+                    if written != s:  # pragma: no cover - EpochGraphs uses i % R too
+                        raise RuntimeError(f"graph of batch {i} wrote slot {written}, not {s}")
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                    ready[s] = ev
+                    return
                 with (
                     torch.cuda.stream(self.stream),
                     cp.cuda.ExternalStream(self.stream.cuda_stream),

@@ -212,6 +212,9 @@ class GPURayLoader:
         progress: progress bar of the fill (default: when stderr is a terminal).
         rank, world_size: this process's shard of every epoch (``RayBatchSampler``; default:
             ``torch.distributed`` when initialized, else 0 and 1).
+        cuda_graphs: with the GPU store, make each batch by replaying a captured CUDA graph
+            (one per output slot) instead of launching the kernels from Python
+            (``FusedBatches``; default False). Opt-in: not yet validated on hardware.
 
     Attributes:
         backend: "dali" or "torch". device: the torch device of the batches.
@@ -240,6 +243,7 @@ class GPURayLoader:
         progress: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         self._closed = True  # until fully built: makes close()/__del__ safe on errors
         self._pipe: RayPipeline | None = None
@@ -311,6 +315,7 @@ class GPURayLoader:
                 self.device,
                 threads=threads,
                 prefetch=max(2, self.prefetch),
+                cuda_graphs=cuda_graphs,
             )
         if (
             self.store == "stream"

@@ -54,4 +54,50 @@ void launch_fused_select_rows(int grid, int block, const long long* ray_start,
            select_keys, rows, owner, js, num_samples, total);
 }
 
+void launch_fused_rays_epoch(
+    int grid, int block, const float* origins, const float* directions, const float* distances,
+    const unsigned char* hits, const int* view_ids, const int* face_ids,
+    const long long* ray_start, const long long* ray_count, const long long* keep,
+    const long long* out_start, const unsigned int* select_keys, const int* sym_table,
+    const int* symmetry, const float* origin_scale, const float* distance_scale,
+    const float* origin_std, const float* direction_std, const unsigned int* epoch,
+    const unsigned int* index, const unsigned int* purpose_offset, unsigned int key0,
+    unsigned int key1, float* out_origins, float* out_directions, float* out_distances,
+    float* out_hits, long long* out_view_ids, long long* out_face_ids,
+    long long* out_ray_to_voxel, const long long* batch_starts, const long long* batch_total,
+    const long long* cursor) {
+    launch(fused_rays_epoch, dim3(grid), dim3(block), origins, directions, distances, hits,
+           view_ids, face_ids, ray_start, ray_count, keep, out_start, select_keys, sym_table,
+           symmetry, origin_scale, distance_scale, origin_std, direction_std, epoch, index,
+           purpose_offset, key0, key1, out_origins, out_directions, out_distances, out_hits,
+           out_view_ids, out_face_ids, out_ray_to_voxel, batch_starts, batch_total, cursor);
+}
+
+void launch_fused_grids_epoch(int grid, int block, const unsigned char* grids,
+                              const long long* grid_start, const long long* side,
+                              const int* sym_table, const int* symmetry,
+                              const unsigned int* jitter_threshold, const unsigned int* epoch,
+                              const unsigned int* index, const unsigned int* purpose_offset,
+                              unsigned int key0, unsigned int key1, float* out,
+                              const long long* batch_starts, const long long* batch_total,
+                              const long long* cursor) {
+    launch(fused_grids_epoch, dim3(grid), dim3(block), grids, grid_start, side, sym_table,
+           symmetry, jitter_threshold, epoch, index, purpose_offset, key0, key1, out,
+           batch_starts, batch_total, cursor);
+}
+
+void launch_fused_views_epoch(int grid, int block, const float* views,
+                              const long long* view_start, const long long* view_out_start,
+                              const int* sym_table, const int* symmetry,
+                              const float* origin_scale, float* out,
+                              const long long* batch_starts, const long long* batch_total,
+                              const long long* cursor) {
+    launch(fused_views_epoch, dim3(grid), dim3(block), views, view_start, view_out_start,
+           sym_table, symmetry, origin_scale, out, batch_starts, batch_total, cursor);
+}
+
+void launch_fused_next_batch(int grid, int block, long long* cursor) {
+    launch(fused_next_batch, dim3(grid), dim3(block), cursor);
+}
+
 }  // extern "C"
