@@ -51,6 +51,7 @@ class Purpose:
     ORIGIN_NOISE = 4
     DIRECTION_NOISE = 5
     JITTER = 6
+    REPLACE = 7  # on_error='skip': the order replacements of a bad sample are tried in (CPU)
     SEGMENT_STRIDE = 16  # a Compose with several fused segments offsets purposes by this
 
 

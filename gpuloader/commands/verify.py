@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpuloader.format import layout
+from gpuloader.errors import (
+    EmptyRayFileError,
+    FileCheckError,
+    InvalidValueError,
+    MissingKeyError,
+    UnreadableFileError,
+)
+from gpuloader.format import layout, validate
 from gpuloader.generate.tracer import trace
 
 __all__ = ["Problem", "VerifyReport", "verify_dataset", "add_arguments", "run", "KINDS"]
@@ -38,8 +45,8 @@ __all__ = ["Problem", "VerifyReport", "verify_dataset", "add_arguments", "run", 
 #: Trace tolerance: files store float32 distances.
 ABS_TOL = 1e-3
 REL_TOL = 1e-5
-#: Allowed deviation of |direction| from 1.
-UNIT_TOL = 1e-4
+#: Allowed deviation of |direction| from 1 (the readers' tolerance, one for all).
+UNIT_TOL = validate.UNIT_TOL
 #: Keys of one subdivision_map.json record.
 MAP_KEYS: tuple[str, ...] = layout.SUBDIVISION_RECORD_KEYS
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
@@ -178,6 +185,12 @@ def _npz_problem(exc: BaseException) -> str:
     file, an empty one or a broken zip is reported as not a valid npz.
     """
     fix = "the file is damaged: regenerate it (gpuloader generate) or delete it"
+    if isinstance(exc, UnreadableFileError):
+        return str(exc)[len(f"{exc.path}: ") :] if exc.path else str(exc)
+    if isinstance(exc, FileCheckError):
+        what = "holds a pickled object array" if "pickled" in (exc.detail or "") else None
+        where = f"{exc.key!r} " if exc.key else ""
+        return f"not a valid npz file ({what or where + (exc.detail or str(exc))}); {fix}"
     if isinstance(exc, zipfile.BadZipFile):
         return f"not a valid npz file (broken zip: {exc}); {fix}"
     if isinstance(exc, EOFError) or (isinstance(exc, ValueError) and "pickle" in str(exc)):
@@ -316,8 +329,19 @@ def _check_object(job: tuple[str, str]) -> _Result:
 
 def _load_all(path: Path) -> dict[str, np.ndarray]:
     """Every member of an npz (decompressing all, so CRC and zlib errors surface)."""
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return validate.load_npz(path)
+
+
+def _present(path: Path) -> bool:
+    """A file, or a link that may be one (a symlink loop is checked, and named, not skipped)."""
+    return path.is_file() or path.is_symlink()
+
+
+def _problem(res: _Result, exc: FileCheckError) -> None:
+    """One problem from a validate error: the message without the file and the fix."""
+    where = f"{exc.key} row {exc.row}: " if exc.row is not None else ""
+    kind = VALUES if isinstance(exc, (InvalidValueError, EmptyRayFileError)) else FORMAT
+    res.add(exc.path or "?", f"{where or (exc.key + ' ' if exc.key else '')}{exc.detail}", kind)
 
 
 def _check_voxel_file(
@@ -334,15 +358,13 @@ def _check_voxel_file(
         res.add(path, f"no key 'voxels' (keys: {sorted(data)})", FORMAT)
         return None
     arr = data["voxels"]
-    if arr.dtype != np.bool_:
-        res.add(path, f"voxels has dtype {arr.dtype}, expected bool", FORMAT)
+    problems = validate.voxel_problems(path, arr)
+    for problem in problems:
+        _problem(res, problem)
     if arr.ndim != 3 or len(set(arr.shape)) != 1:
-        res.add(path, f"voxels has shape {arr.shape}, expected a cube (S, S, S)", FORMAT)
         return None
     side = arr.shape[0]
-    if side < 1 or side & (side - 1):
-        res.add(path, f"voxels side {side} is not a power of two", FORMAT)
-    elif expected_side is not None and side != expected_side:
+    if expected_side is not None and side != expected_side and not side & (side - 1):
         res.add(
             path,
             f"voxels side {side} does not match level {level} (base >> {level} = {expected_side})",
@@ -376,105 +398,35 @@ def _check_ray_file(
         res.add(path, f"missing key(s) {missing}", FORMAT)
 
     n = None
-    for key in ("distances", "origins", *layout.RAY_ROW_KEYS):
+    for key in ("origins", "distances", *layout.RAY_ROW_KEYS):  # as validate counts N
         if key in data and data[key].ndim >= 1:
             n = int(data[key].shape[0])
             break
-    good: dict[str, np.ndarray] = {}
-    for key in (*layout.RAY_ROW_KEYS, "view_positions"):
-        if key not in data:
-            continue
-        a = data[key]
-        want = layout.RAY_DTYPES[key]
-        ok = True
-        if a.dtype != want:
-            res.add(path, f"{key} has dtype {a.dtype}, expected {want}", FORMAT)
-            ok = False
-        if key in ("origins", "directions"):
-            shape_ok = a.ndim == 2 and a.shape == (n, 3)
-            want_shape = f"({n}, 3)"
-        elif key == "view_positions":
-            shape_ok = a.ndim == 2 and a.shape[1:] == (3,)
-            want_shape = "(V, 3)"
-        else:
-            shape_ok = a.shape == (n,)
-            want_shape = f"({n},)"
-        if not shape_ok:
-            res.add(path, f"{key} has shape {a.shape}, expected {want_shape}", FORMAT)
-            ok = False
-        if shape_ok and ok:
-            good[key] = a
+    # keys, dtypes, shapes, zero rays and values: the readers' checks (gpuloader.format.validate)
+    problems = validate.ray_problems(path, data)
+    bad_keys = set()
+    for problem in problems:
+        if not isinstance(problem, MissingKeyError):  # named above, with the scalar keys
+            _problem(res, problem)
+        if not isinstance(problem, (InvalidValueError, EmptyRayFileError)):
+            bad_keys.add(problem.key)
+    good = {
+        k: data[k]
+        for k in (*layout.RAY_ROW_KEYS, "view_positions")
+        if k in data and k not in bad_keys
+    }
     if n is not None:
         res.counts["rays"] += n
-        if n == 0:
-            res.warnings.append(Problem(str(path), "ray file holds no rays", VALUES))
-
-    # values
-    for key in ("origins", "directions", "distances", "view_positions"):
-        a = good.get(key)
-        if a is not None and np.issubdtype(a.dtype, np.floating):
-            bad = ~np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
-            if bad.any():
-                row = "view" if key == "view_positions" else "ray"
-                res.add(
-                    path,
-                    f"{key} has NaN/inf in {int(bad.sum())} {row}(s) (first: {row} {_first(bad)})",
-                    VALUES,
-                )
     finite = np.ones(n or 0, dtype=bool)
     for key in ("origins", "directions", "distances"):
         a = good.get(key)
-        if a is not None and np.issubdtype(a.dtype, np.floating):
-            finite &= np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
-    d = good.get("directions")
-    if d is not None and np.issubdtype(d.dtype, np.floating):
-        norm = np.linalg.norm(d.astype(np.float64), axis=1)
-        bad = finite & (np.abs(norm - 1.0) > UNIT_TOL)
-        if bad.any():
-            i = _first(bad)
-            res.add(
-                path,
-                f"{int(bad.sum())} direction(s) are not unit (first: ray {i}, |d| = {norm[i]:.6g})",
-                VALUES,
-            )
-    dist = good.get("distances")
-    if dist is not None:
-        bad = finite & (dist < 0)
-        if bad.any():
-            res.add(
-                path, f"{int(bad.sum())} negative distance(s) (first: ray {_first(bad)})", VALUES
-            )
+        if a is not None:
+            ok = np.isfinite(a)
+            finite &= ok.all(axis=1) if ok.ndim > 1 else ok
     hits = good.get("hits")
     if hits is not None:
         res.counts["hits"] += int(np.count_nonzero(hits))
-        if dist is not None:
-            bad = hits.astype(np.int64) != (dist > 0)
-            if bad.any():
-                res.add(
-                    path,
-                    f"hits differs from (distances > 0) for {int(bad.sum())} ray(s) "
-                    f"(first: ray {_first(bad)})",
-                    VALUES,
-                )
     faces = good.get("face_ids")
-    if faces is not None:
-        bad = (faces < 0) | (faces > 5)
-        if bad.any():
-            res.add(
-                path,
-                f"{int(bad.sum())} face_ids outside 0..5 (first: ray {_first(bad)})",
-                VALUES,
-            )
-    views, vpos = good.get("view_ids"), good.get("view_positions")
-    if views is not None and vpos is not None:
-        bad = (views < 0) | (views >= vpos.shape[0])
-        if bad.any():
-            res.add(
-                path,
-                f"{int(bad.sum())} view_ids outside [0, {vpos.shape[0]}) "
-                f"(first: ray {_first(bad)})",
-                VALUES,
-            )
 
     # provenance scalars
     voxel_size = 1.0
@@ -676,7 +628,7 @@ def _scan(root: Path, pattern: str) -> dict[tuple[int, str], Path]:
         if not m or not level_dir.is_dir():
             continue
         for p in sorted(level_dir.glob(f"*/{pattern}")):
-            if p.is_file() and not p.name.startswith("."):
+            if _present(p) and not p.name.startswith("."):
                 name = p.name[: -len(pattern) + 1]
                 out[(int(m.group(1)), name)] = p
     return out
@@ -919,7 +871,7 @@ def verify_dataset(
     for level, name in sorted(keys):
         vpath = layout.voxel_path(ds, level, name)
         rpath = layout.ray_path(rays_root, level, name)
-        v_ok, r_ok = vpath.is_file(), rpath.is_file()
+        v_ok, r_ok = _present(vpath), _present(rpath)
         ref = refs.get((level, name))
         if not v_ok:
             if ref is not None:
@@ -960,7 +912,7 @@ def verify_dataset(
     for res in _run_units(_check_sample, sample_jobs, weights, workers, "files", progress):
         _merge(report, res)
         p = res.payload
-        if p["level"] >= 1:
+        if p.get("level", 0) >= 1:  # a unit that crashed has no payload
             if p["trivial"] is not None:
                 trivial[p["name"]] = p["trivial"]
     for (_level, h), (empty, _users) in refs.items():

@@ -41,7 +41,7 @@ import errno
 import io
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ __all__ = [
     "RAY_KEYS",
     "UNIT_TOL",
     "as_ray_dtypes",
+    "check_ray_batch",
     "check_ray_shapes",
     "check_ray_values",
     "classify",
@@ -319,7 +320,7 @@ def _value_masks(
         yield BadDirectionError, "directions", zero, "zero-length direction"
         off = xp.abs(xp.sqrt(n2) - 1.0) > UNIT_TOL
         off &= ~zero if finite is None else finite & ~zero
-        what = f"not a unit vector (| |d| - 1 | > {UNIT_TOL:g})"
+        what = f"direction not unit (| |d| - 1 | > {UNIT_TOL:g})"
         yield BadDirectionError, "directions", off, what
     dist = arrays.get("distances")
     if dist is not None:
@@ -335,11 +336,11 @@ def _value_masks(
             yield HitsMismatchError, "hits", bad, "hits differs from (distances > 0)"
     faces = arrays.get("face_ids")
     if faces is not None:
-        yield OutOfRangeError, "face_ids", (faces < 0) | (faces > 5), "face id outside 0..5"
+        yield OutOfRangeError, "face_ids", (faces < 0) | (faces > 5), "face_ids outside 0..5"
     views = arrays.get("view_ids")
     if views is not None and num_views is not None:
         bad = (views < 0) | (views >= num_views)
-        yield OutOfRangeError, "view_ids", bad, f"view id outside [0, {num_views})"
+        yield OutOfRangeError, "view_ids", bad, f"view_ids outside [0, {num_views})"
 
 
 def first_bad_row(
@@ -354,6 +355,31 @@ def first_bad_row(
         if bool(mask.any()):
             return cls, key, int(xp.argmax(mask)), what
     return None
+
+
+def check_ray_batch(
+    arrays: Mapping[str, Any], files: Sequence[Any], counts: Sequence[int], xp: Any = np
+) -> None:
+    """Value checks of a batch of whole files' rays, concatenated (a store fill's batch).
+
+    Args:
+        arrays: per-ray arrays of the files, one after the other (numpy, CuPy, or anything
+            ``xp.asarray`` takes: torch CUDA tensors for CuPy); other keys are ignored.
+        files: each file's path, in batch order; counts: each file's rays.
+        xp: numpy or cupy.
+
+    Raises:
+        the first value error (:func:`check_ray_values`), naming the file and its own row.
+    """
+    rays = {k: xp.asarray(arrays[k]) for k in RAY_ROW_KEYS if k in arrays}
+    bad = first_bad_row(rays, xp)
+    if bad is None:
+        return
+    cls, key, row, what = bad
+    ends = np.cumsum(np.asarray(counts, dtype=np.int64))
+    f = int(np.searchsorted(ends, row, side="right"))
+    start = int(ends[f - 1]) if f else 0
+    raise _make(cls, files[f], what, key, row - start)
 
 
 def _num_views(arrays: Mapping[str, np.ndarray]) -> int | None:

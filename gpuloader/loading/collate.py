@@ -25,6 +25,9 @@ of the padded box instead (sizes are powers of two, so the offset is a whole num
 voxels), which keeps the padded grid centred on the origin: its rays still trace the same
 distances through it. Optional ray keys missing from any sample are left out.
 
+``skipped`` (only when a sample of the batch replaced a bad one under the dataset's
+``on_error='skip'``): a list of ``(position in the batch, index of the bad sample, error)``.
+
 Sparse samples (``HierarchicalVoxelRayDataset(sparse_voxels=True)``: ``voxel_pos`` and no
 ``voxels``) are concatenated instead of stacked, as the newer upstream collate does::
 
@@ -164,4 +167,11 @@ def _collate_rays(batch: Sequence[dict[str, Any]], out: dict[str, Any]) -> dict[
     out["hashes"] = [str(s.get("hash", "")) for s in batch]
     if all("view_positions" in s and s["view_positions"] is not None for s in batch):
         out["view_positions"] = [_tensor(s["view_positions"], torch.float32) for s in batch]
+    skipped = [
+        (b, int(s["skipped_from"]), str(s.get("skip_error", "")))
+        for b, s in enumerate(batch)
+        if s.get("skipped_from") is not None
+    ]
+    if skipped:  # on_error='skip' replaced these samples (dataset doc)
+        out["skipped"] = skipped
     return out

@@ -26,6 +26,28 @@ transforms draw from the dataset's counter-based streams, plain callables get
 transform can corrupt the cache. :meth:`read_sample` gives the raw sample (numpy arrays with
 the on-disk dtypes, voxels bool and read-only): that is what the GPU loader's reader uses.
 
+Bad files (``on_error``): every read is checked (:mod:`gpuloader.format.validate`). With
+``on_error='raise'`` (default) the first bad file raises its named
+:class:`~gpuloader.errors.DamagedFileError` (or :class:`~gpuloader.errors.DatasetLayoutError`
+for a file removed after indexing), naming the file. With ``'skip'`` a bad sample is replaced
+by the first good sample, in a permutation of the other samples keyed by (seed, epoch, bad
+index) (:data:`~gpuloader.augment.rng.Purpose.REPLACE`), of the same level first, that holds
+at least the rays the bad one would have given; it is read with that many rays, so batch
+shapes and ray counts stay as promised, and it is that sample as the epoch draws it (so a
+replacement is the same in every process and run). Files whose npz header cannot be read
+when the index is built are left out of ``samples``. What is reported where:
+
+* ``dataset.errors``: ``(file, first line of the error)`` of each bad file met *in this
+  process*, and ``dataset.skipped`` the replacements made here. With DataLoader workers these
+  live in the workers' copies: the main process's lists hold only what the index build and
+  main-process reads met.
+* every replacement sample carries ``skipped_from`` (the bad index) and ``skip_error``
+  (``"<file>: <error>"``), in any process; :func:`~gpuloader.loading.collate.collate_ray_batch`
+  gathers them in the batch's ``skipped`` list, so the training loop sees every skip.
+* a warning (``SkippedFileWarning``) per bad file, in the process that met it.
+
+Errors that are not about one file (a stale pack, a bug) are raised under both policies.
+
 The newer upstream API: ``rays_per_chunk=N`` makes each run of N consecutive rays of a file
 its own item (``len`` counts chunks; the sample adds ``chunk_idx``; ``view_positions`` stays
 every view of the file); each chunk is an ordinary entry of ``samples`` (``num_rays`` its
@@ -39,8 +61,9 @@ transform runs on the dense grid first, so a symmetry moves the sparse voxels wi
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +71,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gpuloader.augment.rng import SampleContext, select_rows
+from gpuloader.augment.rng import Purpose, SampleContext, permutation, select_rows
 from gpuloader.augment.transforms import apply_transform, ray_budget
 from gpuloader.format.index import Isolation, build_index, chunk_samples
 from gpuloader.format.sparse import voxels_to_sparse_coo, voxels_to_sparse_index
+from gpuloader.format.validate import classify
 from gpuloader.loading.collate import RAY_DTYPES
 from gpuloader.loading.sampler import RayRequest
 from gpuloader.stores.cache import LRUCache
 from gpuloader.stores.npz import NpzRayStore, RayStore, read_voxel_file
 
-__all__ = ["HierarchicalVoxelRayDataset"]
+__all__ = ["HierarchicalVoxelRayDataset", "SkippedFileWarning"]
+
+
+class SkippedFileWarning(UserWarning):
+    """``on_error='skip'`` met a bad file (once per file and process); the message names it."""
+
 
 #: Output dtype of every array key of a sample.
 SAMPLE_DTYPES: dict[str, torch.dtype] = {
@@ -109,6 +138,8 @@ class HierarchicalVoxelRayDataset(Dataset):
         sparse_voxels: give the grid as sparse voxels instead of ``voxels`` (module doc).
         sparse_mode: "coo" (points) or "graph" (points and neighbour edges).
         sparse_connectivity: neighbours of the graph: 6, 18 or 26.
+        on_error: "raise" (stop at the first bad file, naming it) or "skip" (replace a bad
+            sample reproducibly, record it: module doc).
 
     Raises:
         DatasetLayoutError, NoSamplesError, DamagedFileError: see :mod:`gpuloader.format.index`.
@@ -131,6 +162,7 @@ class HierarchicalVoxelRayDataset(Dataset):
         sparse_voxels: bool = False,
         sparse_mode: str = "coo",
         sparse_connectivity: int = 6,
+        on_error: str = "raise",
     ) -> None:
         if samples_per_subvolume is not None and samples_per_subvolume < 0:
             raise ValueError(f"samples_per_subvolume must be >= 0; got {samples_per_subvolume}")
@@ -154,6 +186,15 @@ class HierarchicalVoxelRayDataset(Dataset):
         self.seed = int(seed)
         self.isolation = isolation
         self.epoch = 0
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
+        self.on_error = on_error
+        #: ``(file, first line of its error)`` of every bad file met in this process
+        self.errors: list[tuple[str, str]] = []
+        #: bad samples replaced in this process (``on_error='skip'``)
+        self.skipped = 0
+        self._bad: set[int] = set()
+        index_errors: list[tuple[str, BaseException]] = []
         self.samples: list[dict[str, Any]] = build_index(
             self.dataset_dir,
             self.ray_dataset_dir,
@@ -161,11 +202,14 @@ class HierarchicalVoxelRayDataset(Dataset):
             levels=self.levels,
             include_empty=include_empty,
             isolation=isolation,
+            errors=index_errors if on_error == "skip" else None,
         )
         if self.rays_per_chunk is not None:
             self.samples = chunk_samples(self.samples, self.rays_per_chunk)
         self.voxel_cache: LRUCache[np.ndarray] = LRUCache(cache_size)
         self.ray_store: RayStore = ray_store if ray_store is not None else NpzRayStore()
+        for file, exc in index_errors:
+            self._record_error(file, exc)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -238,6 +282,82 @@ class HierarchicalVoxelRayDataset(Dataset):
         """Voxel cache counters of this process: hits, misses, size, capacity, hit_rate."""
         return self.voxel_cache.info()
 
+    # -- bad files (on_error) ------------------------------------------------------------
+
+    def _record_error(self, file: str, exc: BaseException) -> None:
+        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if any(f == file for f, _ in self.errors):
+            return
+        self.errors.append((file, line))
+        warnings.warn(f"gpuloader: skipping a bad file: {line}", SkippedFileWarning, stacklevel=3)
+
+    def _error_file(self, index: int, exc: BaseException) -> str:
+        path = getattr(exc, "path", None)
+        if path:
+            return str(path)
+        s = self.samples[index]
+        text = str(exc)
+        for key in ("voxel_path", "ray_path"):
+            if str(s.get(key)) in text:
+                return str(s[key])
+        return str(s.get("ray_path"))
+
+    def _replacements(self, index: int, epoch: int, rays: int) -> Iterator[int]:
+        """Candidates for bad sample ``index``: other samples holding at least ``rays`` rays,
+        same level first, each group in a permutation keyed by (seed, epoch, index)."""
+        levels = np.array([s["level"] for s in self.samples])
+        enough = np.array([self.available_rays(j) >= rays for j in range(len(self.samples))])
+        enough[index] = False
+        same = levels == levels[index]
+        for group in (np.flatnonzero(enough & same), np.flatnonzero(enough & ~same)):
+            if group.size:
+                order = permutation(group.size, self.seed, epoch, Purpose.REPLACE, index=index)
+                yield from (int(j) for j in group[order])
+
+    def read_sample_checked(
+        self, index: int, epoch: int | None = None, num_rays: int | None = None
+    ) -> dict[str, Any]:
+        """:meth:`read_sample` under the ``on_error`` policy (module doc).
+
+        With ``'skip'``, a bad sample comes back as its replacement, with ``skipped_from``
+        (the bad index) and ``skip_error``. Raises the bad sample's error when no other sample
+        can replace it, and every error :func:`~gpuloader.format.validate.classify` does not
+        call a bad file.
+        """
+        try:
+            return self.read_sample(index, epoch, num_rays)
+        except Exception as exc:
+            if self.on_error != "skip" or classify(exc) is None:
+                raise
+            first = exc
+        i = self._normalize_index(index)
+        epoch = self.epoch if epoch is None else int(epoch)
+        file = self._error_file(i, first)
+        self._record_error(file, first)
+        self._bad.add(i)
+        rays = _min_ignoring_none(
+            int(self.samples[i]["num_rays"]),
+            self.samples_per_subvolume,
+            num_rays,
+            ray_budget(self.transform) if self.transform is not None else None,
+        )
+        for j in self._replacements(i, epoch, int(rays)):
+            if j in self._bad:
+                continue
+            try:
+                sample = self.read_sample(j, epoch, rays)
+            except Exception as exc:
+                if classify(exc) is None:
+                    raise
+                self._record_error(self._error_file(j, exc), exc)
+                self._bad.add(j)
+                continue
+            self.skipped += 1
+            sample["skipped_from"] = i
+            sample["skip_error"] = str(first).splitlines()[0]
+            return sample
+        raise first
+
     # -- reading -------------------------------------------------------------------------
 
     def _normalize_index(self, index: int) -> int:
@@ -298,12 +418,14 @@ class HierarchicalVoxelRayDataset(Dataset):
             index, epoch, num_rays = idx
         else:
             index, epoch, num_rays = idx, None, None
-        sample = self.read_sample(index, epoch, num_rays)
+        sample = self.read_sample_checked(index, epoch, num_rays)
         i, epoch = sample.pop("index"), sample.pop("epoch")
+        skip = {k: sample.pop(k) for k in ("skipped_from", "skip_error") if k in sample}
         sample = self._to_output(sample)
         if self.transform is not None:
             sample = apply_transform(self.transform, sample, SampleContext(self.seed, epoch, i))
             sample = self._to_output(sample)
+        sample.update(skip)
         if self.sparse_voxels:
             sample = self._to_sparse(sample)
         return sample

@@ -43,6 +43,7 @@ import numpy as np
 from gpuloader.augment.fused_numpy import RAY_RECORD
 from gpuloader.errors import DamagedFileError
 from gpuloader.format.index import npz_member_header
+from gpuloader.format.validate import check_ray_batch
 from gpuloader.loading.epoch_plan import StoreLayout
 from gpuloader.loading.sampler import RayRequest
 
@@ -370,6 +371,7 @@ def _place(raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list,
                 f"{layout.view_count[i]}, grid {tuple(g)} vs side {s}); rebuild the dataset "
                 "object (or regenerate the file)"
             )
+    check_ray_batch(raw.arrays, [samples[i]["ray_path"] for i in idx], layout.ray_count[idx], xp)
     r0 = int(layout.ray_start[i0])
     r1 = int(layout.ray_start[i1] + layout.ray_count[i1])
     v0 = int(layout.view_start[i0])
