@@ -141,7 +141,9 @@ def make_epoch(
     for size in sizes:
         idx = gen.choice(k, size, replace=False)
         req = gen.choice([-1, 5, 30, 1000], size)
-        batches.append([(int(i), epoch, None if r < 0 else int(r)) for i, r in zip(idx, req)])
+        batches.append(
+            [(int(i), epoch, None if r < 0 else int(r)) for i, r in zip(idx, req, strict=True)]
+        )
     levels = gen.integers(0, 3, k)
     plan = build_epoch_plan(batches, layout, levels, full_segment(), 12345, epoch, 50)
     # per-slot values where the transform's are uniform, so a wrong slot offset shows
