@@ -230,11 +230,10 @@ def _signed(vec: np.ndarray, table: np.ndarray, scale: np.ndarray | None = None)
 USE_NUMBA = True
 
 
-def _gather_records_numba(
-    records: np.ndarray, rows: np.ndarray, owner: np.ndarray, plan: BatchPlan
-) -> dict[str, np.ndarray]:
-    """Gather, symmetry and scales of every ray from a record store in one compiled loop."""
-    t = rows.shape[0]
+def _select_gather_numba(records: np.ndarray, plan: BatchPlan) -> dict[str, np.ndarray]:
+    """Row selection, gather, symmetry and scales of every ray in one compiled loop."""
+    keep = np.asarray(plan.keep, np.int64)
+    t = int(keep.sum())
     out = {
         "origins": np.empty((t, 3), np.float32),
         "directions": np.empty((t, 3), np.float32),
@@ -242,22 +241,22 @@ def _gather_records_numba(
         "hits": np.empty(t, np.float32),
         "view_ids": np.empty(t, np.int64),
         "face_ids": np.empty(t, np.int64),
+        "ray_to_voxel": np.empty(t, np.int64),
+        "j": np.empty(t, np.int64),
     }
-    fused_numba.gather_signed_records(
+    fused_numba.select_gather_records(
         records.view(np.uint32).reshape(-1, RAY_RECORD.itemsize // 4),
         records.view(np.uint8).reshape(-1, RAY_RECORD.itemsize),
-        rows,
-        owner,
+        np.asarray(plan.ray_start, np.int64),
+        np.asarray(plan.ray_count, np.int64),
+        keep,
+        np.asarray(plan.out_start, np.int64),
+        np.ascontiguousarray(plan.select_keys, np.uint32),
         SYMMETRY_TABLE,
         np.asarray(plan.symmetry, np.int64),
         np.asarray(plan.origin_scale, np.float32),
         np.asarray(plan.distance_scale, np.float32),
-        out["origins"],
-        out["directions"],
-        out["distances"],
-        out["hits"],
-        out["view_ids"],
-        out["face_ids"],
+        *out.values(),
     )
     return out
 
@@ -306,11 +305,12 @@ def gather_rays(
         ``origins``/``directions`` (T, 3) float32, ``distances``/``hits`` (T,) float32,
         ``view_ids``/``face_ids``/``ray_to_voxel`` (T,) int64.
     """
-    rows, owner, j = select_store_rows(plan)
     if "records" in store and fused_numba.AVAILABLE and USE_NUMBA:
-        got = _gather_records_numba(store["records"], rows, owner, plan)
+        got = _select_gather_numba(store["records"], plan)
+        owner, j = got.pop("ray_to_voxel"), got.pop("j")
         o, d = got["origins"], got["directions"]
     else:
+        rows, owner, j = select_store_rows(plan)
         table = SYMMETRY_TABLE[plan.symmetry][owner]
         got = _gather_rows(store, rows)
         o = _signed(got["origins"], table, plan.origin_scale[owner])
