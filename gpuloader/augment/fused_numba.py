@@ -126,8 +126,9 @@ def _select_gather_records(
     and ids as int64 at output ``t = out_start[b] + j``, with ``out_owner[t] = b`` and
     ``out_j[t] = j`` (the noise counters). Arrays as in ``fused_numpy.BatchPlan``.
     """
-    f32 = words.view(np.float32)
-    i32 = words.view(np.int32)
+    # two passes: the rows first (pure arithmetic), then the gather, whose independent
+    # loads the processor then overlaps (0.29 ms instead of 0.49 ms for 4,096 rays of 62 M)
+    rows = np.empty(out_o.shape[0], np.int64)
     for b in range(keep.shape[0]):
         n = ray_count[b]
         k = keep[b]
@@ -138,24 +139,27 @@ def _select_gather_records(
             m >>= 1
         if bits < 2:
             bits = 2
-        s = symmetry[b]
-        scale = origin_scale[b]
-        dscale = distance_scale[b]
         for j in range(k):
-            row = _feistel_one(j, n, bits, keys[b]) if k < n else j
-            g = ray_start[b] + row
             t = out_start[b] + j
-            for i in range(3):
-                p = table[s, i]
-                sign = np.float32(table[s, 3 + i])
-                out_o[t, i] = f32[g, p] * (sign * scale)
-                out_d[t, i] = f32[g, 3 + p] * sign
-            out_dist[t] = f32[g, 6] * dscale
-            out_vid[t] = i32[g, 7]
-            out_fid[t] = i32[g, 8]
-            out_hits[t] = np.float32(hits[g, 36])
+            rows[t] = ray_start[b] + (_feistel_one(j, n, bits, keys[b]) if k < n else j)
             out_owner[t] = b
             out_j[t] = j
+    f32 = words.view(np.float32)
+    i32 = words.view(np.int32)
+    for t in range(rows.shape[0]):
+        g = rows[t]
+        b = out_owner[t]
+        s = symmetry[b]
+        scale = origin_scale[b]
+        for i in range(3):
+            p = table[s, i]
+            sign = np.float32(table[s, 3 + i])
+            out_o[t, i] = f32[g, p] * (sign * scale)
+            out_d[t, i] = f32[g, 3 + p] * sign
+        out_dist[t] = f32[g, 6] * distance_scale[b]
+        out_vid[t] = i32[g, 7]
+        out_fid[t] = i32[g, 8]
+        out_hits[t] = np.float32(hits[g, 36])
 
 
 if AVAILABLE:
