@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -163,14 +164,20 @@ def test_vectorized_symmetry_draws_match_scalar_draws():
             id="dali-fill",
         ),
         pytest.param(dict(backend="torch", num_workers=2), id="torch-workers-fill"),
+        pytest.param(dict(backend="direct", num_workers=2), id="shared-memory-fill"),
         pytest.param(dict(backend="torch", num_workers=0), id="in-process-fill"),
     ],
 )
 def test_host_store_equals_cpu_api(data_dirs, fill):
     ds = make_dataset(data_dirs, full_transform())
-    with GPURayLoader(ds, RAYS, SPB, device="cpu", store="host", **fill) as ld:
+    shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    # "direct" is what the loader does for a host store with workers; the others on request
+    store = fill_store(ds, "host", progress=False, **fill)
+    with GPURayLoader(ds, RAYS, SPB, device="cpu", store=store, num_workers=0) as ld:
         assert ld.store == "host" and ld.resident is not None
         assert ld.resident.nbytes > 0
+        if os.path.isdir("/dev/shm"):  # the shared file is unlinked once filled
+            assert not {f for f in os.listdir("/dev/shm") if "gpuloader-store" in f} - shm
         for epoch in (0, 1):
             ld.set_epoch(epoch)
             assert_batches_equal(list(ld), cpu_api(ds, epoch))

@@ -312,8 +312,8 @@ def _value_masks(
         yield NonFiniteValueError, key, ~ok, "NaN or inf"
     d = arrays.get("directions")
     if d is not None:
-        d64 = d.astype(xp.float64)
-        n2 = (d64 * d64).sum(axis=1)
+        # float32 is exact enough for a 1e-3 tolerance on |d| and twice as fast as float64
+        n2 = (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1]) + d[:, 2] * d[:, 2]
         zero = n2 == 0
         if finite is not None:
             zero &= finite

@@ -303,7 +303,8 @@ class GPURayLoader:
                     location=self.store,
                     device=self.device,
                     num_workers=self.num_workers,
-                    backend=self.backend,
+                    # host: workers write into a shared-memory store (no copy through here)
+                    backend="direct" if self.store == "host" and self.num_workers else self.backend,
                     progress=progress,
                     layout=self._layout,
                 )

@@ -70,6 +70,8 @@ STORE_KEYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
     "grids": (np.dtype(np.uint8), ()),
 }
 _RAY_KEYS = ("origins", "directions", "distances", "hits", "view_ids", "face_ids")
+#: rays written per block into a record store (about 2.5 MB of records: cache-sized)
+_BLOCK_ROWS = 65536
 #: bytes per ray, per view row, per voxel
 _RAY_BYTES = 12 + 12 + 4 + 1 + 4 + 4
 
@@ -283,7 +285,8 @@ def fill_store(
         device: the torch CUDA device for "gpu".
         num_workers: reader processes (0: read in this process).
         batch_size: samples per fill batch.
-        backend: "auto" (DALI when installed and num_workers > 0), "dali" or "torch".
+        backend: "auto" (host: workers write straight into a shared-memory store, "direct";
+            gpu: DALI when installed and num_workers > 0), "direct", "dali" or "torch".
         progress: show a progress bar (default: when stderr is a terminal).
         layout: a layout already estimated (:func:`estimate_layout`).
 
@@ -308,6 +311,13 @@ def fill_store(
         xp = np
         device_id = None
         dev_ctx = _Null()
+    direct = backend == "direct" or (backend == "auto" and num_workers > 0)
+    if location == "host" and direct and _shm_free() >= _host_spans(sizes)["_total"][0] * 1.05:
+        arrays = _fill_host_direct(dataset, layout, sizes, num_workers, progress)
+        seconds = time.perf_counter() - tick
+        store = ResidentStore(arrays=arrays, layout=layout, location=location, fill_seconds=seconds)
+        log.info("gpuloader: filled %r in %.2f s", store, seconds)
+        return store
     with dev_ctx:
         arrays = {}
         if location == "host":  # rays as records: one cache line per ray in a gather
@@ -341,6 +351,125 @@ def fill_store(
     return store
 
 
+def _shm_free() -> int:
+    """Bytes free in ``/dev/shm`` (a store larger than that is filled the other way: a
+    shared-memory file past its size would fault when written)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return int(st.f_bavail * st.f_frsize)
+
+
+def _host_spans(sizes: dict[str, int]) -> dict[str, tuple[int, np.dtype, tuple[int, ...]]]:
+    """Byte offset, dtype and shape of each array of a host store in one shared buffer."""
+    parts = [
+        ("records", np.dtype(RAY_RECORD), (sizes["rays"],)),
+        ("view_positions", np.dtype(np.float32), (sizes["view_positions"], 3)),
+        ("grids", np.dtype(np.uint8), (sizes["grids"],)),
+    ]
+    out, offset = {}, 0
+    for name, dt, shape in parts:
+        out[name] = (offset, dt, shape)
+        offset += -(-int(np.prod(shape)) * dt.itemsize // 64) * 64  # 64-byte aligned
+    out["_total"] = (offset, np.dtype(np.uint8), ())
+    return out
+
+
+def _map_host_arrays(path: str, spans: dict) -> dict[str, np.ndarray]:
+    """The host store's arrays as views of the shared file ``path`` (read-write)."""
+    total = spans["_total"][0]
+    buf = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(total, 1),))
+    arrays: dict[str, np.ndarray] = {}
+    for name, (offset, dt, shape) in spans.items():
+        if name == "_total":
+            continue
+        n = int(np.prod(shape)) * dt.itemsize
+        arrays[name] = buf[offset : offset + n].view(dt).reshape(shape).view(np.ndarray)
+    records = arrays["records"]
+    arrays.update({k: records[k] for k in _RAY_KEYS})
+    return arrays
+
+
+class _DirectWriter:
+    """Map-style dataset for DataLoader workers: item i reads sample i (every row, checked by
+    the ray store) and writes it into its place in the shared store; returns i."""
+
+    def __init__(self, dataset: Any, layout: StoreLayout, path: str, spans: dict) -> None:
+        ds = copy.copy(dataset)
+        ds.transform = None
+        ds.samples_per_subvolume = None
+        self.dataset, self.layout, self.path, self.spans = ds, layout, path, spans
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self) -> int:
+        return len(self.dataset.samples)
+
+    def __getitem__(self, i: int) -> int:
+        if self._arrays is None:
+            self._arrays = _map_host_arrays(self.path, self.spans)
+        a, lay = self._arrays, self.layout
+        sample = self.dataset.read_sample(i, 0, None)
+        n, v, s = int(lay.ray_count[i]), int(lay.view_count[i]), int(lay.side[i])
+        vox = np.asarray(sample["voxels"]).reshape(sample["voxels"].shape[-3:])
+        got_n, got_v = len(sample["distances"]), len(sample["view_positions"])
+        if got_n != n or got_v != v or vox.shape != (s, s, s):
+            path = self.dataset.samples[i].get("ray_path")
+            raise DamagedFileError(
+                f"{path}: the file changed since the dataset was indexed (rays {got_n} vs {n}, "
+                f"views {got_v} vs {v}, grid {vox.shape} vs side {s}); rebuild the dataset "
+                "object (or regenerate the file)"
+            )
+        r0 = int(lay.ray_start[i])
+        rec = a["records"][r0 : r0 + n]
+        for k in _RAY_KEYS:
+            rec[k] = sample[k]
+        v0 = int(lay.view_start[i])
+        a["view_positions"][v0 : v0 + v] = sample["view_positions"]
+        g0 = int(lay.grid_start[i])
+        a["grids"][g0 : g0 + s**3] = vox.reshape(-1).view(np.uint8)
+        return i
+
+
+def _fill_host_direct(
+    dataset: Any, layout: StoreLayout, sizes: dict[str, int], num_workers: int, progress: Any
+) -> dict[str, np.ndarray]:
+    """Fill a host store with no copy through this process: the store is a file in
+    ``/dev/shm`` (shared memory) that every worker maps and writes its samples into; the
+    file is unlinked when the fill ends (the memory stays mapped here, and is freed with the
+    store)."""
+    import tempfile
+
+    import torch
+    from tqdm import tqdm
+
+    spans = _host_spans(sizes)
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    fd, path = tempfile.mkstemp(prefix="gpuloader-store-", dir=folder)
+    try:
+        os.ftruncate(fd, max(spans["_total"][0], 1))
+        os.close(fd)
+        arrays = _map_host_arrays(path, spans)
+        writer = _DirectWriter(dataset, layout, path, spans)
+        loader = torch.utils.data.DataLoader(
+            writer, batch_size=None, num_workers=num_workers, prefetch_factor=8
+        )
+        show = sys.stderr.isatty() if progress is None else progress
+        desc = f"gpuloader: filling the host store ({_nbytes(layout) / 2**20:.0f} MiB)"
+        with tqdm(total=len(writer), desc=desc, unit="file", disable=not show) as bar:
+            for _ in loader:
+                bar.update(1)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return arrays
+
+
 class _Null:
     def __enter__(self) -> None:
         return None
@@ -349,8 +478,19 @@ class _Null:
         return None
 
 
-def _place(raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list, xp: Any) -> None:
-    """Copy one RawBatch of consecutive samples into its slice of the store."""
+def _place(
+    raw: Any,
+    arrays: dict[str, Any],
+    layout: StoreLayout,
+    samples: list,
+    xp: Any,
+    values_checked: bool = True,
+) -> None:
+    """Copy one RawBatch of consecutive samples into its slice of the store.
+
+    ``values_checked``: the source already checked every value (the reader's ray stores do,
+    in the workers, so the fill does not check them again in this process).
+    """
     meta = raw.meta
     idx = meta[meta[:, 0] >= 0, 0].astype(np.int64)
     if idx.size == 0:
@@ -371,7 +511,9 @@ def _place(raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list,
                 f"{layout.view_count[i]}, grid {tuple(g)} vs side {s}); rebuild the dataset "
                 "object (or regenerate the file)"
             )
-    check_ray_batch(raw.arrays, [samples[i]["ray_path"] for i in idx], layout.ray_count[idx], xp)
+    if not values_checked:  # the readers check every row they return; other sources not
+        paths = [samples[i]["ray_path"] for i in idx]
+        check_ray_batch(raw.arrays, paths, layout.ray_count[idx], xp)
     r0 = int(layout.ray_start[i0])
     r1 = int(layout.ray_start[i1] + layout.ray_count[i1])
     v0 = int(layout.view_start[i0])
@@ -379,8 +521,16 @@ def _place(raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list,
     g0 = int(layout.grid_start[i0])
     g1 = int(layout.grid_start[i1] + layout.side[i1] ** 3)
     spans = {"view_positions": (v0, v1), "grids": (g0, g1)}
+    records = "records" in arrays
     for k in STORE_KEYS:
+        if records and k in _RAY_KEYS:
+            continue
         src = raw.arrays["voxels" if k == "grids" else k]
         a, b = spans.get(k, (r0, r1))
         if b > a:
             arrays[k][a:b] = xp.asarray(src)
+    if records:  # the record fields in cache-sized blocks: each block's lines loaded once
+        for c in range(r0, r1, _BLOCK_ROWS):
+            c1 = min(c + _BLOCK_ROWS, r1)
+            for k in _RAY_KEYS:
+                arrays[k][c:c1] = raw.arrays[k][c - r0 : c1 - r0]
