@@ -280,7 +280,7 @@ class Runner:
             num_workers=workers,
             device="cpu" if device == "auto" and location == "host" else device,
             store=store,
-            threads=max(1, workers),
+            threads=1,
         )
         tick = time.perf_counter()
         loader._fused.plan(0)

@@ -50,7 +50,8 @@ class FusedBatches:
         sampler: the RayBatchSampler that decides order and ray counts.
         segment: the known transforms (one fused run).
         device: torch device of the batches.
-        threads: CPU batch builders (host store).
+        threads: CPU batch builders of a host store, in background threads that build
+            ``prefetch`` batches ahead (0: each batch built on demand in the consumer's thread).
         prefetch: batches built ahead (CPU) .
         ring: output slots on CUDA (see module doc).
         cuda_graphs: on CUDA, replay a captured CUDA graph per batch instead of launching
@@ -64,7 +65,7 @@ class FusedBatches:
         sampler: Any,
         segment: Sequence[Transform],
         device: torch.device,
-        threads: int = 2,
+        threads: int = 1,
         prefetch: int = 4,
         ring: int = 3,
         cuda_graphs: bool = False,
@@ -77,7 +78,7 @@ class FusedBatches:
         self.samples_per_subvolume = getattr(dataset, "samples_per_subvolume", None)
         self.levels = np.array([int(s["level"]) for s in dataset.samples], dtype=np.int64)
         self.hashes = [str(s["hash"]) for s in dataset.samples]
-        self.threads = max(1, int(threads))
+        self.threads = max(0, int(threads))
         self.prefetch = max(1, int(prefetch))
         self.ring = max(2, int(ring))
         self.cuda_graphs = bool(cuda_graphs)
@@ -111,7 +112,7 @@ class FusedBatches:
     def _iter_host(self, plan: EpochPlan, start: int = 0) -> Iterator[dict[str, Any]]:
         n = len(plan)
         move = self.device.type != "cpu"
-        if self.threads == 1:
+        if self.threads == 0:  # built on demand, in the consumer's thread
             for i in range(start, n):
                 yield (
                     self._to_device(self.build_host(plan, i)) if move else self.build_host(plan, i)

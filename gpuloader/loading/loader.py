@@ -208,7 +208,8 @@ class GPURayLoader:
             (shared by several loaders of one dataset). Custom callables in the transform
             need "stream".
         gpu_budget, host_budget: bytes, or a fraction of the free memory (default 0.5).
-        threads: CPU batch builders of a host store.
+        threads: background threads building a host store's batches ahead (1; 0 builds
+            each batch on demand; more helps only with cores to spare).
         progress: progress bar of the fill (default: when stderr is a terminal).
         rank, world_size: this process's shard of every epoch (``RayBatchSampler``; default:
             ``torch.distributed`` when initialized, else 0 and 1).
@@ -239,7 +240,7 @@ class GPURayLoader:
         store: Any = "auto",
         gpu_budget: float | int | None = None,
         host_budget: float | int | None = None,
-        threads: int = 2,
+        threads: int = 1,
         progress: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
