@@ -38,37 +38,13 @@ def _feistel_rows(
 
     j (T,) int64, n (T,) int64, keys (T, 4) uint32, out (T,) int64.
     """
-    mask32 = np.uint64(0xFFFFFFFF)
     for t in range(j.shape[0]):
-        nn = np.uint64(n[t])
         bits = 0
         m = n[t] - 1
         while m > 0:
             bits += 1
             m >>= 1
-        if bits < 2:
-            bits = 2
-        x = np.uint64(j[t])
-        while True:
-            wr = bits // 2
-            wl = bits - wr
-            left = x >> np.uint64(wr)
-            right = x & np.uint64((1 << wr) - 1)
-            for r in range(4):
-                h = right ^ np.uint64(keys[t, r])
-                h ^= h >> np.uint64(16)
-                h = (h * np.uint64(0x7FEB352D)) & mask32
-                h ^= h >> np.uint64(15)
-                h = (h * np.uint64(0x846CA68B)) & mask32
-                h ^= h >> np.uint64(16)
-                nxt = left ^ (h & np.uint64((1 << wl) - 1))
-                left = right
-                right = nxt
-                wl, wr = wr, wl
-            x = (left << np.uint64(wr)) | right
-            if x < nn:
-                break
-        out[t] = np.int64(x)
+        out[t] = _feistel_one(j[t], n[t], max(bits, 2), keys[t])
 
 
 def _feistel_one(x: int, n: int, bits: int, keys: np.ndarray) -> int:  # pragma: no cover

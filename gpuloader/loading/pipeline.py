@@ -37,7 +37,13 @@ from gpuloader.loading.reader import (
     decode_error,
 )
 
-__all__ = ["RawBatch", "RayPipeline", "dali_available", "concat_tensorlist"]
+__all__ = [
+    "RawBatch",
+    "RayPipeline",
+    "dali_available",
+    "concat_tensorlist",
+    "shutdown_pipeline",
+]
 
 
 def dali_available() -> bool:
@@ -233,16 +239,7 @@ class RayPipeline:
         self._closed = True
         pipe = getattr(self, "_pipe", None)
         self._pipe = None
-        if pipe is None:
-            return
-        pool = getattr(pipe, "_py_pool", None)
-        try:
-            if pool is not None:
-                pool.close()
-        finally:
-            shutdown = getattr(pipe, "_shutdown", None)
-            if shutdown is not None:
-                shutdown()
+        shutdown_pipeline(pipe)
 
     def __enter__(self) -> RayPipeline:
         return self
@@ -255,6 +252,21 @@ class RayPipeline:
             self.close()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
+
+
+def shutdown_pipeline(pipe: Any) -> None:
+    """Stop a built DALI pipeline: its Python worker pool (processes joined, shared memory
+    freed), then the pipeline itself. ``None`` is a no-op."""
+    if pipe is None:
+        return
+    pool = getattr(pipe, "_py_pool", None)
+    try:
+        if pool is not None:
+            pool.close()
+    finally:
+        shutdown = getattr(pipe, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _reraise_worker_error(exc: BaseException) -> None:

@@ -290,14 +290,10 @@ class StreamBatches:
         self._pipe_epoch: int | None = None
 
     def close(self) -> None:
+        from gpuloader.loading.pipeline import shutdown_pipeline
+
         pipe, self._pipe = self._pipe, None
-        if pipe is not None:
-            pool = getattr(pipe, "_py_pool", None)
-            if pool is not None:
-                pool.close()
-            shutdown = getattr(pipe, "_shutdown", None)
-            if shutdown is not None:
-                shutdown()
+        shutdown_pipeline(pipe)
 
     def _raw(self, epoch: int, n: int, start: int = 0) -> Any:
         """The reader's outputs of batches ``start, ..., n - 1`` of ``epoch``."""
