@@ -9,17 +9,16 @@ to the CPU API (DataLoader + RayBatchSampler + collate_ray_batch) bit for bit.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from gpuloader import PackedRayStore, pack_rays
 from gpuloader.augment import transforms as T
 from gpuloader.errors import DamagedFileError
 from gpuloader.format.index import chunk_samples
-from gpuloader.generate.tracer import trace
 from gpuloader.loading.collate import collate_ray_batch
 from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.loader import GPURayLoader
@@ -27,46 +26,22 @@ from gpuloader.loading.sampler import RayBatchSampler
 from gpuloader.stores.npz import NpzRayStore
 
 try:
+    from tests import _loading
     from tests._tiny_dataset import tiny_dataset3  # noqa: F401
 except ImportError:
+    import _loading
     from _tiny_dataset import tiny_dataset3  # noqa: F401
 
 RAYS, SPB = 120, 4
 ROW_KEYS = ("origins", "directions", "distances", "hits", "view_ids", "face_ids")
 
 
+cpu_api = partial(_loading.cpu_api, rays=RAYS, spb=SPB)
+assert_batches_equal = partial(_loading.assert_batches_equal, nonempty=True, list_dtypes=False)
+
+
 def transform() -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomRotation90(p=0.7),
-            T.RandomFlip(axes=[0, 1, 2], p=0.5),
-            T.NormalizeRayOrigins(voxel_size=1.0, scale_distances=True),
-            T.RandomRaySubsample(num_rays=25),
-            T.AddNoise(origin_std=0.01, direction_std=0.01),
-            T.VoxelOccupancyJitter(flip_prob=0.02),
-        ]
-    )
-
-
-def cpu_api(ds, epoch: int, rays=RAYS, spb=SPB) -> list[dict]:
-    sampler = RayBatchSampler(ds, rays, spb, shuffle=True)
-    sampler.set_epoch(epoch)
-    return list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_ray_batch))
-
-
-def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want) > 0
-    for g, w in zip(got, want, strict=True):
-        assert sorted(g) == sorted(w)
-        for k, b in w.items():
-            a = g[k]
-            if isinstance(b, list):
-                assert len(a) == len(b), k
-                for x, y in zip(a, b, strict=True):
-                    assert x == y if isinstance(y, str) else torch.equal(x, y), k
-            else:
-                assert a.dtype == b.dtype and a.shape == b.shape, k
-                assert torch.equal(a, b), (k, int((a != b).sum()))
+    return _loading.full_transform(25, scale_distances=True)
 
 
 @pytest.fixture(scope="module")
@@ -167,16 +142,7 @@ def test_host_store_on_chunks_equals_cpu_api(tiny_dataset3, size):
     )
     with GPURayLoader(ds, RAYS, SPB, device="cpu", store="host", num_workers=0) as ld:
         batches = list(ld)
-    for batch in batches:
-        for b in range(len(batch["hashes"])):
-            d, h, w = batch["voxel_shapes"][b].tolist()
-            sel = batch["ray_to_voxel"] == b
-            traced = trace(
-                batch["voxels"][b, 0, :d, :h, :w].numpy(),
-                batch["origins"][sel].numpy(),
-                batch["directions"][sel].numpy(),
-            )
-            np.testing.assert_allclose(traced, batch["distances"][sel].numpy(), atol=1e-4)
+    _loading.assert_rays_retrace(batches, normalized=False)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

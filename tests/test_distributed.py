@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,62 +20,37 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gpuloader.augment import transforms as T
-from gpuloader.generate import GeneratorConfig, generate_dataset
 from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.loading.sampler import RayBatchSampler, shard_batches
+
+try:
+    from tests import _loading
+except ImportError:
+    import _loading
 
 RAYS, SPB = 200, 3
 EPOCHS = (0, 1)
 
 
+assert_batches_equal = partial(_loading.assert_batches_equal, list_dtypes=False)
+
+
 def full_transform() -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomRotation90(p=0.7),
-            T.RandomFlip(axes=[0, 1, 2], p=0.5),
-            T.NormalizeRayOrigins(voxel_size=1.0),
-            T.RandomRaySubsample(num_rays=30),
-            T.AddNoise(origin_std=0.01, direction_std=0.01),
-        ]
-    )
+    return _loading.full_transform(30, occupancy_jitter=False)
 
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("dist_data")
-    cfg = GeneratorConfig(
-        shapes=["asym", "torus", "box"],
-        resolution=16,
-        min_resolution=4,
-        divisions=2,
-        samples_per_view=30,
-        split=(1.0, 0.0, 0.0),
-        workers=1,
+    return _loading.generate(
+        tmp_path_factory, "dist_data", ("asym", "torus", "box"), 30, expect_warning=True
     )
-    with pytest.warns(Warning):  # the empty val/test splits are announced
-        s = generate_dataset(out, cfg, progress=False)
-    return Path(s["dataset_dir"]), Path(s["ray_dir"])
 
 
 def make_loader(dirs, **kw) -> GPURayLoader:
     ds = HierarchicalVoxelRayDataset(dirs[0], dirs[1], split="train")
     return GPURayLoader(ds, RAYS, SPB, transform=full_transform(), device="cpu", store="host",
                         num_workers=0, backend="torch", **kw)  # fmt: skip
-
-
-def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert sorted(g) == sorted(w)
-        for k in w:
-            a, b = g[k], w[k]
-            if isinstance(b, list):
-                assert len(a) == len(b), k
-                for x, y in zip(a, b, strict=True):
-                    assert x == y if isinstance(y, str) else torch.equal(x, y), k
-            else:
-                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), k
 
 
 # -- the sampler's shards ------------------------------------------------------------------------

@@ -11,22 +11,24 @@ import gc
 import multiprocessing
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from gpuloader.augment import transforms as T
 from gpuloader.errors import DamagedFileError, UnsupportedTransformError
-from gpuloader.generate import GeneratorConfig, generate_dataset
-from gpuloader.generate.tracer import trace
-from gpuloader.loading.collate import collate_ray_batch
 from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.loading.pipeline import dali_available
 from gpuloader.loading.sampler import RayBatchSampler
+
+try:
+    from tests import _loading
+except ImportError:
+    import _loading
 
 RAYS, SPB = 300, 5
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
@@ -41,74 +43,19 @@ def drop_every_third_ray(sample: dict) -> dict:
     return out
 
 
-def full_transform() -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomRotation90(p=0.7),
-            T.RandomFlip(axes=[0, 1, 2], p=0.5),
-            T.NormalizeRayOrigins(voxel_size=1.0),
-            T.RandomRaySubsample(num_rays=40),
-            T.AddNoise(origin_std=0.01, direction_std=0.01),
-            T.VoxelOccupancyJitter(flip_prob=0.02),
-        ]
-    )
+full_transform = _loading.full_transform
+make_dataset = _loading.make_dataset
+cpu_api = partial(_loading.cpu_api, rays=RAYS, spb=SPB)
+assert_batches_equal = partial(_loading.assert_batches_equal, key_order=True)
 
 
 def geometric_transform() -> T.Compose:
-    return T.Compose(
-        [
-            drop_every_third_ray,
-            T.RandomRotation90(p=0.8),
-            T.RandomFlip(axes=[0, 1, 2], p=0.5),
-            T.NormalizeRayOrigins(voxel_size=1.0, scale_distances=True),
-            T.RandomRaySubsample(num_rays=50),
-        ]
-    )
+    return _loading.geometric_transform(drop_every_third_ray)
 
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("loader_data")
-    cfg = GeneratorConfig(
-        shapes=["asym", "torus", "box", "blobs"],
-        resolution=16,
-        min_resolution=4,
-        divisions=2,
-        samples_per_view=60,
-        split=(1.0, 0.0, 0.0),
-        workers=1,
-    )
-    s = generate_dataset(out, cfg, progress=False)
-    return Path(s["dataset_dir"]), Path(s["ray_dir"])
-
-
-def make_dataset(dirs: tuple[Path, Path], transform=None) -> HierarchicalVoxelRayDataset:
-    return HierarchicalVoxelRayDataset(dirs[0], dirs[1], split="train", transform=transform)
-
-
-def cpu_api(ds: HierarchicalVoxelRayDataset, epoch: int, **kw) -> list[dict]:
-    sampler = RayBatchSampler(ds, kw.get("rays", RAYS), kw.get("spb", SPB), shuffle=True)
-    sampler.set_epoch(epoch)
-    return list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_ray_batch))
-
-
-def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert list(g) == list(w)
-        for k in w:
-            a, b = g[k], w[k]
-            if isinstance(b, list):
-                assert len(a) == len(b), k
-                for x, y in zip(a, b, strict=True):
-                    if isinstance(y, str):
-                        assert x == y, k
-                    else:
-                        assert x.dtype == y.dtype and torch.equal(x, y), k
-            else:
-                assert a.dtype == b.dtype, (k, a.dtype, b.dtype)
-                assert a.shape == b.shape, (k, a.shape, b.shape)
-                assert torch.equal(a, b), (k, int((a != b).sum()))
+    return _loading.generate(tmp_path_factory, "loader_data")
 
 
 @pytest.fixture(scope="module")
@@ -175,19 +122,7 @@ def test_custom_transform_first_and_retrace(geo_loader, data_dirs):
     geo_loader.set_epoch(2)
     batches = list(geo_loader)
     assert_batches_equal(batches, cpu_api(ds, 2))
-    checked = 0
-    for batch in batches:
-        for b in range(len(batch["hashes"])):
-            d, h, w = batch["voxel_shapes"][b].tolist()
-            grid = batch["voxels"][b, 0, :d, :h, :w].numpy()
-            sel = batch["ray_to_voxel"] == b
-            scale = 2.0 / d
-            o = batch["origins"][sel].numpy()
-            dirs = batch["directions"][sel].numpy()
-            traced = trace(grid, o, dirs, voxel_size=scale)
-            np.testing.assert_allclose(traced, batch["distances"][sel].numpy(), atol=1e-4)
-            checked += int(sel.sum())
-    assert checked > 200
+    assert _loading.assert_rays_retrace(batches) > 200
 
 
 def test_torch_backend_worker_counts_equal_cpu_api(data_dirs):

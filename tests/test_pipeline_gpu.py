@@ -6,16 +6,18 @@ Same decisions (hashes, ray_to_voxel, levels, ray counts, symmetries: the voxels
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from gpuloader.augment import transforms as T
-from gpuloader.generate import GeneratorConfig, generate_dataset
 from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.loader import GPURayLoader, _cuda_usable
 from gpuloader.loading.pipeline import dali_available
+
+try:
+    from tests import _loading
+except ImportError:
+    import _loading
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,33 +28,13 @@ EXACT = ("voxels", "voxel_shapes", "hits", "view_ids", "face_ids", "ray_to_voxel
 
 
 def transform() -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomRotation90(p=0.7),
-            T.RandomFlip(p=0.5),
-            T.NormalizeRayOrigins(),
-            T.RandomRaySubsample(num_rays=64),
-            T.AddNoise(origin_std=0.01, direction_std=0.01),
-            T.VoxelOccupancyJitter(flip_prob=0.02),
-        ]
-    )
+    return _loading.full_transform(64)
 
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory: pytest.TempPathFactory) -> HierarchicalVoxelRayDataset:
-    cfg = GeneratorConfig(
-        shapes=["asym", "torus", "box", "blobs"],
-        resolution=16,
-        min_resolution=4,
-        divisions=2,
-        samples_per_view=60,
-        split=(1.0, 0.0, 0.0),
-        workers=1,
-    )
-    s = generate_dataset(tmp_path_factory.mktemp("gpu_data"), cfg, progress=False)
-    return HierarchicalVoxelRayDataset(
-        Path(s["dataset_dir"]), Path(s["ray_dir"]), transform=transform()
-    )
+    return HierarchicalVoxelRayDataset(*_loading.generate(tmp_path_factory, "gpu_data"),
+                                       transform=transform())  # fmt: skip
 
 
 def compare(gpu_batches: list[dict], cpu_batches: list[dict]) -> None:

@@ -14,50 +14,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from gpuloader import PackedRayStore, pack_rays
-from gpuloader.augment import transforms as T
-from gpuloader.generate import GeneratorConfig, generate_dataset
 from gpuloader.loading.collate import collate_ray_batch
-from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.loading.pipeline import dali_available
 from gpuloader.loading.sampler import RayBatchSampler
+
+try:
+    from tests import _loading
+except ImportError:
+    import _loading
 
 RAYS, SPB = 300, 4
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 
 
-def full_transform() -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomRotation90(p=0.7),
-            T.RandomFlip(axes=[0, 1, 2], p=0.5),
-            T.NormalizeRayOrigins(voxel_size=1.0),
-            T.RandomRaySubsample(num_rays=40),
-            T.AddNoise(origin_std=0.01, direction_std=0.01),
-            T.VoxelOccupancyJitter(flip_prob=0.02),
-        ]
-    )
+full_transform = _loading.full_transform
+make_dataset = _loading.make_dataset
+assert_batches_equal = _loading.assert_batches_equal
 
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("resume_data")
-    cfg = GeneratorConfig(
-        shapes=["asym", "torus", "box"],
-        resolution=16,
-        min_resolution=4,
-        divisions=2,
-        samples_per_view=40,
-        split=(1.0, 0.0, 0.0),
-        workers=1,
+    return _loading.generate(
+        tmp_path_factory, "resume_data", ("asym", "torus", "box"), 40, expect_warning=True
     )
-    with pytest.warns(Warning):  # the empty val/test splits are announced
-        s = generate_dataset(out, cfg, progress=False)
-    return Path(s["dataset_dir"]), Path(s["ray_dir"])
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +48,6 @@ def pack_dir(data_dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("resume_pack") / "pack"
     pack_rays(data_dirs[1], out, progress=False)
     return out
-
-
-def make_dataset(dirs, transform=None, **kw) -> HierarchicalVoxelRayDataset:
-    return HierarchicalVoxelRayDataset(dirs[0], dirs[1], split="train", transform=transform, **kw)
-
-
-def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert sorted(g) == sorted(w)
-        for k in w:
-            a, b = g[k], w[k]
-            if isinstance(b, list):
-                assert len(a) == len(b), k
-                for x, y in zip(a, b, strict=True):
-                    if isinstance(y, str):
-                        assert x == y, k
-                    else:
-                        assert x.dtype == y.dtype and torch.equal(x, y), k
-            else:
-                assert a.dtype == b.dtype and a.shape == b.shape, k
-                assert torch.equal(a, b), (k, int((a != b).sum()))
 
 
 def as_requests(batches) -> list[list[tuple]]:

@@ -11,99 +11,45 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from gpuloader import PackedRayStore, pack_rays
 from gpuloader.augment import fused_numpy, rng
 from gpuloader.augment import transforms as T
 from gpuloader.augment.plan import to_batch_params
 from gpuloader.errors import UnsupportedTransformError
-from gpuloader.generate import GeneratorConfig, generate_dataset
-from gpuloader.generate.tracer import trace
-from gpuloader.loading.collate import collate_ray_batch
-from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.epoch_plan import build_epoch_plan
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.loading.pipeline import dali_available
 from gpuloader.loading.sampler import RayBatchSampler
 from gpuloader.stores.resident import choose_store, estimate_layout, fill_store
 
+try:
+    from tests import _loading
+except ImportError:
+    import _loading
+
 RAYS, SPB = 300, 5
 
 
+make_dataset = _loading.make_dataset
+geometric_transform = _loading.geometric_transform
+cpu_api = partial(_loading.cpu_api, rays=RAYS, spb=SPB)
+assert_batches_equal = partial(_loading.assert_batches_equal, nonempty=True)
+
+
 def full_transform(normalize_distances: bool = False) -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomRotation90(p=0.7),
-            T.RandomFlip(axes=[0, 1, 2], p=0.5),
-            T.NormalizeRayOrigins(voxel_size=1.0, scale_distances=normalize_distances),
-            T.RandomRaySubsample(num_rays=40),
-            T.AddNoise(origin_std=0.01, direction_std=0.01),
-            T.VoxelOccupancyJitter(flip_prob=0.02),
-        ]
-    )
-
-
-def geometric_transform() -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomRotation90(p=0.8),
-            T.RandomFlip(axes=[0, 1, 2], p=0.5),
-            T.NormalizeRayOrigins(voxel_size=1.0, scale_distances=True),
-            T.RandomRaySubsample(num_rays=50),
-        ]
-    )
+    return _loading.full_transform(scale_distances=normalize_distances)
 
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("store_data")
-    cfg = GeneratorConfig(
-        shapes=["asym", "torus", "box", "blobs"],
-        resolution=16,
-        min_resolution=4,
-        divisions=2,
-        samples_per_view=60,
-        split=(1.0, 0.0, 0.0),
-        workers=1,
-    )
-    with pytest.warns(Warning):  # the empty val/test splits are announced
-        s = generate_dataset(out, cfg, progress=False)
-    return Path(s["dataset_dir"]), Path(s["ray_dir"])
-
-
-def make_dataset(dirs, transform=None, **kw) -> HierarchicalVoxelRayDataset:
-    return HierarchicalVoxelRayDataset(dirs[0], dirs[1], split="train", transform=transform, **kw)
-
-
-def cpu_api(ds, epoch: int, rays=RAYS, spb=SPB, **kw) -> list[dict]:
-    sampler = RayBatchSampler(ds, rays, spb, shuffle=True, **kw)
-    sampler.set_epoch(epoch)
-    return list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_ray_batch))
-
-
-def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want) > 0
-    for g, w in zip(got, want, strict=True):
-        assert sorted(g) == sorted(w)
-        for k in w:
-            a, b = g[k], w[k]
-            if isinstance(b, list):
-                assert len(a) == len(b), k
-                for x, y in zip(a, b, strict=True):
-                    if isinstance(y, str):
-                        assert x == y, k
-                    else:
-                        assert x.dtype == y.dtype and torch.equal(x, y), k
-            else:
-                assert a.dtype == b.dtype, (k, a.dtype, b.dtype)
-                assert a.shape == b.shape, (k, a.shape, b.shape)
-                assert torch.equal(a, b), (k, int((a != b).sum()))
+    return _loading.generate(tmp_path_factory, "store_data", expect_warning=True)
 
 
 # -- the epoch plan ----------------------------------------------------------------------------
@@ -194,18 +140,7 @@ def test_host_store_from_a_pack_threads_and_retrace(data_dirs, tmp_path):
             ld.set_epoch(4)
             batches = list(ld)
         assert_batches_equal(batches, cpu_api(ds, 4))
-    checked = 0
-    for batch in batches:
-        for b in range(len(batch["hashes"])):
-            d, h, w = batch["voxel_shapes"][b].tolist()
-            grid = batch["voxels"][b, 0, :d, :h, :w].numpy()
-            sel = batch["ray_to_voxel"] == b
-            traced = trace(
-                grid, batch["origins"][sel].numpy(), batch["directions"][sel].numpy(), 2.0 / d
-            )
-            np.testing.assert_allclose(traced, batch["distances"][sel].numpy(), atol=1e-4)
-            checked += int(sel.sum())
-    assert checked > 200
+    assert _loading.assert_rays_retrace(batches) > 200
 
 
 def test_mixed_levels_and_no_transform(data_dirs):

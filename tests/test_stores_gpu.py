@@ -19,9 +19,13 @@ import torch
 
 from gpuloader import PackedRayStore, pack_rays
 from gpuloader.augment import transforms as T
-from gpuloader.generate import GeneratorConfig, generate_dataset
 from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.loader import GPURayLoader, _cuda_usable
+
+try:
+    from tests import _loading
+except ImportError:
+    import _loading
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,33 +38,17 @@ RAYS, SPB = 300, 5
 
 
 def transform() -> T.Compose:
-    return T.Compose(
-        [
-            T.RandomRotation90(p=0.7),
-            T.RandomFlip(p=0.5),
-            T.NormalizeRayOrigins(),
-            T.RandomRaySubsample(num_rays=64),
-            T.AddNoise(origin_std=0.01, direction_std=0.01),
-            T.VoxelOccupancyJitter(flip_prob=0.02),
-        ]
-    )
+    return _loading.full_transform(64)
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> tuple[Path, Path, Path]:
-    out = tmp_path_factory.mktemp("gpu_store_data")
-    cfg = GeneratorConfig(
-        shapes=["asym", "torus", "box"],
-        resolution=16,
-        min_resolution=4,
-        divisions=2,
-        samples_per_view=60,
-        split=(1.0, 0.0, 0.0),
-        workers=1,
+    dataset_dir, ray_dir = _loading.generate(
+        tmp_path_factory, "gpu_store_data", ("asym", "torus", "box")
     )
-    s = generate_dataset(out, cfg, progress=False)
-    pack_rays(s["ray_dir"], out / "pack", progress=False)
-    return Path(s["dataset_dir"]), Path(s["ray_dir"]), out / "pack"
+    out = dataset_dir.parent  # the generator writes both into the temporary directory
+    pack_rays(ray_dir, out / "pack", progress=False)
+    return dataset_dir, ray_dir, out / "pack"
 
 
 def assert_close(gpu: list[dict], cpu: list[dict]) -> None:
