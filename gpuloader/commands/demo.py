@@ -272,14 +272,16 @@ def run(args: argparse.Namespace) -> int:
         f"data       {dataset_dir.parent} ({len(dataset)} train samples, "
         f"levels {dataset.get_level_distribution()}; ready in {t_gen:.1f} s)"
     )
-    print(f"loader     back end {backend}, device {device}, workers {args.num_workers}")
+    store = getattr(loader, "store", None)
+    where = f"store {store} ({loader.store_reason}), " if store else ""
+    print(f"loader     {where}back end {backend}, device {device}, workers {args.num_workers}")
     print(
         f"epochs     {args.epochs}: {batches} batches, {subvolumes} sub-volumes, {rays:,} rays "
         f"in {loop_seconds:.2f} s"
     )
     print(
         f"throughput {steady_rays / steady:,.0f} rays/s, {steady_subvolumes / steady:,.0f} "
-        f"samples/s after the first batch ({startup:.2f} s to it: worker start-up)"
+        f"samples/s after the first batch ({startup:.2f} s to it: start-up)"
     )
     print(
         f"check      {checked:,} rays re-traced through their augmented grids: max error "
