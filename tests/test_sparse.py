@@ -27,7 +27,6 @@ from gpuloader import (
     voxels_to_sparse_index,
 )
 from gpuloader.augment import transforms as T
-from gpuloader.errors import UnsupportedTransformError
 from gpuloader.format.sparse import neighbour_offsets
 from gpuloader.generate.tracer import trace
 from gpuloader.loading.collate import collate_ray_batch
@@ -273,16 +272,18 @@ def test_collate_sparse_edge_cases():
         collate_ray_batch([sample(full, False), sample(full, True)])
 
 
-def test_sparse_arguments_are_checked_and_the_gpu_loader_refuses(tiny_dataset):
+def test_sparse_arguments_are_checked_and_the_gpu_loader_makes_them(tiny_dataset):
     with pytest.raises(ValueError, match="sparse_mode"):
         HierarchicalVoxelRayDataset(*tiny_dataset, sparse_voxels=True, sparse_mode="csr")
     with pytest.raises(ValueError, match="sparse_connectivity"):
         HierarchicalVoxelRayDataset(*tiny_dataset, sparse_voxels=True, sparse_connectivity=10)
     from gpuloader.loading.loader import GPURayLoader
 
+    # the loader's sparse batches equal the CPU API's: tests/test_sparse_loader.py
     ds = HierarchicalVoxelRayDataset(*tiny_dataset, sparse_voxels=True)
-    with pytest.raises(UnsupportedTransformError, match="CPU API"):
-        GPURayLoader(ds, 100, 2, device="cpu", num_workers=0)
+    with GPURayLoader(ds, 100, 2, device="cpu", num_workers=0) as ld:
+        batch = next(iter(ld))
+    assert "voxels" not in batch and batch["voxel_pos"].shape[1] == 3
 
 
 def test_all_neighbour_pairs_of_a_full_grid():

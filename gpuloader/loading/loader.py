@@ -57,6 +57,7 @@ from gpuloader.augment.transforms import (
     split_for_device,
 )
 from gpuloader.errors import UnsupportedTransformError
+from gpuloader.format.sparse_batch import dense_batch_to_sparse
 from gpuloader.loading.batches import FusedBatches
 from gpuloader.loading.collate import RAY_DTYPES
 from gpuloader.loading.pipeline import RawBatch, RayPipeline, dali_available
@@ -190,6 +191,8 @@ class GPURayLoader:
 
     Args:
         dataset: a :class:`~gpuloader.loading.dataset.HierarchicalVoxelRayDataset`.
+            With ``sparse_voxels=True`` the batches have its sparse keys instead of
+            ``voxels`` (as ``collate_ray_batch``'s), converted on the device.
         rays_per_batch, subvolumes_per_batch, shuffle, drop_last: as ``RayBatchSampler``.
         transform: the transform (None: ``dataset.transform``). Custom callables must come
             before the known transforms; they run per sample in the reader.
@@ -254,12 +257,6 @@ class GPURayLoader:
         self.resident: ResidentStore | None = None
         if backend not in ("auto", "dali", "torch"):
             raise ValueError(f"backend must be 'auto', 'dali' or 'torch'; got {backend!r}")
-        if getattr(dataset, "sparse_voxels", False):
-            raise UnsupportedTransformError(
-                "GPURayLoader does not make sparse voxels (the dataset has sparse_voxels=True): "
-                "use the CPU API (DataLoader(dataset, batch_sampler=RayBatchSampler(...), "
-                "collate_fn=collate_ray_batch)), or a dataset with sparse_voxels=False"
-            )
         self.dataset = dataset
         self.transform = dataset.transform if transform is None else transform
         cpu, segments, target = known_segments(self.transform)
@@ -522,8 +519,25 @@ class GPURayLoader:
             it = self._iter_dali(epoch, start)
         else:
             it = self._iter_torch(epoch, start)
+        if getattr(self.dataset, "sparse_voxels", False):
+            it = self._sparse(it)
         pos = self._pass = [epoch, start]
         return self._counted(it, pos)
+
+    def _sparse(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """``it``'s dense batches as the sparse batches of ``collate_ray_batch`` (a dataset
+        with ``sparse_voxels=True``): ``voxels`` replaced by the sparse keys, on the device."""
+        mode = getattr(self.dataset, "sparse_mode", "coo")
+        conn = int(getattr(self.dataset, "sparse_connectivity", 6))
+        try:
+            for batch in it:
+                sp = dense_batch_to_sparse(batch["voxels"], batch["voxel_shapes"], mode, conn)
+                sp.update((k, v) for k, v in batch.items() if k not in ("voxels", *sp))
+                yield sp
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def _counted(self, it: Iterator[dict[str, Any]], pos: list[int]) -> Iterator[dict[str, Any]]:
         """``it``, counting in ``pos[1]`` the batches handed out (for :meth:`state_dict`)."""
