@@ -235,13 +235,10 @@ class _GPUState:
         n = len(plan)
         if n <= start:
             return
-        starts = plan.batch_starts
         keep = plan.arrays["keep"]
-        tot = np.add.reduceat(keep, starts[:-1]) if keep.size else np.zeros(n, np.int64)
-        vtot = np.add.reduceat(plan.arrays["view_count"], starts[:-1])
-        bsz = np.diff(starts)
-        side_max = np.maximum.reduceat(plan.arrays["side"], starts[:-1])
-        vox = bsz * side_max**3
+        totals = self.kernels.epoch_batch_totals(plan)  # per batch: rays, views, B, S, B*S^3
+        tot, vtot, bsz = totals["rays"], totals["views"], totals["size"]
+        side_max, vox = totals["side"], totals["voxels"]
         self._ensure_ring(int(tot.max()), int(vox.max()), int(vtot.max()), int(bsz.max()))
         dev = self.device
         consumer = torch.cuda.current_stream(dev)

@@ -65,7 +65,13 @@ from gpuloader.loading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
 from gpuloader.loading.sampler import RayBatchSampler
 from gpuloader.loading.stream import PackBatchReader, StreamBatches, pack_layout
 from gpuloader.stores.packed import PackedRayStore
-from gpuloader.stores.resident import ResidentStore, choose_store, estimate_layout, fill_store
+from gpuloader.stores.resident import (
+    ResidentStore,
+    choose_store,
+    estimate_layout,
+    fill_store,
+    store_bytes,
+)
 
 __all__ = ["GPURayLoader", "known_segments"]
 
@@ -322,7 +328,8 @@ class GPURayLoader:
             and isinstance(getattr(dataset, "ray_store", None), PackedRayStore)
         ):
             # whole batches from the pack: the batch reader in workers, then the fused pass
-            layout, levels = pack_layout(dataset, estimate_layout(dataset).side)
+            sides = (self._layout or estimate_layout(dataset)).side  # headers read once
+            layout, levels = pack_layout(dataset, sides)
             reader = PackBatchReader(
                 dataset, self.sampler, segments[0] if segments else [], layout, levels
             )
@@ -407,11 +414,7 @@ class GPURayLoader:
                 f"store='gpu' needs a CUDA device; the loader's device is {self.device}"
             )
         self._layout = estimate_layout(self.dataset)
-        nbytes = int(
-            self._layout.ray_count.sum() * 37
-            + self._layout.view_count.sum() * 12
-            + (self._layout.side**3).sum()
-        )
+        nbytes = store_bytes(self._layout)
         if store != "auto":
             return store, f"asked for ({nbytes / 2**20:.1f} MiB)"
         return choose_store(nbytes, self.device, gpu_budget, host_budget)

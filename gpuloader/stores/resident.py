@@ -43,7 +43,6 @@ import numpy as np
 from gpuloader.augment.fused_numpy import RAY_RECORD
 from gpuloader.errors import DamagedFileError
 from gpuloader.format.index import npz_member_header
-from gpuloader.format.validate import check_ray_batch
 from gpuloader.loading.epoch_plan import StoreLayout
 from gpuloader.loading.sampler import RayRequest
 
@@ -51,6 +50,7 @@ __all__ = [
     "ResidentStore",
     "STORE_KEYS",
     "estimate_layout",
+    "store_bytes",
     "fill_store",
     "choose_store",
     "host_memory_available",
@@ -119,7 +119,8 @@ def estimate_layout(dataset: Any) -> StoreLayout:
     )
 
 
-def _nbytes(layout: StoreLayout) -> int:
+def store_bytes(layout: StoreLayout) -> int:
+    """Bytes a store of ``layout`` takes (rays, views and grids)."""
     return int(
         layout.ray_count.sum() * _RAY_BYTES
         + layout.view_count.sum() * 12
@@ -335,7 +336,7 @@ def fill_store(
         nbatches = -(-len(samples) // batch_size)
         bar = tqdm(
             total=nbatches,
-            desc=f"gpuloader: filling the {location} store ({_nbytes(layout) / 2**20:.0f} MiB)",
+            desc=f"gpuloader: filling the {location} store ({store_bytes(layout) / 2**20:.0f} MiB)",
             unit="batch",
             disable=not show,
         )
@@ -458,7 +459,7 @@ def _fill_host_direct(
             writer, batch_size=None, num_workers=num_workers, prefetch_factor=8
         )
         show = sys.stderr.isatty() if progress is None else progress
-        desc = f"gpuloader: filling the host store ({_nbytes(layout) / 2**20:.0f} MiB)"
+        desc = f"gpuloader: filling the host store ({store_bytes(layout) / 2**20:.0f} MiB)"
         with tqdm(total=len(writer), desc=desc, unit="file", disable=not show) as bar:
             for _ in loader:
                 bar.update(1)
@@ -478,18 +479,11 @@ class _Null:
         return None
 
 
-def _place(
-    raw: Any,
-    arrays: dict[str, Any],
-    layout: StoreLayout,
-    samples: list,
-    xp: Any,
-    values_checked: bool = True,
-) -> None:
+def _place(raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list, xp: Any) -> None:
     """Copy one RawBatch of consecutive samples into its slice of the store.
 
-    ``values_checked``: the source already checked every value (the reader's ray stores do,
-    in the workers, so the fill does not check them again in this process).
+    Values are not checked again here: the reader's ray stores checked every row they
+    returned, in the workers.
     """
     meta = raw.meta
     idx = meta[meta[:, 0] >= 0, 0].astype(np.int64)
@@ -511,9 +505,6 @@ def _place(
                 f"{layout.view_count[i]}, grid {tuple(g)} vs side {s}); rebuild the dataset "
                 "object (or regenerate the file)"
             )
-    if not values_checked:  # the readers check every row they return; other sources not
-        paths = [samples[i]["ray_path"] for i in idx]
-        check_ray_batch(raw.arrays, paths, layout.ray_count[idx], xp)
     r0 = int(layout.ray_start[i0])
     r1 = int(layout.ray_start[i1] + layout.ray_count[i1])
     v0 = int(layout.view_start[i0])
