@@ -4,11 +4,20 @@ Reads RAY_DIR (level_<L>/<hh>/<hash>_rays.npz) and writes OUT: per level, contig
 arrays, an offsets index and a manifest that detects when the ray files change. Use it with
 ``HierarchicalVoxelRayDataset(..., ray_store=PackedRayStore(OUT))``. Re-running on an
 up-to-date OUT does nothing; a stale or interrupted OUT needs --force.
+
+Bad ray files: with --on-error raise (default) the first bad file stops the run (exit code
+2, the error names the file) and no pack is written. With --on-error skip every bad file is
+left out of the pack and recorded in its manifest, a warning names each, the summary ends
+with "N bad files left out: ..." and the exit code stays 0; reading such a sample from the
+pack raises the recorded error, which a dataset with on_error='skip' replaces. A later
+--on-error raise run refuses a pack that left files out (exit code 2, naming the first).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 
 from gpuloader.stores.packed import pack_rays
 
@@ -26,29 +35,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="replace a stale or interrupted pack in OUT"
     )
+    parser.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="a bad ray file: stop (raise, default) or leave it out and record it (skip)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``gpuloader pack``; 0 on success."""
-    s = pack_rays(
-        args.ray_dir,
-        args.out,
-        levels=args.levels,
-        progress=not args.quiet,
-        workers=args.workers,
-        force=args.force,
-    )
+    """Run ``gpuloader pack``; 0 on success (also when --on-error skip left files out)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = pack_rays(
+            args.ray_dir,
+            args.out,
+            levels=args.levels,
+            progress=not args.quiet,
+            workers=args.workers,
+            force=args.force,
+            on_error=args.on_error,
+        )
+    for w in caught:
+        text = str(w.message).removeprefix("gpuloader pack: ")
+        print(f"gpuloader pack: warning: {text}", file=sys.stderr)
     if s["up_to_date"]:
         print(f"{s['out_dir']}: up to date ({s['files']} files, {s['rays']:,} rays); nothing done")
-        return 0
-    for level, info in s["levels"].items():
+    else:
+        for level, info in s["levels"].items():
+            print(
+                f"  level {level}: {info['files']:6d} files {info['rays']:12,d} rays "
+                f"{info['views']:8,d} views"
+            )
         print(
-            f"  level {level}: {info['files']:6d} files {info['rays']:12,d} rays "
-            f"{info['views']:8,d} views"
+            f"packed {s['files']} files, {s['rays']:,} rays ({s['bytes'] / 2**20:,.1f} MiB) "
+            f"into {s['out_dir']} in {s['seconds']:.1f} s"
         )
-    print(
-        f"packed {s['files']} files, {s['rays']:,} rays ({s['bytes'] / 2**20:,.1f} MiB) into "
-        f"{s['out_dir']} in {s['seconds']:.1f} s"
-    )
+    if s["bad"]:
+        print(f"{len(s['bad'])} bad files left out: " + ", ".join(b["file"] for b in s["bad"]))
+        for b in s["bad"]:
+            print(f"  {b['error']}: {b['message'].removeprefix(b['file'] + ': ')}")
     return 0

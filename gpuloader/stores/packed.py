@@ -9,7 +9,8 @@ of :mod:`gpuloader.stores.npz`), returning exactly what :class:`NpzRayStore` ret
 Layout of a pack folder::
 
     manifest.json                 written last: format, pack_id, source root, source files
-                                  (relative path, size, mtime_ns, sha256), per-level totals
+                                  (relative path, size, mtime_ns, sha256), per-level totals,
+                                  on_error and bad_files (files left out, see below)
     level_<L>/origins.npy         (N_L, 3) float32   rays of every file of level L, file
     level_<L>/directions.npy      (N_L, 3) float32   after file in hash order
     level_<L>/distances.npy       (N_L,)   float32
@@ -28,6 +29,18 @@ Staleness: ``check="fast"`` compares the manifest's file list, sizes and mtimes 
 ray tree when the store is opened; ``"full"`` also re-hashes every source file;
 ``"none"`` trusts the pack (the source may even be gone). A stale pack raises
 :class:`StalePackError` naming the first changed files and the command that rebuilds it.
+
+Bad ray files (``on_error``): with ``"raise"`` (default) the first bad file stops the build
+with its named error (:mod:`gpuloader.format.validate`) and no pack is left. With ``"skip"``
+every bad file (every check ``pack`` runs, unreadable files and symlink loops included) is
+left out of the level arrays and recorded in the manifest's ``bad_files`` (relative path ->
+level, hash, error class name, the error's first line); a ``SkippedFileWarning`` (of
+:mod:`gpuloader.loading.dataset`) names each. It stays a source file of the manifest (size,
+mtime, sha256 when readable), so repairing it makes the pack stale. :class:`PackedRayStore`
+raises the recorded error class for such a sample (``bad`` lists them ahead of time), which
+a dataset with ``on_error='skip'`` replaces like any bad file. An up-to-date pack that left
+files out is kept by a later ``on_error="skip"`` run; an ``on_error="raise"`` run refuses
+it, raising the first left-out file's recorded error (a raise-mode pack never holds a gap).
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,13 +61,15 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from gpuloader.errors import DamagedFileError, DatasetLayoutError, GPULoaderError
+from gpuloader import errors as _errors
+from gpuloader.errors import DamagedFileError, DatasetLayoutError, FileCheckError, GPULoaderError
 from gpuloader.format import layout
 from gpuloader.format.index import npz_member_header, scan_ray_tree
 from gpuloader.format.layout import RAY_ROW_KEYS
 from gpuloader.format.validate import (
     as_ray_dtypes,
     check_ray_values,
+    classify,
     load_npz,
     npz_error,
     validate_rays,
@@ -80,6 +96,7 @@ INDEX = "index.npz"
 #: Arrays of a level, in the order NpzRayStore returns them.
 PACK_KEYS: tuple[str, ...] = tuple(NpzRayStore.keys)
 Check = Literal["fast", "full", "none"]
+OnError = Literal["raise", "skip"]
 _SHOW = 5  # changed files named in a staleness message
 
 
@@ -147,6 +164,69 @@ def _source_files(root: Path, levels: set[int] | None) -> list[tuple[int, str, P
 def _stat(path: Path) -> tuple[int, int]:
     st = os.stat(path)
     return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _stat_any(path: Path) -> tuple[int, int]:
+    """:func:`_stat`, or the link's own size and mtime where the target cannot be reached
+    (a symlink loop, a dangling link); OSError only when there is nothing at ``path``."""
+    try:
+        return _stat(path)
+    except OSError:
+        st = os.lstat(path)
+        return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def _error_record(exc: BaseException) -> dict[str, Any]:
+    """What the manifest keeps of a bad file's error (plain JSON; no traceback)."""
+    text = str(exc)
+    return {
+        "error": type(exc).__name__,
+        "message": text.splitlines()[0] if text else type(exc).__name__,
+        "key": getattr(exc, "key", None),
+        "row": getattr(exc, "row", None),
+        "detail": getattr(exc, "detail", None),
+    }
+
+
+def _recorded_error(
+    file: str, record: dict[str, Any], pack_dir: Path, fix: str, packed_as: str | None = None
+) -> DamagedFileError:
+    """The named error of a file a pack left out, re-created from its manifest record.
+
+    Its class is the recorded one (from :mod:`gpuloader.errors`; DamagedFileError when that
+    is not a damage error), so :func:`~gpuloader.format.validate.classify` calls it a bad
+    file. First line: ``<file>: left out of ray pack <dir> ...: <original first line>``
+    (``packed_as``, the file's name when it was packed, is not repeated).
+    """
+    cls = getattr(_errors, str(record.get("error")), None)
+    if not (isinstance(cls, type) and issubclass(cls, DamagedFileError)):
+        cls = DamagedFileError
+    original = str(record.get("message", ""))
+    for prefix in (f"{file}: ", f"{packed_as}: "):
+        if original.startswith(prefix):
+            original = original[len(prefix) :]
+            break
+    message = (
+        f"{file}: left out of ray pack {pack_dir} when it was packed (on_error='skip'): "
+        f"{record.get('error')}: {original}\n{fix}"
+    )
+    if issubclass(cls, FileCheckError):
+        return cls(
+            message,
+            path=file,
+            key=record.get("key"),
+            row=record.get("row"),
+            detail=record.get("detail"),
+        )
+    return cls(message)
 
 
 def _sha256_file(path: Path) -> str:
@@ -253,6 +333,7 @@ def check_pack(
             reason,
         )
     recorded: dict[str, list] = manifest["files"]
+    bad: dict[str, Any] = manifest.get("bad_files") or {}
     current = _source_files(root, None if levels is None else set(levels))
     seen: set[str] = set()
     for _, _, path in current:
@@ -262,13 +343,17 @@ def check_pack(
         if rec is None:
             diff["new"].append(rel)
             continue
-        size, mtime_ns = _stat(path)
+        size, mtime_ns = _stat_any(path)
+        hashed = rec[2] is not None  # None: a left-out file that could not be read
         if size != rec[0]:
             diff["changed"].append(f"{rel} (size {rec[0]} -> {size})")
         elif mtime_ns != rec[1]:
-            if check == "full" and _sha256_file(path) == rec[2]:
+            if check == "full" and hashed and _sha256_file(path) == rec[2]:
                 continue  # touched, same bytes
             diff["changed"].append(f"{rel} (modified {_fmt_ns(rec[1])} -> {_fmt_ns(mtime_ns)})")
+        elif not hashed:
+            if rel in bad and _readable(path):  # e.g. its permissions were fixed
+                diff["changed"].append(f"{rel} (unreadable when packed, readable now)")
         elif check == "full" and _sha256_file(path) != rec[2]:
             diff["changed"].append(f"{rel} (content differs, same size and mtime)")
     diff["missing"] = sorted(set(recorded) - seen)
@@ -298,50 +383,65 @@ def _fmt_ns(ns: int) -> str:
 # ------------------------------------------------------------------------------ packing
 
 
-def _pack_job(job: tuple[str, str, list[tuple]]) -> list[tuple[str, str]]:
+def _pack_job(job: tuple[str, str, list[tuple], bool]) -> list[tuple]:
     """Inflate one chunk of files of one level into the level's arrays (opened r+).
 
-    ``job = (level_dir, source_root, files)``; each file is
-    ``(rel, size, mtime_ns, ray_start, n, view_start, v)``. Returns ``[(rel, sha256)]``.
+    ``job = (level_dir, source_root, files, skip)``; each file is
+    ``(rel, size, mtime_ns, ray_start, n, view_start, v)``. Returns
+    ``[(rel, sha256 or None, None or the error record of a bad file)]``; a bad file raises
+    unless ``skip`` (then its slices are left unwritten and it is reported).
     """
-    level_dir, source_root, files = job
+    level_dir, source_root, files, skip = job
     mm = {k: np.load(Path(level_dir) / f"{k}.npy", mmap_mode="r+") for k in PACK_KEYS}
-    out = []
+    out: list[tuple] = []
     try:
         for rel, size, mtime_ns, r0, n, v0, v in files:
             path = Path(source_root) / rel
+            digest = None
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                    st = os.fstat(f.fileno())
-            except FileNotFoundError:
-                raise
-            except OSError as exc:
-                raise npz_error(path, exc) from exc
-            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                raise StalePackError(
-                    f"{path}: changed while it was being packed; run `gpuloader pack` again"
-                )
-            # every check of gpuloader.format.validate: a bad file is refused, never stored
-            arrays = as_ray_dtypes(path, load_npz(path, PACK_KEYS, data=data))
-            got_n = validate_rays(path, arrays)
-            got_v = arrays["view_positions"].shape[0]
-            if (got_n, got_v) != (n, v):
-                raise DamagedFileError(
-                    f"{path}: holds {got_n} rays and {got_v} views but its headers said "
-                    f"{n} and {v}; the file is damaged: regenerate it or delete it"
-                )
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                        st = os.fstat(f.fileno())
+                except FileNotFoundError:
+                    raise
+                except OSError as exc:
+                    raise npz_error(path, exc) from exc
+                if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                    raise StalePackError(
+                        f"{path}: changed while it was being packed; run `gpuloader pack` again"
+                    )
+                digest = hashlib.sha256(data).hexdigest()
+                # every check of gpuloader.format.validate: a bad file is never stored
+                arrays = as_ray_dtypes(path, load_npz(path, PACK_KEYS, data=data))
+                got_n = validate_rays(path, arrays)
+                got_v = arrays["view_positions"].shape[0]
+                if (got_n, got_v) != (n, v):
+                    raise DamagedFileError(
+                        f"{path}: holds {got_n} rays and {got_v} views but its headers said "
+                        f"{n} and {v}; the file is damaged: regenerate it or delete it"
+                    )
+            except DamagedFileError as exc:
+                if not (skip and _skippable(exc)):
+                    raise
+                out.append((rel, digest, _error_record(exc)))
+                continue
             for k in PACK_KEYS:
                 if k == "view_positions":
                     mm[k][v0 : v0 + v] = arrays[k]
                 else:
                     mm[k][r0 : r0 + n] = arrays[k]
-            out.append((rel, hashlib.sha256(data).hexdigest()))
+            out.append((rel, digest, None))
         for a in mm.values():
             a.flush()
     finally:
         del mm
     return out
+
+
+def _skippable(exc: BaseException) -> bool:
+    """A bad file that ``on_error="skip"`` leaves out (not a missing file, not a pack error)."""
+    return classify(exc) in ("unreadable", "invalid", "damaged")
 
 
 def _safe_to_replace(out_dir: Path) -> bool:
@@ -363,6 +463,7 @@ def pack_rays(
     progress: bool = True,
     workers: int | None = None,
     force: bool = False,
+    on_error: OnError = "raise",
 ) -> dict[str, Any]:
     """Inflate every ray file of ``ray_dataset_dir`` (at ``levels``) into a pack in ``out_dir``.
 
@@ -378,16 +479,25 @@ def pack_rays(
         progress: show tqdm bars.
         workers: processes inflating files (None: all cores; 1: this process).
         force: replace a stale or interrupted pack in ``out_dir``.
+        on_error: "raise" (the first bad ray file stops the build, naming it; no pack is
+            written) or "skip" (bad files are left out, recorded in the manifest and named
+            by a ``SkippedFileWarning`` each; see the module doc). "raise" also refuses an
+            up-to-date pack that left files out, raising the first one's recorded error.
 
     Returns:
         Summary: out_dir, source_root, pack_id, levels ``{L: {files, rays, views}}``,
-        files, rays, bytes, seconds, up_to_date (True: an existing pack was kept).
+        files (packed), rays, bytes, seconds, up_to_date (True: an existing pack was kept),
+        bad (the files left out: ``[{file, level, hash, error, message}]``, sorted).
 
     Raises:
         PackError: ``out_dir`` holds something else, or a stale pack without ``force``.
-        DatasetLayoutError, DamagedFileError: a missing tree or a damaged ray file (named).
+        DatasetLayoutError, DamagedFileError: a missing tree or a damaged ray file (named;
+            with "skip": only when no ray file is good).
     """
     start = time.perf_counter()
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
+    skip = on_error == "skip"
     root = Path(ray_dataset_dir).resolve()
     out_dir = Path(out_dir).absolute()
     level_set = None if levels is None else {int(lv) for lv in levels}
@@ -406,6 +516,7 @@ def pack_rays(
                 same = manifest["source_root"] == str(root) and manifest["levels"] == level_list
                 if same:
                     check_pack(out_dir, "fast", root, manifest)
+                    _refuse_or_warn_left_out(manifest, out_dir, skip)
                     return _summary(manifest, out_dir, time.perf_counter() - start, True)
                 why = f"it packs {manifest['source_root']} at levels {manifest['levels']}"
             except StalePackError as exc:
@@ -436,19 +547,34 @@ def pack_rays(
     # Pass 1: sizes, mtimes and row counts from the npy headers (nothing inflated).
     plan: dict[int, list[tuple]] = {}
     stats: dict[str, tuple[int, int]] = {}
-    for level, _, path in tqdm(found, desc="headers", unit="file", disable=not progress):
+    bad: dict[str, dict[str, Any]] = {}  # rel -> record (on_error="skip")
+    digests: dict[str, str | None] = {}
+    where: dict[str, tuple[int, str]] = {}
+    for level, hash_, path in tqdm(found, desc="headers", unit="file", disable=not progress):
         rel = _rel(root, path)
+        where[rel] = (int(level), str(hash_))
         try:
-            stats[rel] = _stat(path)
-        except OSError as exc:  # a symlink loop, no permission
-            raise npz_error(path, exc) from exc
-        shape, _ = npz_member_header(path, "origins")
-        vshape, _ = npz_member_header(path, "view_positions")
-        if len(shape) != 2 or shape[1] != 3 or len(vshape) != 2 or vshape[1] != 3:
-            raise DamagedFileError(
-                f"{path}: 'origins' {shape} / 'view_positions' {vshape}, expected (N, 3) and "
-                "(V, 3); regenerate it or delete it"
-            )
+            try:
+                stats[rel] = _stat(path)
+            except OSError as exc:  # a symlink loop, no permission
+                err = npz_error(path, exc)
+                if not skip:
+                    raise err from exc
+                stats[rel] = _stat_any(path)  # the link itself; raises if nothing is there
+                raise err from exc
+            shape, _ = npz_member_header(path, "origins")
+            vshape, _ = npz_member_header(path, "view_positions")
+            if len(shape) != 2 or shape[1] != 3 or len(vshape) != 2 or vshape[1] != 3:
+                raise DamagedFileError(
+                    f"{path}: 'origins' {shape} / 'view_positions' {vshape}, expected (N, 3) "
+                    "and (V, 3); regenerate it or delete it"
+                )
+        except DamagedFileError as exc:
+            if not (skip and _skippable(exc)):
+                raise
+            bad[rel] = {"level": level, "hash": hash_, **_error_record(exc)}
+            digests[rel] = _sha256_file(path) if _readable(path) else None
+            continue
         plan.setdefault(level, []).append((rel, shape[0], vshape[0]))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -456,47 +582,62 @@ def pack_rays(
     pack_id = uuid.uuid4().hex
     try:
         tmp.mkdir()
-        jobs: list[tuple[str, str, list[tuple]]] = []
+        jobs: list[tuple] = []
         level_info: dict[str, dict[str, Any]] = {}
+        layouts: dict[int, tuple[list[tuple], np.ndarray, np.ndarray]] = {}
         for level, files in sorted(plan.items()):
             ldir = _level_dir(tmp, level)
             ldir.mkdir()
             counts = np.array([[n, v] for _, n, v in files], dtype=np.int64).reshape(-1, 2)
             starts = np.concatenate([[[0, 0]], np.cumsum(counts, axis=0)[:-1]]).astype(np.int64)
-            n_rays, n_views = (int(x) for x in counts.sum(axis=0))
-            for key in PACK_KEYS:
-                rows = n_views if key == "view_positions" else n_rays
-                shape = (rows, 3) if key in ("origins", "directions", "view_positions") else (rows,)
-                a = np.lib.format.open_memmap(
-                    ldir / f"{key}.npy", mode="w+", dtype=layout.RAY_DTYPES[key], shape=shape
-                )
-                del a
-            hashes = np.array([layout.parse_ray_filename(Path(rel))[1] for rel, _, _ in files])
-            offsets = np.stack([starts[:, 0], counts[:, 0], starts[:, 1], counts[:, 1]], axis=1)
-            np.savez(ldir / INDEX, hashes=hashes, offsets=offsets, pack_id=np.array(pack_id))
+            _new_level_arrays(ldir, counts)
+            _write_index(ldir, files, starts, counts, pack_id)
+            layouts[level] = (files, starts, counts)
             entries = [
                 (rel, *stats[rel], int(r0), int(n), int(v0), int(v))
                 for (rel, n, v), (r0, v0) in zip(files, starts.tolist(), strict=True)
             ]
             chunk = max(1, min(64, len(entries) // (4 * max(1, workers or os.cpu_count() or 1))))
             for i in range(0, len(entries), chunk):
-                jobs.append((str(ldir), str(root), entries[i : i + chunk]))
-            level_info[str(level)] = {"files": len(files), "rays": n_rays, "views": n_views}
+                jobs.append((str(ldir), str(root), entries[i : i + chunk], skip))
 
         # Pass 2: inflate every file into its slices.
-        hashes_of: dict[str, str] = {}
-        bar = tqdm(total=len(found), desc="packing rays", unit="file", disable=not progress)
+        bar = tqdm(
+            total=len(found) - len(bad), desc="packing rays", unit="file", disable=not progress
+        )
         with bar:
             for done in _run(jobs, workers):
-                for rel, digest in done:
-                    hashes_of[rel] = digest
+                for rel, digest, error in done:
+                    digests[rel] = digest
+                    if error is not None:
+                        lv, h = where[rel]
+                        bad[rel] = {"level": lv, "hash": h, **error}
                 bar.update(len(done))
+        if len(bad) == len(found):
+            first = min(bad)
+            raise DamagedFileError(
+                f"{bad[first]['message']}\n(all {len(found)} ray files of {root} are bad; "
+                "nothing to pack)"
+            )
 
         total_bytes = 0
-        for level in plan:
+        for level, (files, starts, counts) in layouts.items():
             ldir = _level_dir(tmp, level)
+            keep = np.array([rel not in bad for rel, _, _ in files], dtype=bool)
+            if not keep.all():  # leave the bad files' slices out of the level's arrays
+                files, starts, counts = _compact_level(ldir, files, starts, counts, keep)
+                if not files:
+                    shutil.rmtree(ldir)
+                    continue
+                _write_index(ldir, files, starts, counts, pack_id)
+            n_rays, n_views = (int(x) for x in counts.sum(axis=0))
             sizes = {p.name: p.stat().st_size for p in sorted(ldir.iterdir())}
-            level_info[str(level)]["file_bytes"] = sizes
+            level_info[str(level)] = {
+                "files": len(files),
+                "rays": n_rays,
+                "views": n_views,
+                "file_bytes": sizes,
+            }
             total_bytes += sum(sizes.values())
         manifest = {
             "format": FORMAT_NAME,
@@ -505,14 +646,17 @@ def pack_rays(
             "created": dt.datetime.now().isoformat(timespec="seconds"),
             "source_root": str(root),
             "levels": level_list,
+            "on_error": on_error,
             "totals": {
-                "files": len(found),
+                "files": sum(i["files"] for i in level_info.values()),
+                "bad_files": len(bad),
                 "rays": sum(i["rays"] for i in level_info.values()),
                 "views": sum(i["views"] for i in level_info.values()),
                 "bytes": total_bytes,
             },
             "level_info": level_info,
-            "files": {rel: [*stats[rel], hashes_of[rel]] for rel in sorted(stats)},
+            "files": {rel: [*stats[rel], digests[rel]] for rel in sorted(stats)},
+            "bad_files": {rel: bad[rel] for rel in sorted(bad)},
         }
         _fsync_tree(tmp)
         layout.atomic_write_json(tmp / MANIFEST, manifest)
@@ -520,10 +664,93 @@ def pack_rays(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _refuse_or_warn_left_out(manifest, out_dir, skip)
     return _summary(manifest, out_dir, time.perf_counter() - start, False)
 
 
-def _run(jobs: list[tuple], workers: int | None) -> Iterable[list[tuple[str, str]]]:
+def _new_level_arrays(ldir: Path, counts: np.ndarray) -> None:
+    """Empty level arrays for files of ``counts`` ((K, 2) rays, views) rows."""
+    n_rays, n_views = (int(x) for x in counts.sum(axis=0))
+    for key in PACK_KEYS:
+        rows = n_views if key == "view_positions" else n_rays
+        shape = (rows, 3) if key in ("origins", "directions", "view_positions") else (rows,)
+        a = np.lib.format.open_memmap(
+            ldir / f"{key}.npy", mode="w+", dtype=layout.RAY_DTYPES[key], shape=shape
+        )
+        del a
+
+
+def _write_index(
+    ldir: Path, files: list[tuple], starts: np.ndarray, counts: np.ndarray, pack_id: str
+) -> None:
+    hashes = np.array([layout.parse_ray_filename(Path(rel))[1] for rel, _, _ in files])
+    offsets = np.stack([starts[:, 0], counts[:, 0], starts[:, 1], counts[:, 1]], axis=1)
+    np.savez(ldir / INDEX, hashes=hashes, offsets=offsets, pack_id=np.array(pack_id))
+
+
+def _compact_level(
+    ldir: Path, files: list[tuple], starts: np.ndarray, counts: np.ndarray, keep: np.ndarray
+) -> tuple[list[tuple], np.ndarray, np.ndarray]:
+    """Rewrite a level's arrays with only the ``keep`` files' slices, in the same order;
+    returns the kept ``(files, starts, counts)``. Copies in blocks (bounded memory)."""
+    kept = [f for f, k in zip(files, keep, strict=True) if k]
+    new_counts = counts[keep].reshape(-1, 2)
+    new_starts = np.concatenate([[[0, 0]], np.cumsum(new_counts, axis=0)[:-1]]).astype(np.int64)
+    new_starts = new_starts[: len(kept)].reshape(-1, 2)
+    if not kept:
+        return kept, new_starts, new_counts
+    block = 1 << 20  # rows per copy
+    for key in PACK_KEYS:
+        col = 1 if key == "view_positions" else 0
+        src_path, dst_path = ldir / f"{key}.npy", ldir / f".{key}.compact.npy"
+        src = np.load(src_path, mmap_mode="r")
+        dst = np.lib.format.open_memmap(
+            dst_path,
+            mode="w+",
+            dtype=src.dtype,
+            shape=(int(new_counts[:, col].sum()), *src.shape[1:]),
+        )
+        at = 0
+        for s0, c in zip(starts[keep][:, col].tolist(), new_counts[:, col].tolist(), strict=True):
+            for i in range(0, c, block):
+                m = min(block, c - i)
+                dst[at + i : at + i + m] = src[s0 + i : s0 + i + m]
+            at += c
+        dst.flush()
+        del src, dst
+        os.replace(dst_path, src_path)
+    return kept, new_starts, new_counts
+
+
+def _refuse_or_warn_left_out(manifest: dict[str, Any], out_dir: Path, skip: bool) -> None:
+    """A pack that left bad files out: a warning per file (``skip``), or, for an
+    ``on_error="raise"`` run, the first file's recorded error."""
+    bad = manifest.get("bad_files") or {}
+    if not bad:
+        return
+    root = Path(manifest["source_root"])
+    if not skip:
+        rel = min(bad)
+        rebuild = _rebuild_command(root, out_dir, manifest["levels"])
+        raise _recorded_error(
+            str(root / rel),
+            bad[rel],
+            out_dir,
+            f"(the existing pack left {len(bad)} bad file(s) out; repair them and rebuild it: "
+            f"`{rebuild}`, or accept the gaps: `gpuloader pack ... --on-error skip`)",
+            str(root / rel),
+        )
+    from gpuloader.loading.dataset import SkippedFileWarning  # (loading imports stores)
+
+    for _, rec in sorted(bad.items()):
+        warnings.warn(
+            f"gpuloader pack: left out a bad ray file: {rec['message']}",
+            SkippedFileWarning,
+            stacklevel=3,
+        )
+
+
+def _run(jobs: list[tuple], workers: int | None) -> Iterable[list[tuple]]:
     workers = int(workers or os.cpu_count() or 1)
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_pack_job, jobs)
@@ -567,6 +794,10 @@ def _summary(manifest: dict[str, Any], out_dir: Path, seconds: float, up_to_date
         **manifest["totals"],
         "seconds": seconds,
         "up_to_date": up_to_date,
+        "bad": [
+            {"file": str(Path(manifest["source_root"]) / rel), **rec}
+            for rel, rec in sorted((manifest.get("bad_files") or {}).items())
+        ],
     }
 
 
@@ -617,6 +848,12 @@ class PackedRayStore:
             the files' sha256) or "none".
         ray_dataset_dir: the ray tree to check against (default: the one packed).
 
+    Attributes:
+        bad: ``{(level, hash): (file, message)}`` of every ray file the pack left out as bad
+            (``pack_rays(..., on_error="skip")``): the source file's path (under
+            ``ray_dataset_dir`` when given) and the first line of its error when packed.
+            ``read``/``locate`` of such a sample raise :meth:`bad_error`.
+
     Raises:
         IncompletePackError: not a complete pack. StalePackError: the ray tree changed.
     """
@@ -639,6 +876,15 @@ class PackedRayStore:
         self.packed_levels: list[int] | None = manifest["levels"]
         self.totals: dict[str, int] = dict(manifest["totals"])
         self._open: dict[int, _Level] = {}
+        root = Path(ray_dataset_dir) if ray_dataset_dir is not None else self.source_root
+        #: (level, hash) -> (relative path, manifest record) of the files left out as bad
+        self._bad: dict[tuple[int, str], tuple[str, dict[str, Any]]] = {
+            (int(rec["level"]), str(rec["hash"])): (rel, rec)
+            for rel, rec in (manifest.get("bad_files") or {}).items()
+        }
+        self.bad: dict[tuple[int, str], tuple[str, str]] = {
+            key: (str(root / rel), str(rec["message"])) for key, (rel, rec) in self._bad.items()
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -646,9 +892,26 @@ class PackedRayStore:
         return state
 
     def __repr__(self) -> str:
+        bad = f", bad={len(self.bad)}" if self.bad else ""
         return (
             f"PackedRayStore({str(self.pack_dir)!r}, levels={self.levels}, "
-            f"files={self.totals.get('files')}, rays={self.totals.get('rays')})"
+            f"files={self.totals.get('files')}, rays={self.totals.get('rays')}{bad})"
+        )
+
+    def bad_error(self, level: int, hash_: str) -> DamagedFileError:
+        """The error a read of left-out sample (level, hash) raises (see ``bad``): the
+        recorded class (e.g. NonFiniteValueError; DamagedFileError if unknown), whose first
+        line names the source file, says it was left out when packed and repeats the
+        original first line. KeyError if the sample was not left out."""
+        key = (int(level), str(hash_))
+        rel, rec = self._bad[key]
+        return _recorded_error(
+            self.bad[key][0],
+            rec,
+            self.pack_dir,
+            "(repair or regenerate the file, then rebuild the pack: "
+            f"`{_rebuild_command(self.source_root, self.pack_dir, self.packed_levels)}`)",
+            str(self.source_root / rel),
         )
 
     def close(self) -> None:
@@ -680,6 +943,8 @@ class PackedRayStore:
     def locate(self, sample: dict[str, Any]) -> tuple[_Level, int, int, int, int]:
         """``(level arrays, ray start, ray count, view start, view count)`` of a sample."""
         level, hash_ = int(sample["level"]), str(sample["hash"])
+        if (level, hash_) in self._bad:
+            raise self.bad_error(level, hash_)
         lv = self._level(level)
         i = None if lv is None else lv.row.get(hash_)
         if i is None:
