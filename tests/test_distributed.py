@@ -5,6 +5,11 @@ The sampler's sharding is checked directly for many sizes; then 2 and 4 processe
 ``torch.distributed`` with the gloo back end on 127.0.0.1) each run a ``GPURayLoader``
 (host store, CPU) whose rank and world size come from ``torch.distributed``, and their
 batches are compared with a single-process run of the same seed, bit for bit.
+
+``shard="samples"`` (each rank owns a fixed subset of the samples): the subsets are fixed
+over epochs, disjoint and complete, every rank yields as many batches, a rank's batches read
+only its subset and hold ``rays_per_batch`` rays; checked with explicit ranks for many sizes,
+then with 2 and 4 gloo processes reading through a DataLoader.
 """
 
 from __future__ import annotations
@@ -13,16 +18,20 @@ import socket
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
 
 from gpuloader.augment import transforms as T
+from gpuloader.loading.collate import collate_ray_batch
 from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
 from gpuloader.loading.loader import GPURayLoader
-from gpuloader.loading.sampler import RayBatchSampler, shard_batches
+from gpuloader.loading.sampler import RayBatchSampler, allocate_rays, shard_batches
 
 try:
     from tests import _loading
@@ -120,9 +129,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rank_main(rank: int, world_size: int, port: int, dirs, out: Path, drop_last: bool) -> None:
-    """One rank: its loader's batches of every epoch, a collective per batch (as DDP's
-    gradient all-reduce), a resume from a mid-epoch state; saved to ``out/rank<r>.pt``."""
+def _init_gloo(rank: int, world_size: int, port: int) -> None:
+    """This process as ``rank`` of a gloo group on 127.0.0.1 (one CPU thread)."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -131,6 +139,12 @@ def _rank_main(rank: int, world_size: int, port: int, dirs, out: Path, drop_last
         world_size=world_size,
         timeout=timedelta(seconds=60),
     )
+
+
+def _rank_main(rank: int, world_size: int, port: int, dirs, out: Path, drop_last: bool) -> None:
+    """One rank: its loader's batches of every epoch, a collective per batch (as DDP's
+    gradient all-reduce), a resume from a mid-epoch state; saved to ``out/rank<r>.pt``."""
+    _init_gloo(rank, world_size, port)
     try:
         result: dict = {"batches": {}, "requests": {}}
         with make_loader(dirs, drop_last=drop_last) as ld:  # rank, world size: from dist
@@ -201,3 +215,172 @@ def test_processes_with_gloo(data_dirs, tmp_path, world_size, drop_last):
                 assert sorted(seen) == list(range(len(one.dataset)))
     for res in results:  # the resumed rank goes on with its own shard
         assert_batches_equal(res["resumed"], res["batches"][1][1:])
+
+
+# -- shard="samples": a fixed subset of the samples per rank --------------------------------------
+
+
+def _fake_dataset(n: int, seed: int = 0) -> SimpleNamespace:
+    """``n`` samples over 3 levels (uneven), 5..80 rays each (many below a batch's share)."""
+    gen = np.random.default_rng(seed)
+    levels, rays = gen.choice(3, n, p=[0.5, 0.3, 0.2]), gen.integers(5, 80, n)
+    samples = [{"level": int(lv), "num_rays": int(k)} for lv, k in zip(levels, rays, strict=True)]
+    return SimpleNamespace(samples=samples, seed=11)
+
+
+def _rank_samplers(ds, world_size: int, **kw) -> list[RayBatchSampler]:
+    return [
+        RayBatchSampler(ds, RAYS, SPB, rank=r, world_size=world_size, shard="samples", **kw)
+        for r in range(world_size)
+    ]
+
+
+def check_sample_shards(ds, shards: list[np.ndarray], batches: list[list[list[tuple]]], kw: dict):
+    """The properties of ``shard="samples"`` for one epoch: ``shards[r]`` is rank r's
+    ``shard_indices()``, ``batches[r]`` its batches as ``(index, epoch, num_rays)`` tuples.
+    A sample's capacity: ``ds.available_rays(i)`` where the dataset has it, else its
+    ``num_rays``."""
+    n, ws = len(ds.samples), len(shards)
+    drop_last, mixed = kw.get("drop_last", False), kw.get("mixed_levels", False)
+    owned = np.concatenate(shards)
+    assert np.array_equal(np.sort(owned), np.arange(n))  # disjoint, complete
+    sizes = [len(k) for k in shards]
+    assert max(sizes) - min(sizes) <= 1
+    assert len({len(b) for b in batches}) == 1  # equal batch counts
+    avail = getattr(ds, "available_rays", lambda i: ds.samples[i]["num_rays"])
+    capacity = [avail(i) for i in range(n)]
+    for shard, mine in zip(shards, batches, strict=True):
+        assert shard.dtype == np.int64 and np.all(np.diff(shard) > 0)
+        seen = [q[0] for b in mine for q in b]
+        assert set(seen) <= set(shard.tolist())  # only its own samples
+        for b in mine:
+            idx = [q[0] for q in b]
+            assert 1 <= len(b) <= SPB and len(set(idx)) == len(idx)
+            assert mixed or len({ds.samples[i]["level"] for i in idx}) == 1
+            want = allocate_rays([capacity[i] for i in idx], RAYS)  # rays_per_batch honoured
+            assert [q[2] for q in b] == want and sum(want) == min(
+                RAYS, sum(capacity[i] for i in idx)
+            )
+        own = len({tuple(q[0] for q in b) for b in mine})
+        if not drop_last:  # its samples once, then its first batches repeated
+            first = [q[0] for b in mine[:own] for q in b]
+            assert sorted(first) == shard.tolist()
+            assert mine[own:] == (mine[:own] * ws)[: len(mine) - own]
+        else:
+            assert len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 7])
+@pytest.mark.parametrize("kw", [{}, {"drop_last": True}, {"mixed_levels": True}])
+def test_sample_shards_fixed_disjoint_complete_equal(world_size, kw):
+    ds = _fake_dataset(61)
+    ranks = _rank_samplers(ds, world_size, **kw)
+    shards = [s.shard_indices() for s in ranks]
+    for epoch in range(4):
+        batches = [[[tuple(q) for q in b] for b in s.batches(epoch)] for s in ranks]
+        check_sample_shards(ds, shards, batches, kw)
+        assert all(len(b) == len(s) for b, s in zip(batches, ranks, strict=True))
+        for r, s in enumerate(ranks):  # iteration, and the interleaved global list
+            s.set_epoch(epoch)
+            assert list(s) == s.batches(epoch)
+            assert shard_batches(s.global_batches(epoch), r, world_size, s.drop_last) == s.batches(
+                epoch
+            )
+            assert np.array_equal(s.shard_indices(), shards[r])  # fixed over epochs
+        if epoch:
+            assert ranks[0].batches(epoch) != ranks[0].batches(epoch - 1)  # reshuffled
+    again = _rank_samplers(ds, world_size, **kw)  # a pure function of the seed
+    assert all(np.array_equal(a.shard_indices(), b) for a, b in zip(again, shards, strict=True))
+    other = _rank_samplers(ds, world_size, seed=12, **kw)
+    assert any(not np.array_equal(a.shard_indices(), b) for a, b in zip(other, shards, strict=True))
+
+
+def test_sample_shards_world_size_one_equals_batches(data_dirs):
+    """One process: ``shard="samples"`` gives exactly the ``shard="batches"`` batches."""
+    real = HierarchicalVoxelRayDataset(data_dirs[0], data_dirs[1], split="train")
+    for ds in (real, _fake_dataset(40)):
+        for kw in ({}, {"drop_last": True}, {"mixed_levels": True}, {"shuffle": False}):
+            a = RayBatchSampler(ds, RAYS, SPB, rank=0, world_size=1, shard="samples", **kw)
+            b = RayBatchSampler(ds, RAYS, SPB, rank=0, world_size=1, **kw)
+            assert len(a) == len(b)
+            assert np.array_equal(a.shard_indices(), np.arange(len(ds.samples)))
+            assert np.array_equal(b.shard_indices(), a.shard_indices())
+            for epoch in range(3):
+                assert a.batches(epoch) == b.batches(epoch) == a.global_batches(epoch)
+
+
+def test_sample_shards_resume_and_arguments():
+    ds = _fake_dataset(50)
+    s = RayBatchSampler(ds, RAYS, SPB, rank=1, world_size=3, shard="samples")
+    s.set_epoch(2)
+    it = iter(s)
+    next(it), next(it)
+    state = s.state_dict()
+    assert state["shard"] == "samples" and state["batches_yielded"] == 2
+    fresh = RayBatchSampler(ds, RAYS, SPB, rank=1, world_size=3, shard="samples")
+    fresh.load_state_dict(state)
+    assert list(fresh) == s.batches(2)[2:]
+    plain = RayBatchSampler(ds, RAYS, SPB, rank=1, world_size=3)
+    with pytest.raises(ValueError, match="shard"):
+        plain.load_state_dict(dict(state, num_batches=len(plain)))
+    with pytest.raises(ValueError, match="shard"):
+        RayBatchSampler(ds, RAYS, SPB, shard="levels")
+    with pytest.raises(ValueError, match="owns no samples"):
+        RayBatchSampler(_fake_dataset(3), RAYS, SPB, rank=0, world_size=4, shard="samples")
+    tiny = RayBatchSampler(  # fewer samples than ranks, but nothing to yield anyway
+        _fake_dataset(3), RAYS, SPB, rank=3, world_size=4, shard="samples", drop_last=True
+    )
+    assert len(tiny) == 0 and list(tiny) == []
+
+
+def _sample_rank_main(rank: int, world_size: int, port: int, dirs, out: Path) -> None:
+    """One rank of ``shard="samples"``: a DataLoader over its sampler (rank and world size from
+    ``torch.distributed``), a collective per batch; saved to ``out/rank<r>.pt``."""
+    _init_gloo(rank, world_size, port)
+    try:
+        ds = HierarchicalVoxelRayDataset(dirs[0], dirs[1], split="train")
+        sampler = RayBatchSampler(ds, RAYS, SPB, seed=9, shard="samples")
+        assert (sampler.rank, sampler.world_size) == (rank, world_size)
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_ray_batch)
+        result: dict = {"shard": {}, "requests": {}, "hashes": {}, "rays": {}}
+        for epoch in EPOCHS:
+            sampler.set_epoch(epoch)
+            result["shard"][epoch] = sampler.shard_indices()
+            result["requests"][epoch] = [[tuple(q) for q in b] for b in sampler.batches(epoch)]
+            result["hashes"][epoch], result["rays"][epoch] = [], []
+            for batch in loader:
+                rays = batch["num_rays"].sum().reshape(1).float()
+                dist.all_reduce(rays)  # a rank short of batches would block here
+                result["hashes"][epoch].append(list(batch["hashes"]))
+                result["rays"][epoch].append(batch["num_rays"].tolist())
+        torch.save(result, out / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sample_shards_processes_with_gloo(data_dirs, tmp_path, world_size):
+    mp.spawn(
+        _sample_rank_main,
+        args=(world_size, _free_port(), data_dirs, tmp_path),
+        nprocs=world_size,
+        join=True,
+    )
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    ds = HierarchicalVoxelRayDataset(data_dirs[0], data_dirs[1], split="train")
+    ranks = _rank_samplers(ds, world_size, seed=9)
+    shards = [res["shard"][EPOCHS[0]] for res in results]
+    for epoch in EPOCHS:
+        batches = [res["requests"][epoch] for res in results]
+        check_sample_shards(ds, shards, batches, {})
+        for r, res in enumerate(results):
+            assert np.array_equal(res["shard"][epoch], shards[r])  # fixed over epochs
+            assert np.array_equal(ranks[r].shard_indices(), shards[r])  # as a lone process
+            assert batches[r] == [[tuple(q) for q in b] for b in ranks[r].batches(epoch)]
+            # what the DataLoader read is what the sampler asked for
+            want = [[ds.samples[q[0]]["hash"] for q in b] for b in batches[r]]
+            assert res["hashes"][epoch] == want
+            assert res["rays"][epoch] == [[q[2] for q in b] for b in batches[r]]
+        full = [sum(k) == RAYS for res in results for k in res["rays"][epoch]]
+        assert sum(full) > len(full) // 2  # most batches' sub-volumes hold RAYS rays or more

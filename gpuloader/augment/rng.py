@@ -53,6 +53,7 @@ class Purpose:
     JITTER = 6
     REPLACE = 7  # on_error='skip': the order replacements of a bad sample are tried in (CPU)
     SEGMENT_STRIDE = 16  # a Compose with several fused segments offsets purposes by this
+    SHARD = 8  # sampler shard="samples": the fixed split of samples over ranks (CPU, epoch 0)
 
 
 @dataclass(frozen=True)

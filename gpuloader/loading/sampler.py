@@ -22,6 +22,20 @@ that ran out: with ``drop_last=False`` the global list is padded by repeating it
 batches (as ``DistributedSampler`` pads), with ``drop_last=True`` the last
 ``len % world_size`` batches are dropped. ``len()`` is per rank.
 
+That shard changes a rank's samples every epoch. With ``shard="samples"`` each rank owns a
+fixed subset of the samples instead, the same every epoch (:meth:`RayBatchSampler.shard_indices`),
+so it may keep only those in memory: per level (or over all samples with ``mixed_levels``),
+a permutation keyed by the seed alone (:data:`~gpuloader.augment.rng.Purpose.SHARD`) is cut
+into ``world_size`` contiguous parts of near-equal size (sizes differ by at most one per level
+and in total; which ranks get the larger parts rotates over the levels). Each epoch a rank
+batches only its own samples, with the same machinery as the global order (its samples of a
+level permuted by ``(seed, epoch)``, the same ray allocation, its batches permuted by
+``(seed, epoch)``). The ranks' subsets are disjoint and cover every sample once; their batch
+counts may differ by a few, so every rank yields as many batches as the rank with the most,
+repeating its own first batches (``drop_last=False``), or as many as the rank with the fewest,
+dropping its last ones (``drop_last=True``; each level's incomplete batch is dropped per rank
+then). With ``world_size == 1`` both modes give the same batches.
+
 Resume: :meth:`RayBatchSampler.state_dict` is ``(epoch, batches_yielded)`` of the pass in
 progress; after :meth:`RayBatchSampler.load_state_dict` the next pass starts that epoch at
 that batch, so the next batch is the one an uninterrupted run would yield. (Behind a
@@ -41,6 +55,7 @@ from torch.utils.data import Sampler
 from gpuloader.augment.rng import Purpose, permutation
 
 __all__ = [
+    "SHARD_MODES",
     "RayBatchSampler",
     "RayRequest",
     "allocate_rays",
@@ -48,7 +63,11 @@ __all__ = [
     "distributed_rank_world",
     "resume_state",
     "shard_batches",
+    "split_samples",
 ]
+
+#: ``RayBatchSampler(shard=...)``: split the epoch's batches over ranks, or the samples.
+SHARD_MODES: tuple[str, ...] = ("batches", "samples")
 
 
 class RayRequest(NamedTuple):
@@ -123,6 +142,14 @@ def distributed_rank_world(rank: int | None, world_size: int | None) -> tuple[in
     return rank, world_size
 
 
+def _fit(batches: list, n: int) -> list:
+    """``batches`` cut to ``n``, or padded to ``n`` by repeating them from the start."""
+    if n <= len(batches) or not batches:
+        return batches[:n]
+    pad = n - len(batches)
+    return batches + (batches * (pad // len(batches) + 1))[:pad]
+
+
 def shard_batches(batches: list, rank: int, world_size: int, drop_last: bool) -> list:
     """Rank ``rank``'s share of ``batches``: every ``world_size``-th from ``rank``, equal in
     length on every rank (padded by repeating the first batches, or the remainder dropped
@@ -130,12 +157,37 @@ def shard_batches(batches: list, rank: int, world_size: int, drop_last: bool) ->
     if world_size == 1:
         return batches
     n = len(batches)
-    if drop_last:
-        batches = batches[: n - n % world_size]
-    elif n % world_size:
-        pad = world_size - n % world_size
-        batches = batches + (batches * (pad // n + 1))[:pad]
-    return batches[rank::world_size]
+    total = n - n % world_size if drop_last else -(-n // world_size) * world_size
+    return _fit(batches, total)[rank::world_size]
+
+
+def split_samples(
+    groups: Sequence[tuple[int, np.ndarray]], world_size: int, seed: int
+) -> list[list[tuple[int, np.ndarray]]]:
+    """Each rank's fixed part of every group ``(stream, sample indices)`` (``shard="samples"``).
+
+    A group is permuted by ``(seed, stream)`` (:data:`Purpose.SHARD`, no epoch) and cut into
+    ``world_size`` contiguous parts; part sizes differ by at most one, and the ranks that get
+    the larger parts rotate from group to group, so rank totals differ by at most one too.
+
+    Returns:
+        ``[rank][group] -> (stream, sorted int64 indices)``, every group on every rank (empty
+        where a rank owns none of it).
+    """
+    out: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(world_size)]
+    first = 0  # the rank that gets the first larger part of this group
+    for stream, idx in groups:
+        n = len(idx)
+        perm = np.asarray(idx, dtype=np.int64)[
+            np.asarray(permutation(n, seed, 0, Purpose.SHARD, index=stream), dtype=np.int64)
+        ]
+        base, extra = divmod(n, world_size)
+        sizes = [base + ((r - first) % world_size < extra) for r in range(world_size)]
+        ends = np.cumsum(sizes)
+        for r in range(world_size):
+            out[r].append((stream, np.sort(perm[ends[r] - sizes[r] : ends[r]])))
+        first = (first + extra) % world_size
+    return out
 
 
 def _resolve_batch_arguments(
@@ -201,6 +253,9 @@ class RayBatchSampler(Sampler):
         mixed_levels: allow several levels in one batch (collate then zero-pads grids).
         rank, world_size: this process's shard (module doc); default: ``torch.distributed``
             when initialized, else 0 and 1. Every rank must use the same seed.
+        shard: what is split over ranks (module doc): ``"batches"`` (default), each epoch's
+            batches, so a rank's samples change every epoch; ``"samples"``, a fixed subset of
+            the samples per rank (:meth:`shard_indices`), batched each epoch on its own.
         batch_size: the newer upstream's argument: ``batch_size`` sub-volumes per batch,
             every ray of each (``subvolumes_per_batch=batch_size, rays_per_batch=None``).
             Upstream's positional order ``(dataset, batch_size, shuffle, drop_last)`` works
@@ -211,6 +266,10 @@ class RayBatchSampler(Sampler):
     ``DistributedSampler``. ``batches(epoch)`` gives any epoch's batches (this rank's)
     without iterating; ``global_batches(epoch)`` those of every rank.
     """
+
+    #: the fixed subset of each rank: ``[rank][group] -> (stream, sorted indices)``; None
+    #: with ``shard="batches"``
+    _owned: list[list[tuple[int, np.ndarray]]] | None
 
     def __init__(
         self,
@@ -224,6 +283,7 @@ class RayBatchSampler(Sampler):
         rank: int | None = None,
         world_size: int | None = None,
         batch_size: int | None = None,
+        shard: str = "batches",
     ) -> None:
         rays_per_batch, subvolumes_per_batch, shuffle, drop_last = _resolve_batch_arguments(
             rays_per_batch, subvolumes_per_batch, shuffle, drop_last, batch_size
@@ -232,6 +292,8 @@ class RayBatchSampler(Sampler):
             raise ValueError(f"subvolumes_per_batch must be >= 1; got {subvolumes_per_batch}")
         if rays_per_batch is not None and rays_per_batch < 0:
             raise ValueError(f"rays_per_batch must be >= 0 or None; got {rays_per_batch}")
+        if shard not in SHARD_MODES:
+            raise ValueError(f"shard must be one of {SHARD_MODES}; got {shard!r}")
         self.dataset = dataset
         self.rays_per_batch = rays_per_batch
         self.subvolumes_per_batch = int(subvolumes_per_batch)
@@ -240,6 +302,7 @@ class RayBatchSampler(Sampler):
         self.drop_last = drop_last
         self.seed = int(seed if seed is not None else getattr(dataset, "seed", 0))
         self.mixed_levels = mixed_levels
+        self.shard = shard
         self.rank, self.world_size = distributed_rank_world(rank, world_size)
         self.epoch = 0
         self._resume_at = 0  # batches of ``self.epoch`` the next pass skips (load_state_dict)
@@ -257,6 +320,23 @@ class RayBatchSampler(Sampler):
         else:
             levels = np.array([s["level"] for s in samples], dtype=np.int64)
             self._groups = [(int(lv) + 1, np.flatnonzero(levels == lv)) for lv in np.unique(levels)]
+        self._owned = None
+        if shard == "samples":
+            self._owned = split_samples(self._groups, self.world_size, self.seed)
+            counts = [self._num_batches(groups) for groups in self._owned]
+            self._per_rank = min(counts) if drop_last else max(counts)
+            if self._per_rank and not min(counts):
+                raise ValueError(
+                    f"shard='samples': rank {counts.index(0)} of {self.world_size} owns no "
+                    f"samples ({len(samples)} samples); use fewer processes or shard='batches'"
+                )
+
+    def shard_indices(self) -> np.ndarray:
+        """(K_r,) int64, sorted: the dataset indices this rank's batches may read, the same
+        every epoch (all indices with ``shard="batches"`` or one process)."""
+        if self._owned is None:
+            return np.arange(len(self._capacity), dtype=np.int64)
+        return np.sort(np.concatenate([idx for _, idx in self._owned[self.rank]]))
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch of the next pass (its order and every ray draw). A position restored by
@@ -270,23 +350,44 @@ class RayBatchSampler(Sampler):
         full, rest = divmod(n, self.subvolumes_per_batch)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def _global_len(self) -> int:
-        return sum(self._group_batches(len(idx)) for _, idx in self._groups)
+    def _num_batches(self, groups: Sequence[tuple[int, np.ndarray]]) -> int:
+        return sum(self._group_batches(len(idx)) for _, idx in groups)
 
     def __len__(self) -> int:
         """Batches per epoch of this rank."""
-        n, ws = self._global_len(), self.world_size
+        if self._owned is not None:
+            return self._per_rank
+        n, ws = self._num_batches(self._groups), self.world_size
         return n // ws if self.drop_last else -(-n // ws)
 
     def batches(self, epoch: int) -> list[list[RayRequest]]:
         """This rank's batches of ``epoch``, in order (a pure function of seed and epoch)."""
-        return shard_batches(self.global_batches(epoch), self.rank, self.world_size, self.drop_last)
+        return self._rank_batches(self.rank, epoch)
+
+    def _rank_batches(self, rank: int, epoch: int) -> list[list[RayRequest]]:
+        if self._owned is None:
+            return shard_batches(self.global_batches(epoch), rank, self.world_size, self.drop_last)
+        return _fit(self._order(self._owned[rank], epoch), self._per_rank)
 
     def global_batches(self, epoch: int) -> list[list[RayRequest]]:
-        """Every batch of ``epoch`` over all ranks, in order (a pure function of seed, epoch)."""
+        """Every batch of ``epoch`` over all ranks, in order (a pure function of seed, epoch).
+
+        With ``shard="samples"``: the ranks' batches interleaved (rank ``r``'s are ``r, r +
+        world_size, ...``), padding or dropping included.
+        """
+        if self._owned is None:
+            return self._order(self._groups, epoch)
+        ranks = [self._rank_batches(r, epoch) for r in range(self.world_size)]
+        return [batch for row in zip(*ranks, strict=True) for batch in row]
+
+    def _order(
+        self, groups: Sequence[tuple[int, np.ndarray]], epoch: int
+    ) -> list[list[RayRequest]]:
+        """The batches of the samples of ``groups`` in ``epoch``: each group permuted and cut
+        into batches, then the batches permuted (by seed and epoch)."""
         chunks: list[np.ndarray] = []
         spb = self.subvolumes_per_batch
-        for stream, idx in self._groups:
+        for stream, idx in groups:
             order = idx[_permutation(len(idx), self.seed, epoch, stream)] if self.shuffle else idx
             for b in range(self._group_batches(len(order))):
                 chunks.append(order[b * spb : (b + 1) * spb])
@@ -316,49 +417,58 @@ class RayBatchSampler(Sampler):
 
     # -- resume ------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """Where the order stands: ``epoch`` and ``batches_yielded`` (of this rank) of the pass
         in progress, or of the next pass; a finished epoch reads as the next epoch at 0.
-        ``seed``, ``world_size`` and ``num_batches`` are there to check the state on load."""
+        ``seed``, ``world_size``, ``num_batches`` and ``shard`` are there to check the state on
+        load."""
         epoch, done = self._pass if self._pass is not None else (self.epoch, self._resume_at)
-        return resume_state(epoch, done, len(self), self.seed, self.world_size)
+        return resume_state(epoch, done, len(self), self.seed, self.world_size, self.shard)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (:meth:`state_dict`'s): the next pass starts its epoch at
         its batch. Only ``epoch`` and ``batches_yielded`` are required.
 
         Raises:
-            ValueError: the state was saved with another seed, world size or epoch length.
+            ValueError: the state was saved with another seed, world size, epoch length or
+                shard mode.
         """
         self.epoch, self._resume_at = check_resume_state(
-            state, len(self), self.seed, self.world_size, "RayBatchSampler"
+            state, len(self), self.seed, self.world_size, "RayBatchSampler", self.shard
         )
         self._pass = None
 
 
-def resume_state(epoch: int, done: int, num_batches: int, seed: int, world_size: int) -> dict:
-    """A resume state ``{epoch, batches_yielded, seed, world_size, num_batches}``; a finished
-    epoch (``done >= num_batches``) becomes the next epoch at batch 0."""
+def resume_state(
+    epoch: int, done: int, num_batches: int, seed: int, world_size: int, shard: str | None = None
+) -> dict:
+    """A resume state ``{epoch, batches_yielded, seed, world_size, num_batches[, shard]}``; a
+    finished epoch (``done >= num_batches``) becomes the next epoch at batch 0."""
     epoch, done = int(epoch), int(done)
     if done >= num_batches:
         epoch, done = epoch + 1, 0
-    return {
+    state = {
         "epoch": epoch,
         "batches_yielded": done,
         "seed": int(seed),
         "world_size": int(world_size),
         "num_batches": int(num_batches),
     }
+    if shard is not None:
+        state["shard"] = shard
+    return state
 
 
 def check_resume_state(
-    state: dict, num_batches: int, seed: int, world_size: int, owner: str
+    state: dict, num_batches: int, seed: int, world_size: int, owner: str, shard: str | None = None
 ) -> tuple[int, int]:
     """``(epoch, batches_yielded)`` of a resume state, after checking that it fits.
 
+    ``shard``: the shard mode to check against the state's, when both are given.
+
     Raises:
         ValueError: a missing key, a negative position, or a state of another seed, world
-            size or epoch length.
+            size, epoch length or shard mode.
     """
     try:
         epoch, done = int(state["epoch"]), int(state["batches_yielded"])
@@ -368,9 +478,15 @@ def check_resume_state(
         ) from exc
     if epoch < 0 or done < 0:
         raise ValueError(f"{owner}.load_state_dict: negative epoch or position in {state!r}")
-    mine = {"seed": int(seed), "world_size": int(world_size), "num_batches": int(num_batches)}
+    mine: dict[str, Any] = {
+        "seed": int(seed),
+        "world_size": int(world_size),
+        "num_batches": int(num_batches),
+    }
+    if shard is not None:
+        mine["shard"] = shard
     for key, value in mine.items():
-        if key in state and int(state[key]) != value:
+        if key in state and type(value)(state[key]) != value:
             raise ValueError(
                 f"{owner}.load_state_dict: the state was saved with {key}={state[key]}, this "
                 f"one has {key}={value}; resume with the same dataset, sampler arguments, seed "
