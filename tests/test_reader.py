@@ -82,7 +82,7 @@ def test_outputs_are_the_rows_read_sample_reads(dirs):
     np.testing.assert_array_equal(got["view_positions"], raw["view_positions"])
     side = raw["voxels"].shape[-1]
     level = ds.samples[req.index]["level"]
-    assert got["meta"].tolist() == [req.index, 4, level, side]
+    assert got["meta"].tolist() == [req.index, 4, level, side, -1]  # -1: replaced nothing
 
 
 def test_batch_layout_fillers_and_end_of_epoch(dirs):

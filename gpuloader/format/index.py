@@ -47,7 +47,7 @@ import numpy as np
 
 from gpuloader.errors import DamagedFileError, DatasetLayoutError, EmptyRayFileError, NoSamplesError
 from gpuloader.format import layout
-from gpuloader.format.validate import unreadable_error
+from gpuloader.format.validate import load_npz, unreadable_error
 
 __all__ = [
     "SPLITS",
@@ -88,6 +88,7 @@ def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
         unreadable = unreadable_error(path, exc)
         if unreadable is not None:
             raise unreadable from exc
+        load_npz(path, (key,))  # raises the named error a full read gives (bare .npy, ...)
         raise DamagedFileError(
             f"{path}: cannot read the header of array {key!r} ({type(exc).__name__}: {exc}); "
             "the file is damaged or not an npz written by numpy.savez_compressed: "

@@ -445,7 +445,7 @@ def check_ray_values(
     n = 1 if vec.ndim == 0 else vec.shape[0]
     if key != "view_positions" and rows is not None:
         row = int(np.asarray(rows)[row])
-    raise _make(cls, path, f"{what} (first of the rows read; {n} read)", key, row)
+    raise _make(cls, path, f"{what} (the first bad row of {n} checked)", key, row)
 
 
 def validate_rays(path: Any, arrays: Mapping[str, np.ndarray]) -> int:

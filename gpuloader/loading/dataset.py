@@ -71,12 +71,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gpuloader.augment.rng import Purpose, SampleContext, permutation, select_rows
+from gpuloader.augment.rng import SampleContext, select_rows
 from gpuloader.augment.transforms import apply_transform, ray_budget
 from gpuloader.format.index import Isolation, build_index, chunk_samples
 from gpuloader.format.sparse import voxels_to_sparse_coo, voxels_to_sparse_index
 from gpuloader.format.validate import classify
 from gpuloader.loading.collate import RAY_DTYPES
+from gpuloader.loading.replace import replacement_order
 from gpuloader.loading.sampler import RayRequest
 from gpuloader.stores.cache import LRUCache
 from gpuloader.stores.npz import NpzRayStore, RayStore, read_voxel_file
@@ -303,16 +304,11 @@ class HierarchicalVoxelRayDataset(Dataset):
         return str(s.get("ray_path"))
 
     def _replacements(self, index: int, epoch: int, rays: int) -> Iterator[int]:
-        """Candidates for bad sample ``index``: other samples holding at least ``rays`` rays,
-        same level first, each group in a permutation keyed by (seed, epoch, index)."""
-        levels = np.array([s["level"] for s in self.samples])
-        enough = np.array([self.available_rays(j) >= rays for j in range(len(self.samples))])
-        enough[index] = False
-        same = levels == levels[index]
-        for group in (np.flatnonzero(enough & same), np.flatnonzero(enough & ~same)):
-            if group.size:
-                order = permutation(group.size, self.seed, epoch, Purpose.REPLACE, index=index)
-                yield from (int(j) for j in group[order])
+        """Candidates for bad sample ``index``, in order (``replace.replacement_order``: samples
+        holding at least ``rays`` rays, same level first, keyed by (seed, epoch, index))."""
+        levels = np.array([s["level"] for s in self.samples], dtype=np.int64)
+        avail = np.array([self.available_rays(j) for j in range(len(self.samples))])
+        return replacement_order(levels, avail, index, rays, self.seed, epoch)
 
     def read_sample_checked(
         self, index: int, epoch: int | None = None, num_rays: int | None = None

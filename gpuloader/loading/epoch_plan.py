@@ -26,7 +26,7 @@ batch plans with no copy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,8 @@ class StoreLayout:
 
     ``ray_start``/``ray_count`` rows of the ray arrays, ``view_start``/``view_count`` rows of
     ``view_positions``, ``grid_start`` first byte of the flat grid store, ``side`` grid side.
+    ``bad``: samples found bad (``on_error='skip'``) -> (file, first line of the error);
+    their places are never read (the epoch's batches replace them).
     """
 
     ray_start: np.ndarray
@@ -55,6 +57,7 @@ class StoreLayout:
     view_count: np.ndarray
     grid_start: np.ndarray
     side: np.ndarray
+    bad: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass

@@ -62,6 +62,7 @@ from gpuloader.loading.batches import FusedBatches
 from gpuloader.loading.collate import RAY_DTYPES
 from gpuloader.loading.pipeline import RawBatch, RayPipeline, dali_available
 from gpuloader.loading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
+from gpuloader.loading.replace import KnownBad, SkippingSampler
 from gpuloader.loading.sampler import RayBatchSampler
 from gpuloader.loading.stream import PackBatchReader, StreamBatches, pack_layout
 from gpuloader.stores.packed import PackedRayStore
@@ -70,6 +71,7 @@ from gpuloader.stores.resident import (
     choose_store,
     estimate_layout,
     fill_store,
+    find_bad,
     store_bytes,
 )
 
@@ -225,11 +227,15 @@ class GPURayLoader:
         cuda_graphs: with the GPU store, make each batch by replaying a captured CUDA graph
             (one per output slot) instead of launching the kernels from Python
             (``FusedBatches``; default False). Opt-in: not yet validated on hardware.
+        on_error: "raise" or "skip" (default: the dataset's ``on_error``): what a bad file
+            does (module doc, "Bad files").
 
     Attributes:
         backend: "dali" or "torch". device: the torch device of the batches.
         sampler: the RayBatchSampler that decides order and ray counts.
         store: "gpu", "host" or "stream"; store_reason: why; resident: the ResidentStore.
+        errors: ``(file, first line of its error)`` of every bad file met (``on_error=
+            'skip'``), in the order met; skipped: samples replaced so far.
     """
 
     def __init__(
@@ -254,6 +260,7 @@ class GPURayLoader:
         rank: int | None = None,
         world_size: int | None = None,
         cuda_graphs: bool = False,
+        on_error: str | None = None,
     ) -> None:
         self._closed = True  # until fully built: makes close()/__del__ safe on errors
         self._pipe: RayPipeline | None = None
@@ -271,6 +278,14 @@ class GPURayLoader:
         # the sampler and the reader see the loader's transform (its ray budget)
         view = copy.copy(dataset)
         view.transform = self.transform
+        self.on_error = on_error or getattr(dataset, "on_error", "raise")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
+        view.on_error = self.on_error
+        self.errors: list[tuple[str, str]] = []
+        self.skipped = 0
+        self._skipping: SkippingSampler | None = None  # known bad samples replaced in plans
+        self._bad_lines: dict[int, str] = {}
         self.sampler = RayBatchSampler(
             view,
             rays_per_batch=rays_per_batch,
@@ -303,7 +318,7 @@ class GPURayLoader:
                 self.resident = store
             else:
                 self.resident = fill_store(
-                    dataset,
+                    view,
                     location=self.store,
                     device=self.device,
                     num_workers=self.num_workers,
@@ -311,11 +326,12 @@ class GPURayLoader:
                     backend="direct" if self.store == "host" and self.num_workers else self.backend,
                     progress=progress,
                     layout=self._layout,
+                    on_error=self.on_error,
                 )
             self._fused = FusedBatches(
                 self.resident,
                 dataset,
-                self.sampler,
+                self._known_bad(self.resident.bad),
                 segments[0] if segments else [],
                 self.device,
                 threads=threads,
@@ -328,10 +344,14 @@ class GPURayLoader:
             and isinstance(getattr(dataset, "ray_store", None), PackedRayStore)
         ):
             # whole batches from the pack: the batch reader in workers, then the fused pass
-            sides = (self._layout or estimate_layout(dataset)).side  # headers read once
-            layout, levels = pack_layout(dataset, sides)
+            est = self._layout or estimate_layout(view, self.on_error)  # headers read once
+            layout, levels = pack_layout(view, est.side, est.bad)
             reader = PackBatchReader(
-                dataset, self.sampler, segments[0] if segments else [], layout, levels
+                dataset,
+                self._known_bad(layout.bad),
+                segments[0] if segments else [],
+                layout,
+                levels,
             )
             self._stream = StreamBatches(
                 reader,
@@ -371,6 +391,31 @@ class GPURayLoader:
             ray_budget=self._budget,
             batch_size=self.sampler.subvolumes_per_batch,
         )
+
+    def _known_bad(self, bad: dict[int, tuple[str, str]]) -> Any:
+        """The sampler for whole-batch paths: bad samples known before reading (a store's
+        fill, a pack's manifest, bad headers) replaced in every epoch's batches."""
+        if not bad or self.on_error != "skip":
+            return self.sampler
+        for file, line in bad.values():
+            self._note_error(file, line)
+        known = KnownBad.of_dataset(self.sampler.dataset, bad, self._budget)
+        self._skipping = SkippingSampler(self.sampler, known)
+        return self._skipping
+
+    def _note_error(self, file: str, line: str) -> None:
+        if all(f != file for f, _ in self.errors):
+            self.errors.append((file, line))
+
+    def _bad_line(self, index: int) -> str:
+        """First line of the error of sample ``index``, which a worker found bad and
+        replaced (read again here: only numbers cross the worker channel)."""
+        got = self._bad_lines.get(index)
+        if got is None:
+            file, got = find_bad(self.sampler.dataset, index)
+            self._bad_lines[index] = got
+            self._note_error(file, got)
+        return got
 
     def _choose_store(
         self,
@@ -413,7 +458,7 @@ class GPURayLoader:
             raise ValueError(
                 f"store='gpu' needs a CUDA device; the loader's device is {self.device}"
             )
-        self._layout = estimate_layout(self.dataset)
+        self._layout = estimate_layout(self.dataset, self.on_error)
         nbytes = store_bytes(self._layout)
         if store != "auto":
             return store, f"asked for ({nbytes / 2**20:.1f} MiB)"
@@ -524,6 +569,8 @@ class GPURayLoader:
             it = self._iter_torch(epoch, start)
         if getattr(self.dataset, "sparse_voxels", False):
             it = self._sparse(it)
+        if self.on_error == "skip":
+            it = self._with_skips(it, epoch, start)
         pos = self._pass = [epoch, start]
         return self._counted(it, pos)
 
@@ -537,6 +584,35 @@ class GPURayLoader:
                 sp = dense_batch_to_sparse(batch["voxels"], batch["voxel_shapes"], mode, conn)
                 sp.update((k, v) for k, v in batch.items() if k not in ("voxels", *sp))
                 yield sp
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _with_skips(
+        self, it: Iterator[dict[str, Any]], epoch: int, start: int
+    ) -> Iterator[dict[str, Any]]:
+        """``it`` with each batch's ``skipped`` list (module doc), counted in ``skipped``;
+        at the end of the epoch one warning naming the bad files met."""
+        from gpuloader.loading.dataset import SkippedFileWarning
+
+        plan = self._skipping.skipped(epoch) if self._skipping is not None else None
+        met: dict[int, str] = {}
+        try:
+            for i, batch in enumerate(it, start):
+                got = plan[i] if plan is not None else batch.get("skipped", [])
+                if got:
+                    batch["skipped"] = list(got)
+                    self.skipped += len(got)
+                    met.update((bad, line) for _, bad, line in got)
+                yield batch
+            if met:  # each error's first line names its file
+                warnings.warn(
+                    f"GPURayLoader: epoch {epoch}: {len(met)} bad samples replaced "
+                    f"(on_error='skip'): {'; '.join(sorted(set(met.values())))}",
+                    SkippedFileWarning,
+                    stacklevel=2,
+                )
         finally:
             close = getattr(it, "close", None)
             if close is not None:
@@ -622,6 +698,8 @@ class GPURayLoader:
             raise RuntimeError("filler slots must come after the real samples of a batch")
         b = int(real.size)
         index, epochs, levels = meta[:b, 0], meta[:b, 1], meta[:b, 2]
+        replaced = meta[:b, 4] if meta.shape[1] > 4 else np.full(b, -1)
+        skipped = [(p, int(r), self._bad_line(int(r))) for p, r in enumerate(replaced) if r >= 0]
         counts = np.array([s[0] for s in raw.shapes["origins"][:b]], dtype=np.int64)
         vcounts = np.array([s[0] for s in raw.shapes["view_positions"][:b]], dtype=np.int64)
         vshapes = [tuple(s) for s in raw.shapes["voxels"][:b]]
@@ -668,7 +746,10 @@ class GPURayLoader:
             vp = self._aug.transform_points(vp, vp_sample, params)
             if any(p.symmetry != 0 or p.jitter_prob > 0 for p in plans):
                 vox = self._aug.transform_voxels(vox, sides, params)
-        return self._to_torch(vox, vshapes, rays, vp, vcounts, counts, levels, index, xp)
+        out = self._to_torch(vox, vshapes, rays, vp, vcounts, counts, levels, index, xp)
+        if skipped:
+            out["skipped"] = skipped
+        return out
 
     @staticmethod
     def _stack_voxels(flat: Any, shapes: list[tuple[int, ...]], xp: Any) -> tuple[Any, np.ndarray]:

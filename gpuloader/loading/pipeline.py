@@ -63,7 +63,7 @@ class RawBatch:
         arrays: output name -> every slot's samples concatenated along axis 0 (voxels flat,
             (sum D*H*W,)); numpy arrays (CPU) or torch CUDA tensors (GPU). No ``meta``.
         shapes: output name -> list of per-slot shapes (host).
-        meta: (slots, 4) int64 host array (index, epoch, level, side); index -1 = filler.
+        meta: (slots, 5) int64 host array (reader.py: index, epoch, level, side, replaced).
     """
 
     arrays: dict[str, Any]
@@ -221,7 +221,7 @@ class RayPipeline:
         meta = None
         for name, tl in zip(OUTPUT_NAMES, outs, strict=True):
             if name == "meta":
-                meta = np.array(tl.as_array(), dtype=np.int64).reshape(-1, 4)
+                meta = np.array(tl.as_array(), dtype=np.int64).reshape(len(tl), -1)
                 continue
             arrays[name], shapes[name] = concat_tensorlist(tl, name, self._torch_device)
         assert meta is not None

@@ -25,10 +25,15 @@ Outputs of one sample (:data:`OUTPUT_NAMES`, :data:`OUTPUT_DTYPES`)::
     view_ids        (N,)      int32
     face_ids        (N,)      int32
     view_positions  (V, 3)    float32
-    meta            (4,)      int64   (index, epoch, level, side); index -1 for a filler
+    meta            (5,)      int64   (index, epoch, level, side, replaced): index -1 for a
+                                      filler; replaced: the bad sample this one replaced
+                                      (``on_error='skip'``), -1 for none, BAD (-2) for a bad
+                                      sample left empty (``mark_bad``: the store fill)
 
 Only the rows the request needs are read (``dataset.read_sample``: the same rows, drawn with
-the same key, as the CPU API). Custom CPU transforms (the first part of
+the same key, as the CPU API; with the dataset's ``on_error='skip'`` through
+``read_sample_checked``, so a bad sample comes back as its replacement, as in the CPU API).
+Custom CPU transforms (the first part of
 ``transforms.split_for_device``) are applied here, per sample, with the sample's
 :class:`~gpuloader.augment.rng.SampleContext`. A failure raises a named error that names the files.
 """
@@ -44,12 +49,15 @@ import numpy as np
 from gpuloader.augment.rng import SampleContext
 from gpuloader.augment.transforms import apply_transform
 from gpuloader.errors import GPULoaderError
+from gpuloader.format.validate import classify
 from gpuloader.loading.sampler import RayRequest
 
 __all__ = [
     "OUTPUT_NAMES",
     "OUTPUT_DTYPES",
     "OUTPUT_NDIM",
+    "BAD",
+    "META_LEN",
     "RAY_OUTPUTS",
     "RayReader",
     "SampleReadError",
@@ -89,6 +97,10 @@ OUTPUT_DTYPES: dict[str, np.dtype] = {
     "view_positions": np.dtype(np.float32),
     "meta": np.dtype(np.int64),
 }
+#: entries of ``meta`` (module doc)
+META_LEN = 5
+#: ``meta[4]`` of a bad sample left empty by a reader with ``mark_bad``
+BAD = -2
 OUTPUT_NDIM: dict[str, int] = {
     "voxels": 3,
     "origins": 2,
@@ -166,6 +178,9 @@ class RayReader:
         cpu_transforms: custom callables applied per sample, in order, after reading.
         ray_budget: rows the full transform keeps (``transforms.ray_budget``), or None.
         batch_size: slots per batch (default: ``sampler.subvolumes_per_batch``).
+        mark_bad: a bad file (:func:`~gpuloader.format.validate.classify`) gives an empty
+            sample with ``meta[4] == BAD`` instead of raising (the store fill under
+            ``on_error='skip'``, which records it and leaves its place unused).
     """
 
     def __init__(
@@ -177,6 +192,7 @@ class RayReader:
         ray_budget: int | None = None,
         batch_size: int | None = None,
         first_start: int = 0,
+        mark_bad: bool = False,
     ) -> None:
         ds = copy.copy(dataset)
         if hasattr(ds, "transform"):
@@ -192,6 +208,7 @@ class RayReader:
         self.ray_budget = ray_budget
         self.batch_size = int(batch_size or sampler.subvolumes_per_batch)
         self.seed = int(getattr(dataset, "seed", 0))
+        self.mark_bad = bool(mark_bad)
         self._batches: dict[int, list[list[RayRequest]]] = {}
 
     def __getstate__(self) -> dict:
@@ -248,11 +265,11 @@ class RayReader:
 
     @staticmethod
     def filler(epoch: int = 0) -> tuple[np.ndarray, ...]:
-        """An empty sample (no voxels, rays or views) with ``meta = (-1, epoch, -1, 0)``."""
+        """An empty sample (no voxels, rays or views) with ``meta = (-1, epoch, -1, 0, -1)``."""
         out = []
         for name in OUTPUT_NAMES:
             if name == "meta":
-                out.append(np.array([-1, epoch, -1, 0], dtype=np.int64))
+                out.append(np.array([-1, epoch, -1, 0, -1], dtype=np.int64))
             elif name in ("origins", "directions", "view_positions"):
                 out.append(np.zeros((0, 3), OUTPUT_DTYPES[name]))
             elif name == "voxels":
@@ -282,14 +299,23 @@ class RayReader:
         index, epoch = int(index), int(epoch)
         try:
             k = _min_ignoring_none(num_rays, self.ray_budget)
-            sample = self.dataset.read_sample(index, epoch, k)
+            checked = getattr(self.dataset, "on_error", "raise") == "skip" and not self.mark_bad
+            if checked:  # a bad sample comes back as its replacement (dataset doc)
+                sample = self.dataset.read_sample_checked(index, epoch, k)
+            else:
+                try:
+                    sample = self.dataset.read_sample(index, epoch, k)
+                except Exception as exc:
+                    if not self.mark_bad or classify(exc) is None:
+                        raise
+                    return self._bad(index, epoch)
             index = int(sample.get("index", index))
             ctx = SampleContext(self.seed, epoch, index)
             for t in self.cpu_transforms:
                 sample = apply_transform(t, sample, ctx)
                 if not isinstance(sample, dict):
                     raise TypeError(f"{t!r} returned {type(sample).__name__}, expected a dict")
-            return self._pack(sample, index, epoch)
+            return self._pack(sample, index, epoch, int(sample.get("skipped_from", -1)))
         except GPULoaderError:
             raise
         except StopIteration as exc:  # would end DALI's epoch silently
@@ -299,7 +325,16 @@ class RayReader:
                 f"{self._describe(index)}, epoch {epoch}: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def _pack(self, sample: dict, index: int, epoch: int) -> tuple[np.ndarray, ...]:
+    def _bad(self, index: int, epoch: int) -> tuple[np.ndarray, ...]:
+        """A bad sample left empty: no arrays, ``meta = (index, epoch, level, 0, BAD)``."""
+        out = list(self.filler(epoch))
+        level = int(self.dataset.samples[index]["level"])
+        out[OUTPUT_NAMES.index("meta")] = np.array([index, epoch, level, 0, BAD], dtype=np.int64)
+        return tuple(out)
+
+    def _pack(
+        self, sample: dict, index: int, epoch: int, replaced: int = -1
+    ) -> tuple[np.ndarray, ...]:
         vox = _to_numpy(sample["voxels"])
         if vox.ndim == 4 and vox.shape[0] == 1:
             vox = vox[0]
@@ -328,5 +363,6 @@ class RayReader:
                     raise ValueError(f"{name!r} has {arr.shape[0]} rows, 'origins' has {n}")
             out[name] = arr
         side = int(max(vox.shape))
-        out["meta"] = np.array([index, epoch, int(sample["level"]), side], dtype=np.int64)
+        meta = [index, epoch, int(sample["level"]), side, replaced]
+        out["meta"] = np.array(meta, dtype=np.int64)
         return tuple(out[name] for name in OUTPUT_NAMES)

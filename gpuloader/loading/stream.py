@@ -46,30 +46,50 @@ STREAM_OUTPUTS: tuple[str, ...] = (
 )
 
 
-def pack_layout(dataset: Any, sides: np.ndarray) -> tuple[StoreLayout, np.ndarray]:
+def pack_layout(
+    dataset: Any, sides: np.ndarray, bad: dict[int, tuple[str, str]] | None = None
+) -> tuple[StoreLayout, np.ndarray]:
     """Each sample's place in its pack level: (layout with level-relative starts, levels).
 
     ``dataset.ray_store`` must be a PackedRayStore (``locate`` gives the offsets). A chunk
     (``rays_per_chunk``) starts ``ray_offset`` rows into its file and has ``num_rays`` rows.
+    ``bad``: samples already known bad (no place); with the dataset's ``on_error='skip'`` a
+    sample the pack left out as bad joins them (``layout.bad``) instead of raising.
     """
+    from gpuloader.format.validate import classify
+    from gpuloader.stores.resident import find_bad
+
     store = dataset.ray_store
+    skip = getattr(dataset, "on_error", "raise") == "skip"
+    bad = dict(bad or {})
     k = len(dataset.samples)
     r0 = np.zeros(k, np.int64)
     n = np.zeros(k, np.int64)
     v0 = np.zeros(k, np.int64)
     v = np.zeros(k, np.int64)
     for i, s in enumerate(dataset.samples):
-        _, r0[i], n[i], v0[i], v[i] = store.locate(s)
-        off, n[i] = chunk_span(s, int(n[i]))
+        if i in bad:
+            continue
+        try:
+            _, r0[i], n[i], v0[i], v[i] = store.locate(s)
+            off, n[i] = chunk_span(s, int(n[i]))
+        except Exception as exc:
+            if not skip or classify(exc) is None:
+                raise
+            bad[i] = find_bad(dataset, i)  # the error a full read gives, as the CPU API's
+            r0[i] = n[i] = v0[i] = v[i] = 0
+            continue
         r0[i] += off
     levels = np.array([int(s["level"]) for s in dataset.samples], dtype=np.int64)
+    sides = np.where(np.isin(np.arange(k), list(bad)), 0, np.asarray(sides, np.int64))
     layout = StoreLayout(
         ray_start=r0,
         ray_count=n,
         view_start=v0,
         view_count=v,
         grid_start=np.zeros(k, np.int64),
-        side=np.asarray(sides, np.int64),
+        side=sides,
+        bad=bad,
     )
     return layout, levels
 

@@ -93,7 +93,8 @@ class NpzRayStore:
     """Reads ``*_rays.npz`` files (``numpy.savez_compressed``) and gathers rows.
 
     Each row array is inflated whole (deflate has no random access) and ``rows`` are
-    gathered from it; ``view_positions`` is returned whole.
+    gathered from it; ``view_positions`` is returned whole. Values are checked over every
+    row of the sample (the file, or its chunk), not only the rows gathered.
     """
 
     keys: tuple[str, ...] = (*RAY_ROW_KEYS, "view_positions")
@@ -109,6 +110,16 @@ class NpzRayStore:
             ) from exc
         n = _validate(path, arrays)
         off, count = chunk_span(sample, n, path)
+        # every row of the sample (file or chunk) is checked, not only the rows read: a
+        # sample is bad or good as a whole, whatever rows an epoch draws (as the stores and
+        # packs, which check whole samples once)
+        if count == n:
+            check_ray_values(path, arrays)
+        else:
+            span = {
+                k: (v[off : off + count] if k in RAY_ROW_KEYS else v) for k, v in arrays.items()
+            }
+            check_ray_values(path, span, np.arange(off, off + count, dtype=np.int64))
         if count != n and rows is None:
             rows = np.arange(off, off + count, dtype=np.int64)
         elif count != n:
@@ -127,7 +138,6 @@ class NpzRayStore:
                 )
             for key in RAY_ROW_KEYS:
                 arrays[key] = arrays[key][rows]
-        check_ray_values(path, arrays, rows)
         return arrays
 
 

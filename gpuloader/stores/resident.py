@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,15 +42,18 @@ from typing import Any
 import numpy as np
 
 from gpuloader.augment.fused_numpy import RAY_RECORD
-from gpuloader.errors import DamagedFileError
+from gpuloader.errors import BadGridError, DamagedFileError
 from gpuloader.format.index import npz_member_header
+from gpuloader.format.validate import classify
 from gpuloader.loading.epoch_plan import StoreLayout
 from gpuloader.loading.sampler import RayRequest
 
 __all__ = [
     "ResidentStore",
     "STORE_KEYS",
+    "bad_entry",
     "estimate_layout",
+    "find_bad",
     "store_bytes",
     "fill_store",
     "choose_store",
@@ -80,35 +84,62 @@ def _starts(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
-def estimate_layout(dataset: Any) -> StoreLayout:
+def _voxel_side(path: Any) -> int:
+    """A voxel file's grid side, from its header.
+
+    Raises:
+        BadGridError: the grid is not a cube (named; the file first).
+    """
+    shape, _ = npz_member_header(path, "voxels")
+    if len(shape) != 3 or len(set(shape)) != 1:
+        raise BadGridError(
+            f"{path}: 'voxels' has shape {shape}; the loader needs cubic (S, S, S) grids: "
+            "regenerate the file",
+            path=str(path),
+            key="voxels",
+        )
+    return int(shape[0])
+
+
+def estimate_layout(dataset: Any, on_error: str | None = None) -> StoreLayout:
     """Where every sample of ``dataset`` will live, from file headers only (no inflating).
 
     Ray counts come from the index; view counts from the ray store (a pack's offsets) or the
-    npz header of ``view_positions``; grid sides from the voxel file's header.
+    npz header of ``view_positions``; grid sides from the voxel file's header. With
+    ``on_error='skip'`` (default: the dataset's policy) a sample whose headers are bad is
+    recorded in ``layout.bad`` (no views, no grid) instead of raising.
     """
+    skip = (on_error or getattr(dataset, "on_error", "raise")) == "skip"
     samples = dataset.samples
     k = len(samples)
     rays = np.array([int(s["num_rays"]) for s in samples], dtype=np.int64)
     views = np.zeros(k, dtype=np.int64)
     sides = np.zeros(k, dtype=np.int64)
-    side_cache: dict[Any, int] = {}
+    side_cache: dict[Any, int | BaseException] = {}
+    bad: dict[int, tuple[str, str]] = {}
     locate = getattr(dataset.ray_store, "locate", None)
     for i, s in enumerate(samples):
-        if locate is not None:
-            views[i] = int(locate(s)[4])
-        else:
-            views[i] = npz_member_header(s["ray_path"], "view_positions")[0][0]
-        key = s["voxel_path"]
-        side = side_cache.get(key)
-        if side is None:
-            shape, _ = npz_member_header(s["voxel_path"], "voxels")
-            if len(shape) != 3 or len(set(shape)) != 1:
-                raise DamagedFileError(
-                    f"{s['voxel_path']}: 'voxels' has shape {shape}; the loader needs cubic "
-                    "(S, S, S) grids: regenerate the file"
-                )
-            side = side_cache[key] = int(shape[0])
-        sides[i] = side
+        try:
+            if locate is not None:
+                views[i] = int(locate(s)[4])
+            else:
+                views[i] = npz_member_header(s["ray_path"], "view_positions")[0][0]
+            key = s["voxel_path"]
+            side = side_cache.get(key)
+            if side is None:
+                try:
+                    side = side_cache[key] = _voxel_side(key)
+                except Exception as exc:  # remembered: one grid, many samples
+                    side_cache[key] = exc
+                    raise
+            elif isinstance(side, BaseException):
+                raise side
+            sides[i] = side
+        except Exception as exc:
+            if not skip or classify(exc) is None:
+                raise
+            views[i] = sides[i] = 0
+            bad[i] = find_bad(dataset, i)  # the error a full read gives, as the CPU API's
     return StoreLayout(
         ray_start=_starts(rays),
         ray_count=rays,
@@ -116,7 +147,27 @@ def estimate_layout(dataset: Any) -> StoreLayout:
         view_count=views,
         grid_start=_starts(sides**3),
         side=sides,
+        bad=bad,
     )
+
+
+def bad_entry(dataset: Any, index: int, exc: BaseException) -> tuple[str, str]:
+    """``(file, first line of the error)`` of bad sample ``index``."""
+    find = getattr(dataset, "_error_file", None)
+    file = str(find(index, exc)) if find is not None else str(getattr(exc, "path", "") or "")
+    text = str(exc)
+    return file, (text.splitlines()[0] if text else type(exc).__name__)
+
+
+def find_bad(dataset: Any, index: int) -> tuple[str, str]:
+    """``(file, first line of the error)`` of a sample a worker reported bad, read again here
+    (only its error crosses no process boundary)."""
+    try:
+        dataset.read_sample(index, 0, None)
+    except Exception as exc:  # noqa: BLE001 - the error is what we want
+        return bad_entry(dataset, index, exc)
+    s = dataset.samples[index]
+    return str(s.get("ray_path")), f"{s.get('ray_path')}: bad when read by a worker"
 
 
 def store_bytes(layout: StoreLayout) -> int:
@@ -191,12 +242,19 @@ class ResidentStore:
         layout: where each dataset sample lives (host int64 arrays).
         location: "host" or "gpu".
         fill_seconds: how long the fill took.
+        bad: samples left out as bad (``on_error='skip'``): index -> (file, first line of
+            its error); their places are never read (loaders replace them, module doc of
+            :mod:`gpuloader.loading.replace`).
     """
 
     arrays: dict[str, Any]
     layout: StoreLayout
     location: str
     fill_seconds: float = 0.0
+
+    @property
+    def bad(self) -> dict[int, tuple[str, str]]:
+        return self.layout.bad
 
     @property
     def nbytes(self) -> int:
@@ -238,7 +296,7 @@ def _raw_batches(
     ds.transform = None
     ds.samples_per_subvolume = None
     order = _AllSamples(len(ds.samples), batch_size)
-    reader = RayReader(ds, order, first_epoch=0, batch_size=batch_size)
+    reader = RayReader(ds, order, first_epoch=0, batch_size=batch_size, mark_bad=True)
     if backend == "dali" or (backend == "auto" and num_workers > 0 and dali_available()):
         pipe = RayPipeline(
             reader,
@@ -277,6 +335,7 @@ def fill_store(
     backend: str = "auto",
     progress: bool | None = None,
     layout: StoreLayout | None = None,
+    on_error: str | None = None,
 ) -> ResidentStore:
     """Read every sample of ``dataset`` (its split) into a resident store.
 
@@ -290,18 +349,30 @@ def fill_store(
             gpu: DALI when installed and num_workers > 0), "direct", "dali" or "torch".
         progress: show a progress bar (default: when stderr is a terminal).
         layout: a layout already estimated (:func:`estimate_layout`).
+        on_error: "raise" or "skip" (default: the dataset's): a bad file (every check of
+            :mod:`gpuloader.format.validate`, on every row) raises its named error, or is
+            recorded in ``store.bad`` (and warned about once, naming the files) and its
+            place left unused.
 
     Raises:
-        DamagedFileError: a file whose arrays differ from its header or are not cubic grids.
+        DamagedFileError: a bad file (``on_error='raise'``), or one whose arrays differ from
+            its header (the file changed since the dataset was indexed).
     """
     if location not in ("host", "gpu"):
         raise ValueError(f"location must be 'host' or 'gpu'; got {location!r}")
+    policy = on_error or getattr(dataset, "on_error", "raise")
+    if policy not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
+    if getattr(dataset, "on_error", policy) != policy:
+        dataset = copy.copy(dataset)
+        dataset.on_error = policy
     tick = time.perf_counter()
-    layout = layout if layout is not None else estimate_layout(dataset)
+    layout = layout if layout is not None else estimate_layout(dataset, policy)
     sizes = {
         "rays": int(layout.ray_count.sum()),
         "view_positions": int(layout.view_count.sum()),
         "grids": int((layout.side**3).sum()),
+        "samples": len(layout.side),
     }
     if location == "gpu":
         import cupy as xp
@@ -315,10 +386,12 @@ def fill_store(
     direct = backend == "direct" or (backend == "auto" and num_workers > 0)
     if location == "host" and direct and _shm_free() >= _host_spans(sizes)["_total"][0] * 1.05:
         arrays = _fill_host_direct(dataset, layout, sizes, num_workers, progress)
+        status = arrays.pop("status")
+        _record_bad(dataset, layout, np.flatnonzero(status == _BAD_SAMPLE).tolist(), policy)
         seconds = time.perf_counter() - tick
         store = ResidentStore(arrays=arrays, layout=layout, location=location, fill_seconds=seconds)
         log.info("gpuloader: filled %r in %.2f s", store, seconds)
-        return store
+        return _announce(store)
     with dev_ctx:
         arrays = {}
         if location == "host":  # rays as records: one cache line per ray in a gather
@@ -342,13 +415,50 @@ def fill_store(
         )
         with bar:
             for raw in _raw_batches(dataset, batch_size, num_workers, device_id, backend):
-                _place(raw, arrays, layout, samples, xp)
+                bad = _place(raw, arrays, layout, samples, xp)
+                _record_bad(dataset, layout, bad, policy)
                 bar.update(1)
         if location == "gpu":
             xp.cuda.get_current_stream().synchronize()
     seconds = time.perf_counter() - tick
     store = ResidentStore(arrays=arrays, layout=layout, location=location, fill_seconds=seconds)
     log.info("gpuloader: filled %r in %.2f s", store, seconds)
+    return _announce(store)
+
+
+#: the fill's per-sample status (host direct fill): written, or bad (left out)
+_WRITTEN, _BAD_SAMPLE = 1, 2
+
+
+def _record_bad(dataset: Any, layout: StoreLayout, bad: list[int], policy: str) -> None:
+    """Samples a worker found bad: their named error again (``raise``), or recorded in
+    ``layout.bad`` (``skip``); the error is read again here, where it can be kept."""
+    for i in bad:
+        if i in layout.bad:
+            continue
+        if policy != "skip":
+            dataset.read_sample(i, 0, None)  # raises the named error, naming the file
+            raise DamagedFileError(
+                f"{dataset.samples[i].get('ray_path')}: a fill worker found this sample bad, "
+                "but it reads fine here: the file is changing while it is read"
+            )
+        layout.bad[i] = find_bad(dataset, i)
+
+
+def _announce(store: ResidentStore) -> ResidentStore:
+    """One warning naming every file the fill left out (``on_error='skip'``)."""
+    if store.bad:
+        from gpuloader.loading.dataset import SkippedFileWarning
+
+        files = sorted({f for f, _ in store.bad.values()})
+        first = next(iter(store.bad.values()))[1]
+        warnings.warn(
+            f"gpuloader: the {store.location} store left out {len(store.bad)} bad samples "
+            f"({len(files)} files; loaders replace them, on_error='skip'): "
+            f"{', '.join(files)}; first error: {first}",
+            SkippedFileWarning,
+            stacklevel=3,
+        )
     return store
 
 
@@ -368,6 +478,7 @@ def _host_spans(sizes: dict[str, int]) -> dict[str, tuple[int, np.dtype, tuple[i
         ("records", np.dtype(RAY_RECORD), (sizes["rays"],)),
         ("view_positions", np.dtype(np.float32), (sizes["view_positions"], 3)),
         ("grids", np.dtype(np.uint8), (sizes["grids"],)),
+        ("status", np.dtype(np.uint8), (sizes.get("samples", 0),)),  # _WRITTEN / _BAD_SAMPLE
     ]
     out, offset = {}, 0
     for name, dt, shape in parts:
@@ -413,7 +524,16 @@ class _DirectWriter:
         if self._arrays is None:
             self._arrays = _map_host_arrays(self.path, self.spans)
         a, lay = self._arrays, self.layout
-        sample = self.dataset.read_sample(i, 0, None)
+        if i in lay.bad:  # found bad from its headers
+            a["status"][i] = _BAD_SAMPLE
+            return i
+        try:
+            sample = self.dataset.read_sample(i, 0, None)
+        except Exception as exc:
+            if getattr(self.dataset, "on_error", "raise") != "skip" or classify(exc) is None:
+                raise
+            a["status"][i] = _BAD_SAMPLE  # recorded by the main process (_record_bad)
+            return i
         n, v, s = int(lay.ray_count[i]), int(lay.view_count[i]), int(lay.side[i])
         vox = np.asarray(sample["voxels"]).reshape(sample["voxels"].shape[-3:])
         got_n, got_v = len(sample["distances"]), len(sample["view_positions"])
@@ -432,6 +552,7 @@ class _DirectWriter:
         a["view_positions"][v0 : v0 + v] = sample["view_positions"]
         g0 = int(lay.grid_start[i])
         a["grids"][g0 : g0 + s**3] = vox.reshape(-1).view(np.uint8)
+        a["status"][i] = _WRITTEN
         return i
 
 
@@ -479,23 +600,32 @@ class _Null:
         return None
 
 
-def _place(raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list, xp: Any) -> None:
-    """Copy one RawBatch of consecutive samples into its slice of the store.
+def _place(
+    raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list, xp: Any
+) -> list[int]:
+    """Copy one RawBatch of consecutive samples into its slices of the store; returns the
+    samples the reader marked bad (``meta[4] == BAD``: nothing read, their places unused).
 
     Values are not checked again here: the reader's ray stores checked every row they
     returned, in the workers.
     """
+    from gpuloader.loading.reader import BAD
+
     meta = raw.meta
-    idx = meta[meta[:, 0] >= 0, 0].astype(np.int64)
+    real = meta[:, 0] >= 0
+    idx = meta[real, 0].astype(np.int64)
     if idx.size == 0:
-        return
+        return []
     i0, i1 = int(idx[0]), int(idx[-1])
     if not np.array_equal(idx, np.arange(i0, i1 + 1)):
         raise RuntimeError(f"fill batch out of order: samples {idx.tolist()}")
+    good = meta[real, 4] != BAD if meta.shape[1] > 4 else np.ones(idx.size, bool)
+    rows = np.array([raw.shapes["origins"][j][0] for j in range(idx.size)], np.int64)
+    nviews = np.array([raw.shapes["view_positions"][j][0] for j in range(idx.size)], np.int64)
     for j, i in enumerate(idx):  # shapes against the headers (host metadata only)
-        n = raw.shapes["origins"][j][0]
-        v = raw.shapes["view_positions"][j][0]
-        g = raw.shapes["voxels"][j]
+        if not good[j]:
+            continue
+        n, v, g = rows[j], nviews[j], raw.shapes["voxels"][j]
         s = int(layout.side[i])
         if n != layout.ray_count[i] or v != layout.view_count[i] or tuple(g) != (s, s, s):
             where = samples[i].get("ray_path") if n != layout.ray_count[i] else None
@@ -505,23 +635,42 @@ def _place(raw: Any, arrays: dict[str, Any], layout: StoreLayout, samples: list,
                 f"{layout.view_count[i]}, grid {tuple(g)} vs side {s}); rebuild the dataset "
                 "object (or regenerate the file)"
             )
-    r0 = int(layout.ray_start[i0])
-    r1 = int(layout.ray_start[i1] + layout.ray_count[i1])
-    v0 = int(layout.view_start[i0])
-    v1 = int(layout.view_start[i1] + layout.view_count[i1])
-    g0 = int(layout.grid_start[i0])
-    g1 = int(layout.grid_start[i1] + layout.side[i1] ** 3)
-    spans = {"view_positions": (v0, v1), "grids": (g0, g1)}
+    raw_rays = np.concatenate([[0], np.cumsum(rows)])
+    raw_views = np.concatenate([[0], np.cumsum(nviews)])
+    raw_grids = np.concatenate(
+        [[0], np.cumsum([int(np.prod(raw.shapes["voxels"][j])) for j in range(idx.size)])]
+    )
     records = "records" in arrays
-    for k in STORE_KEYS:
-        if records and k in _RAY_KEYS:
-            continue
-        src = raw.arrays["voxels" if k == "grids" else k]
-        a, b = spans.get(k, (r0, r1))
-        if b > a:
-            arrays[k][a:b] = xp.asarray(src)
-    if records:  # the record fields in cache-sized blocks: each block's lines loaded once
-        for c in range(r0, r1, _BLOCK_ROWS):
-            c1 = min(c + _BLOCK_ROWS, r1)
-            for k in _RAY_KEYS:
-                arrays[k][c:c1] = raw.arrays[k][c - r0 : c1 - r0]
+    for a, b in _runs(good):  # runs of good consecutive samples: one copy per array each
+        first = int(idx[a])
+        spans = {
+            "rays": (raw_rays[a], raw_rays[b], int(layout.ray_start[first])),
+            "view_positions": (raw_views[a], raw_views[b], int(layout.view_start[first])),
+            "grids": (raw_grids[a], raw_grids[b], int(layout.grid_start[first])),
+        }
+        for k in STORE_KEYS:
+            if records and k in _RAY_KEYS:
+                continue
+            lo, hi, dst = spans.get(k, spans["rays"])
+            if hi > lo:
+                src = raw.arrays["voxels" if k == "grids" else k][lo:hi]
+                arrays[k][dst : dst + hi - lo] = xp.asarray(src)
+        if records:  # the record fields in cache-sized blocks: each block's lines loaded once
+            lo, hi, dst = spans["rays"]
+            for c in range(0, int(hi - lo), _BLOCK_ROWS):
+                c1 = min(c + _BLOCK_ROWS, int(hi - lo))
+                for k in _RAY_KEYS:
+                    arrays[k][dst + c : dst + c1] = raw.arrays[k][lo + c : lo + c1]
+    return [int(i) for i, ok in zip(idx, good, strict=True) if not ok]
+
+
+def _runs(good: np.ndarray) -> list[tuple[int, int]]:
+    """``[a, b)`` ranges of consecutive True entries of ``good``."""
+    out, a = [], None
+    for j, ok in enumerate(good.tolist() + [False]):
+        if ok and a is None:
+            a = j
+        elif not ok and a is not None:
+            out.append((a, j))
+            a = None
+    return out
