@@ -138,3 +138,25 @@ class HitsMismatchError(InvalidValueError):
 
 class OutOfRangeError(InvalidValueError):
     """``face_ids`` outside 0..5, or ``view_ids`` outside the file's views."""
+
+
+class WorkerError(GPULoaderError, RuntimeError):
+    """A reader worker process (DALI or torch DataLoader) died, or no batch came from the
+    workers within the loader's ``worker_timeout``.
+
+    The first line says what happened and names the worker's pid (``a DALI reader worker (pid
+    N) died (killed by signal 9)``, ``no batch from the reader workers within 60 s (worker pid
+    N hung?)``); the worker's own error follows where there is one. The broken workers are
+    stopped before this is raised: iterating the loader again starts fresh ones.
+
+    Attributes:
+        pids: the workers concerned (may be empty). timeout: the seconds waited, for a hang;
+        None for a death.
+    """
+
+    def __init__(
+        self, message: str, *, pids: tuple[int, ...] = (), timeout: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.pids = tuple(int(p) for p in pids)
+        self.timeout = timeout

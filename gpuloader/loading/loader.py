@@ -22,6 +22,16 @@ as the dataset does.
 Scripts that use the DALI back end start its workers with ``spawn``: guard the entry point
 with ``if __name__ == "__main__":``.
 
+Worker faults: a reader worker (DALI or DataLoader; of the stream, the pack stream or a store's
+fill) that dies, or sends no batch for ``worker_timeout`` seconds (hung, stopped), raises
+:class:`~gpuloader.errors.WorkerError` where the batch is awaited: a death at once (also one
+between epochs: the next pass raises at its start), a hang after ``worker_timeout``. Its first
+line names the worker's pid and what happened; the broken workers are killed and freed before
+it is raised, and the next ``iter(loader)`` starts new ones: that pass is the next epoch, as
+an undisturbed run gives it (``load_state_dict(state_dict())`` first repeats the failed pass
+from the batch it stopped at). A named error a worker raises (a bad file) keeps its own first
+line, which names the file, on every back end (module :mod:`gpuloader.loading.workers`).
+
 Distributed: the sampler shards the epoch's batches over ``torch.distributed``'s ranks (or
 the ``rank``/``world_size`` given), and every store and back end reads exactly the sampler's
 batches, so each rank's loader yields its shard. DALI's own ``shard_id``/``num_shards`` (of
@@ -56,7 +66,7 @@ from gpuloader.augment.transforms import (
     ray_budget,
     split_for_device,
 )
-from gpuloader.errors import UnsupportedTransformError
+from gpuloader.errors import UnsupportedTransformError, WorkerError
 from gpuloader.format.sparse_batch import dense_batch_to_sparse
 from gpuloader.loading.batches import FusedBatches
 from gpuloader.loading.collate import RAY_DTYPES
@@ -65,6 +75,7 @@ from gpuloader.loading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
 from gpuloader.loading.replace import KnownBad, SkippingSampler
 from gpuloader.loading.sampler import RayBatchSampler
 from gpuloader.loading.stream import PackBatchReader, StreamBatches, pack_layout
+from gpuloader.loading.workers import guarded_batches, stop_loader
 from gpuloader.stores.packed import PackedRayStore
 from gpuloader.stores.resident import (
     ResidentStore,
@@ -229,6 +240,8 @@ class GPURayLoader:
             (``FusedBatches``; default False). Opt-in: not yet validated on hardware.
         on_error: "raise" or "skip" (default: the dataset's ``on_error``): what a bad file
             does (module doc, "Bad files").
+        worker_timeout: seconds to wait for a batch from the reader workers before raising
+            :class:`~gpuloader.errors.WorkerError` (module doc, "Worker faults"; default 60).
 
     Attributes:
         backend: "dali" or "torch". device: the torch device of the batches.
@@ -261,6 +274,7 @@ class GPURayLoader:
         world_size: int | None = None,
         cuda_graphs: bool = False,
         on_error: str | None = None,
+        worker_timeout: float = 60.0,
     ) -> None:
         self._closed = True  # until fully built: makes close()/__del__ safe on errors
         self._pipe: RayPipeline | None = None
@@ -300,6 +314,9 @@ class GPURayLoader:
         self.num_workers = int(num_workers)
         self.prefetch = max(1, int(prefetch))
         self.start_method = start_method
+        self.worker_timeout = float(worker_timeout)
+        if not self.worker_timeout > 0:
+            raise ValueError(f"worker_timeout must be > 0 seconds; got {worker_timeout!r}")
         self._cpu_transforms = cpu
         self._budget = ray_budget(self.transform)
         self._data_seed = int(getattr(dataset, "seed", 0))
@@ -327,6 +344,7 @@ class GPURayLoader:
                     progress=progress,
                     layout=self._layout,
                     on_error=self.on_error,
+                    worker_timeout=self.worker_timeout,
                 )
             self._fused = FusedBatches(
                 self.resident,
@@ -360,6 +378,7 @@ class GPURayLoader:
                 num_workers=self.num_workers,
                 backend=self.backend,
                 prefetch=self.prefetch,
+                worker_timeout=self.worker_timeout,
             )
             self.store_reason += "; whole batches from the pack"
         if self.device.type == "cuda":
@@ -643,6 +662,7 @@ class GPURayLoader:
                 prefetch=self.prefetch,
                 device_id=self.device.index if self.device.type == "cuda" else None,
                 start_method=self.start_method,
+                worker_timeout=self.worker_timeout,
             )
             self._pipe_epoch = epoch
         pipe = self._pipe
@@ -656,6 +676,10 @@ class GPURayLoader:
                     done = True
                     break
                 yield self._assemble(raw)
+        except WorkerError:
+            if pipe is self._pipe:
+                self._pipe = None  # closed on the error: the next pass starts new workers
+            raise
         finally:
             if done and pipe is self._pipe and not pipe._closed:
                 pipe.reset()
@@ -673,11 +697,18 @@ class GPURayLoader:
                 num_workers=nw,
                 prefetch_factor=self.prefetch if nw > 0 else None,
                 persistent_workers=nw > 0,
+                timeout=self.worker_timeout if nw > 0 else 0,
             )
-        self._torch_loader.batch_sampler.epoch = epoch
-        self._torch_loader.batch_sampler.start = start
-        for samples in self._torch_loader:
-            yield self._assemble(_raw_from_samples(samples))
+        loader = self._torch_loader
+        loader.batch_sampler.epoch = epoch
+        loader.batch_sampler.start = start
+        try:
+            for samples in guarded_batches(loader, self.worker_timeout):
+                yield self._assemble(_raw_from_samples(samples))
+        except WorkerError:
+            if loader is self._torch_loader:
+                self._torch_loader = None  # its workers are stopped: the next pass starts new
+            raise
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -828,10 +859,7 @@ class GPURayLoader:
             pipe.close()
         loader, self._torch_loader = self._torch_loader, None
         if loader is not None:
-            it = getattr(loader, "_iterator", None)
-            if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
-            loader._iterator = None
+            stop_loader(loader)
 
     def __enter__(self) -> GPURayLoader:
         return self

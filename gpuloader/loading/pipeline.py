@@ -17,6 +17,10 @@ rank's shard (``RayBatchSampler(rank, world_size)``), so DALI's ``shard_id``/``n
 A resumed epoch starts at the reader's ``first_start`` (a new pipeline); later DALI epochs
 start at batch 0.
 
+Worker faults: every run is waited for by a :class:`~gpuloader.loading.workers.DaliGuard`
+(a worker that dies or sends nothing within ``worker_timeout`` seconds raises
+:class:`~gpuloader.errors.WorkerError`; the pipeline is then stopped for good: build a new one).
+
 Shutdown: :meth:`RayPipeline.close` stops the worker pool (joins the processes, frees the
 shared memory) and the pipeline; it is idempotent and also runs from ``__del__``.
 """
@@ -29,13 +33,15 @@ from typing import Any
 
 import numpy as np
 
+from gpuloader.errors import WorkerError
 from gpuloader.loading.reader import (
     OUTPUT_DTYPES,
     OUTPUT_NAMES,
     OUTPUT_NDIM,
     RayReader,
-    decode_error,
 )
+from gpuloader.loading.workers import DEFAULT_TIMEOUT, DaliGuard
+from gpuloader.loading.workers import stop_pipeline as shutdown_pipeline
 
 __all__ = [
     "RawBatch",
@@ -131,6 +137,8 @@ class RayPipeline:
         start_method: ``"spawn"`` (safe once CUDA is initialized) or ``"fork"``.
         num_threads: DALI CPU threads.
         bytes_per_sample_hint: initial shared-memory slot size per sample.
+        worker_timeout: seconds :meth:`next_batch` waits for a batch before it raises
+            :class:`~gpuloader.errors.WorkerError` (a dead worker raises at once).
     """
 
     def __init__(
@@ -143,6 +151,7 @@ class RayPipeline:
         start_method: str = "spawn",
         num_threads: int = 1,
         bytes_per_sample_hint: int | None = None,
+        worker_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         from nvidia.dali import fn
         from nvidia.dali.pipeline import Pipeline
@@ -153,6 +162,7 @@ class RayPipeline:
         self.batch_size = int(batch_size)
         self.device_id = device_id
         self._closed = False
+        self._guard: DaliGuard | None = None
         self._torch_device = None
         if device_id is not None:
             import torch
@@ -193,28 +203,29 @@ class RayPipeline:
         except BaseException:
             self.close()
             raise
+        self._guard = DaliGuard(pipe, worker_timeout)
 
     def next_batch(self) -> RawBatch:
         """The next batch of the epoch.
 
         Raises:
             StopIteration: the epoch is over (call :meth:`reset` for the next one).
+            WorkerError: a worker died or none answered within ``worker_timeout`` (the
+                pipeline is closed).
             GPULoaderError subclasses raised by the reader in a worker (re-raised here).
         """
-        if self._closed:
+        if self._closed or self._guard is None:
             raise RuntimeError("the pipeline is closed")
-        try:
-            if self._torch_device is not None:
-                import torch
+        args = ()
+        if self._torch_device is not None:
+            import torch
 
-                # outputs bound to torch's stream: the copies below are ordered after them
-                outs = self._pipe.run(torch.cuda.current_stream(self._torch_device))
-            else:
-                outs = self._pipe.run()
-        except StopIteration:
-            raise
-        except Exception as exc:
-            _reraise_worker_error(exc)
+            # outputs bound to torch's stream: the copies below are ordered after them
+            args = (torch.cuda.current_stream(self._torch_device),)
+        try:
+            outs = self._guard.run(*args)
+        except WorkerError:
+            self.close()
             raise
         arrays: dict[str, Any] = {}
         shapes: dict[str, list[tuple]] = {}
@@ -229,17 +240,20 @@ class RayPipeline:
 
     def reset(self) -> None:
         """Start the next epoch (after ``StopIteration``)."""
-        if not self._closed:
-            self._pipe.reset()
+        if not self._closed and self._guard is not None:
+            self._guard.reset()
 
     def close(self) -> None:
         """Stop the workers (joined; shared memory freed) and the pipeline. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        pipe = getattr(self, "_pipe", None)
-        self._pipe = None
-        shutdown_pipeline(pipe)
+        pipe, self._pipe = getattr(self, "_pipe", None), None
+        guard, self._guard = getattr(self, "_guard", None), None
+        if guard is not None:
+            guard.close()
+        else:
+            shutdown_pipeline(pipe)
 
     def __enter__(self) -> RayPipeline:
         return self
@@ -252,40 +266,3 @@ class RayPipeline:
             self.close()
         except Exception:  # noqa: BLE001 - never raise from a finalizer
             pass
-
-
-def shutdown_pipeline(pipe: Any) -> None:
-    """Stop a built DALI pipeline: its Python worker pool (processes joined, shared memory
-    freed), then the pipeline itself. ``None`` is a no-op."""
-    if pipe is None:
-        return
-    pool = getattr(pipe, "_py_pool", None)
-    try:
-        if pool is not None:
-            pool.close()
-    finally:
-        shutdown = getattr(pipe, "_shutdown", None)
-        if shutdown is not None:
-            shutdown()
-
-
-def _reraise_worker_error(exc: BaseException) -> None:
-    """DALI passes a worker's exception on as ``Exception(worker traceback)`` caused by
-    ``RuntimeError(str(original))``: raise the original named error (a GPULoaderError that
-    the reader encoded in that text) instead, the worker traceback attached as a note."""
-    from gpuloader.errors import GPULoaderError
-
-    seen = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        named = cur if isinstance(cur, GPULoaderError) else None
-        if named is None and cur.args and isinstance(cur.args[0], str):
-            named = decode_error(cur.args[0])
-        if named is not None:
-            if named is exc:
-                return
-            if hasattr(named, "add_note"):
-                named.add_note(f"raised in a DALI reader worker:{exc}")
-            raise named from None
-        cur = cur.__cause__ or cur.__context__

@@ -249,10 +249,16 @@ class _BatchIndexDataset:
         return self.reader.read(self.epoch, self.start + int(i))
 
 
-def _dali_stream(reader: PackBatchReader, num_workers: int, prefetch: int) -> Any:
-    """A CPU DALI pipeline whose parallel batch-mode external source yields whole batches."""
+def _dali_stream(
+    reader: PackBatchReader, num_workers: int, prefetch: int, worker_timeout: float = 60.0
+) -> Any:
+    """A CPU DALI pipeline whose parallel batch-mode external source yields whole batches,
+    built, in a :class:`~gpuloader.loading.workers.DaliGuard` that bounds every run by
+    ``worker_timeout`` seconds."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
+
+    from gpuloader.loading.workers import DaliGuard, stop_pipeline
 
     table = {np.float32: types.FLOAT, np.uint8: types.UINT8, np.int32: types.INT32,
              np.int64: types.INT64}  # fmt: skip
@@ -275,8 +281,12 @@ def _dali_stream(reader: PackBatchReader, num_workers: int, prefetch: int) -> An
             ndim=[_STREAM_NDIM.get(k, 1) for k in STREAM_OUTPUTS],
         )
         pipe.set_outputs(*outs)
-    pipe.build()
-    return pipe
+    try:
+        pipe.build()  # starts the workers
+    except BaseException:
+        stop_pipeline(pipe)
+        raise
+    return DaliGuard(pipe, worker_timeout)
 
 
 class StreamBatches:
@@ -289,6 +299,9 @@ class StreamBatches:
         num_workers: reader processes (0: in this process).
         backend: "dali" or "torch" (DataLoader workers).
         prefetch: batches read ahead.
+        worker_timeout: seconds to wait for a batch before raising
+            :class:`~gpuloader.errors.WorkerError` (a dead worker raises at once; the workers
+            are then stopped, and the next pass starts new ones).
     """
 
     def __init__(
@@ -299,6 +312,7 @@ class StreamBatches:
         num_workers: int = 2,
         backend: str = "torch",
         prefetch: int = 2,
+        worker_timeout: float = 60.0,
     ) -> None:
         self.reader = reader
         self.hashes = hashes
@@ -306,39 +320,53 @@ class StreamBatches:
         self.num_workers = int(num_workers)
         self.backend = backend if self.num_workers > 0 else "torch"
         self.prefetch = max(1, int(prefetch))
-        self._pipe: Any = None
+        self.worker_timeout = float(worker_timeout)
+        self._pipe: Any = None  # the DaliGuard of the DALI pipeline
         self._pipe_epoch: int | None = None
 
-    def close(self) -> None:
-        from gpuloader.loading.pipeline import shutdown_pipeline
+    @staticmethod
+    def _as_is(batch: Any) -> Any:
+        """The DataLoader's collate: the reader's arrays unchanged."""
+        return batch
 
-        pipe, self._pipe = self._pipe, None
-        shutdown_pipeline(pipe)
+    def close(self) -> None:
+        """Stop the DALI workers and pipeline (DataLoader workers end with each pass)."""
+        guard, self._pipe = self._pipe, None
+        if guard is not None:
+            guard.close()
 
     def _raw(self, epoch: int, n: int, start: int = 0) -> Any:
-        """The reader's outputs of batches ``start, ..., n - 1`` of ``epoch``."""
+        """The reader's outputs of batches ``start, ..., n - 1`` of ``epoch``.
+
+        Raises:
+            WorkerError: a worker died or sent nothing within ``worker_timeout`` (its
+                workers are stopped; the next call starts new ones).
+        """
+        from gpuloader.errors import WorkerError
+        from gpuloader.loading.workers import guarded_batches
+
         if self.backend == "dali":
             if self._pipe is None or self._pipe_epoch != epoch or start:
                 self.close()
                 self.reader.first_epoch = epoch
                 self.reader.first_start = start  # DALI's later epochs start at batch 0
-                self._pipe = _dali_stream(self.reader, self.num_workers, self.prefetch)
-            pipe = self._pipe
+                self._pipe = _dali_stream(
+                    self.reader, self.num_workers, self.prefetch, self.worker_timeout
+                )
+            guard = self._pipe
             self._pipe_epoch = None  # mid-epoch: an interrupted pass rebuilds the pipeline
-            for _ in range(start, n):
-                try:
-                    outs = pipe.run()
-                except Exception as exc:
-                    from gpuloader.loading.pipeline import _reraise_worker_error
-
-                    _reraise_worker_error(exc)
-                    raise
-                yield tuple(np.array(tl.at(0)) for tl in outs)
-            try:  # the end of DALI's epoch: the next one continues this pipeline
-                pipe.run()
-            except StopIteration:
-                pipe.reset()
-                self._pipe_epoch = epoch + 1
+            try:
+                for _ in range(start, n):
+                    yield tuple(np.array(tl.at(0)) for tl in guard.run())
+                try:  # the end of DALI's epoch: the next one continues this pipeline
+                    guard.run()
+                except StopIteration:
+                    guard.reset()
+                    self._pipe_epoch = epoch + 1
+            except WorkerError:
+                if self._pipe is guard:
+                    self._pipe = None  # stopped by the guard: the next pass builds anew
+                raise
             return
         import torch
 
@@ -347,8 +375,12 @@ class StreamBatches:
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch if self.num_workers > 0 else None,
+            timeout=self.worker_timeout if self.num_workers > 0 else 0,
+            # numpy arrays come through the queue as they are: torch tensors would come as
+            # file descriptors fetched from the worker, a wait no timeout bounds
+            collate_fn=StreamBatches._as_is,
         )
-        for arrays in dl:
+        for arrays in guarded_batches(dl, self.worker_timeout):
             yield tuple(np.asarray(a) for a in arrays)
 
     def __call__(self, epoch: int, start: int = 0) -> Any:

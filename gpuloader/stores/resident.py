@@ -285,12 +285,18 @@ class _AllSamples:
 
 
 def _raw_batches(
-    dataset: Any, batch_size: int, num_workers: int, device_id: int | None, backend: str
+    dataset: Any,
+    batch_size: int,
+    num_workers: int,
+    device_id: int | None,
+    backend: str,
+    worker_timeout: float = 60.0,
 ) -> Iterator[Any]:
     """The fill's source: RawBatches of consecutive samples, every row, untransformed."""
     from gpuloader.loading.loader import _EpochBatches, _keep, _raw_from_samples, _ReaderDataset
     from gpuloader.loading.pipeline import RayPipeline, dali_available
     from gpuloader.loading.reader import RayReader
+    from gpuloader.loading.workers import guarded_batches
 
     ds = copy.copy(dataset)
     ds.transform = None
@@ -304,6 +310,7 @@ def _raw_batches(
             num_workers=max(1, num_workers),
             prefetch=2,
             device_id=device_id,
+            worker_timeout=worker_timeout,
         )
         try:
             while True:
@@ -321,8 +328,9 @@ def _raw_batches(
         collate_fn=_keep,
         num_workers=num_workers,
         prefetch_factor=4 if num_workers > 0 else None,
+        timeout=worker_timeout if num_workers > 0 else 0,
     )
-    for samples in dl:
+    for samples in guarded_batches(dl, worker_timeout):
         yield _raw_from_samples(samples)
 
 
@@ -336,6 +344,7 @@ def fill_store(
     progress: bool | None = None,
     layout: StoreLayout | None = None,
     on_error: str | None = None,
+    worker_timeout: float = 60.0,
 ) -> ResidentStore:
     """Read every sample of ``dataset`` (its split) into a resident store.
 
@@ -353,6 +362,8 @@ def fill_store(
             :mod:`gpuloader.format.validate`, on every row) raises its named error, or is
             recorded in ``store.bad`` (and warned about once, naming the files) and its
             place left unused.
+        worker_timeout: seconds to wait for the workers' next batch before raising
+            :class:`~gpuloader.errors.WorkerError` (a dead worker raises at once).
 
     Raises:
         DamagedFileError: a bad file (``on_error='raise'``), or one whose arrays differ from
@@ -385,7 +396,7 @@ def fill_store(
         dev_ctx = _Null()
     direct = backend == "direct" or (backend == "auto" and num_workers > 0)
     if location == "host" and direct and _shm_free() >= _host_spans(sizes)["_total"][0] * 1.05:
-        arrays = _fill_host_direct(dataset, layout, sizes, num_workers, progress)
+        arrays = _fill_host_direct(dataset, layout, sizes, num_workers, progress, worker_timeout)
         status = arrays.pop("status")
         _record_bad(dataset, layout, np.flatnonzero(status == _BAD_SAMPLE).tolist(), policy)
         seconds = time.perf_counter() - tick
@@ -414,7 +425,10 @@ def fill_store(
             disable=not show,
         )
         with bar:
-            for raw in _raw_batches(dataset, batch_size, num_workers, device_id, backend):
+            raws = _raw_batches(
+                dataset, batch_size, num_workers, device_id, backend, worker_timeout
+            )
+            for raw in raws:
                 bad = _place(raw, arrays, layout, samples, xp)
                 _record_bad(dataset, layout, bad, policy)
                 bar.update(1)
@@ -557,7 +571,12 @@ class _DirectWriter:
 
 
 def _fill_host_direct(
-    dataset: Any, layout: StoreLayout, sizes: dict[str, int], num_workers: int, progress: Any
+    dataset: Any,
+    layout: StoreLayout,
+    sizes: dict[str, int],
+    num_workers: int,
+    progress: Any,
+    worker_timeout: float = 60.0,
 ) -> dict[str, np.ndarray]:
     """Fill a host store with no copy through this process: the store is a file in
     ``/dev/shm`` (shared memory) that every worker maps and writes its samples into; the
@@ -568,6 +587,8 @@ def _fill_host_direct(
     import torch
     from tqdm import tqdm
 
+    from gpuloader.loading.workers import guarded_batches
+
     spans = _host_spans(sizes)
     folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
     fd, path = tempfile.mkstemp(prefix="gpuloader-store-", dir=folder)
@@ -577,12 +598,16 @@ def _fill_host_direct(
         arrays = _map_host_arrays(path, spans)
         writer = _DirectWriter(dataset, layout, path, spans)
         loader = torch.utils.data.DataLoader(
-            writer, batch_size=None, num_workers=num_workers, prefetch_factor=8
+            writer,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=8,
+            timeout=worker_timeout,
         )
         show = sys.stderr.isatty() if progress is None else progress
         desc = f"gpuloader: filling the host store ({store_bytes(layout) / 2**20:.0f} MiB)"
         with tqdm(total=len(writer), desc=desc, unit="file", disable=not show) as bar:
-            for _ in loader:
+            for _ in guarded_batches(loader, worker_timeout):
                 bar.update(1)
     finally:
         try:
