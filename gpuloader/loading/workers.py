@@ -290,9 +290,6 @@ class DaliGuard:
         pool = getattr(getattr(self.pipe, "_py_pool", None), "pool", None)
         return list(getattr(pool, "_processes", None) or [])
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.processes() if p.pid is not None]
-
     def run(self, *args: Any) -> Any:
         """``pipe.run(*args)``, waited for at most ``timeout`` seconds.
 
