@@ -145,14 +145,19 @@ def test_loader_raise_names_the_file(case, path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::gpuloader.loading.dataset.SkippedFileWarning")
-def test_filled_store_records_bad_files_and_is_shared(case) -> None:
+@pytest.mark.parametrize("fill", ["torch-0", "dali-1"])
+def test_filled_store_records_bad_files_and_is_shared(case, fill) -> None:
     """fill_store under skip records the bad sample instead of refusing (one warning naming
-    the file); a loader over that store replaces it as the CPU API does."""
+    the file); a loader over that store replaces it as the CPU API does. The fill's reader:
+    in this process, or DALI workers (which mark a bad sample in its ``meta``)."""
     kind, _, dirs, bad, key = case
+    backend, workers = fill.split("-")
+    if backend == "dali" and (kind not in DALI_CASES or not dali_available()):
+        pytest.skip("DALI: a subset of the cases (spawned workers cost seconds each)")
     ds = _dataset(dirs, "skip")
     keys = [(s["level"], s["hash"]) for s in ds.samples]
     with pytest.warns(SkippedFileWarning, match="store left out") if key in keys else _nothing():
-        store = fill_store(ds, "host", num_workers=0, progress=False)
+        store = fill_store(ds, "host", num_workers=int(workers), backend=backend, progress=False)
     if key not in keys:
         assert store.bad == {}
         return
@@ -162,6 +167,9 @@ def test_filled_store_records_bad_files_and_is_shared(case) -> None:
         fill_store(ds, "host", num_workers=0, progress=False, on_error="raise")
     with _loader(ds, store, "torch", 0) as loader:
         _check_skip(loader, ds, bad, key, epochs=(2,))
+    with pytest.raises(DamagedFileError) as err:  # no data for it: never served under raise
+        GPURayLoader(ds, RAYS, SPB, seed=SEED, device="cpu", store=store, on_error="raise")
+    assert str(bad) in _first_line(err.value) and "left out of the store" in str(err.value)
 
 
 @pytest.mark.filterwarnings("ignore::gpuloader.loading.dataset.SkippedFileWarning")

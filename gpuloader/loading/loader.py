@@ -36,7 +36,21 @@ Distributed: the sampler shards the epoch's batches over ``torch.distributed``'s
 the ``rank``/``world_size`` given), and every store and back end reads exactly the sampler's
 batches, so each rank's loader yields its shard. DALI's own ``shard_id``/``num_shards`` (of
 its file readers) are not used: the order is ours, and the external source reads only the
-rank's batches. Every rank holds the whole split in a resident store.
+rank's batches. Every rank holds the whole split in a resident store, unless
+``shard_store=True``: then each rank owns a fixed subset of the samples
+(``RayBatchSampler(shard="samples")``, ``sampler.shard_indices()``), batched within the rank
+each epoch, and its store holds only that subset (``fill_store(indices=...)``).
+
+Bad files (``on_error``, default the dataset's): ``"raise"`` stops at the first bad file with
+its named error (first line: the file), on every store and back end. ``"skip"`` replaces a bad
+sample by the rule of :mod:`gpuloader.loading.replace`, exactly as the CPU API does: bad
+samples known before reading (found by a store's fill, recorded in a pack, or by their
+headers) are replaced in the epoch's batches (``SkippingSampler``); the per-sample reader
+replaces them as it reads (``read_sample_checked`` in the workers, the replaced index in
+``meta``). Each batch carries ``skipped`` (``(position, bad index, error)``, as
+``collate_ray_batch``'s); ``loader.errors`` lists the bad files met, ``loader.skipped`` counts
+the replacements, and each epoch that replaced samples ends with one warning naming them.
+With ``shard_store=True`` a replacement comes from the rank's own subset.
 
 Resume: :meth:`GPURayLoader.state_dict` is ``(epoch, batches_yielded)`` of the pass in
 progress (batches handed to the caller, not those read ahead); after
@@ -66,7 +80,7 @@ from gpuloader.augment.transforms import (
     ray_budget,
     split_for_device,
 )
-from gpuloader.errors import UnsupportedTransformError, WorkerError
+from gpuloader.errors import DamagedFileError, UnsupportedTransformError, WorkerError
 from gpuloader.format.sparse_batch import dense_batch_to_sparse
 from gpuloader.loading.batches import FusedBatches
 from gpuloader.loading.collate import RAY_DTYPES
@@ -84,6 +98,7 @@ from gpuloader.stores.resident import (
     fill_store,
     find_bad,
     store_bytes,
+    take_layout,
 )
 
 __all__ = ["GPURayLoader", "known_segments"]
@@ -242,6 +257,10 @@ class GPURayLoader:
             does (module doc, "Bad files").
         worker_timeout: seconds to wait for a batch from the reader workers before raising
             :class:`~gpuloader.errors.WorkerError` (module doc, "Worker faults"; default 60).
+        shard_store: with several ranks, each rank owns a fixed subset of the samples
+            (``RayBatchSampler(shard="samples")``) and a resident store holds only that
+            subset (module doc, "Distributed"). Default False: the epoch's batches are dealt
+            to the ranks, and each rank's store holds the whole split.
 
     Attributes:
         backend: "dali" or "torch". device: the torch device of the batches.
@@ -275,6 +294,7 @@ class GPURayLoader:
         cuda_graphs: bool = False,
         on_error: str | None = None,
         worker_timeout: float = 60.0,
+        shard_store: bool = False,
     ) -> None:
         self._closed = True  # until fully built: makes close()/__del__ safe on errors
         self._pipe: RayPipeline | None = None
@@ -309,7 +329,11 @@ class GPURayLoader:
             seed=seed,
             rank=rank,
             world_size=world_size,
+            shard="samples" if shard_store else "batches",
         )
+        self.shard_store = bool(shard_store)
+        # the samples this rank's batches use: a resident store needs only these
+        self._held = self.sampler.shard_indices() if shard_store else None
         self.seed = self.sampler.seed
         self.num_workers = int(num_workers)
         self.prefetch = max(1, int(prefetch))
@@ -345,6 +369,7 @@ class GPURayLoader:
                     layout=self._layout,
                     on_error=self.on_error,
                     worker_timeout=self.worker_timeout,
+                    indices=self._held,
                 )
             self._fused = FusedBatches(
                 self.resident,
@@ -414,11 +439,22 @@ class GPURayLoader:
     def _known_bad(self, bad: dict[int, tuple[str, str]]) -> Any:
         """The sampler for whole-batch paths: bad samples known before reading (a store's
         fill, a pack's manifest, bad headers) replaced in every epoch's batches."""
-        if not bad or self.on_error != "skip":
+        if not bad:
             return self.sampler
+        if self.on_error != "skip":  # a store filled under skip has no data for these
+            _, (_, line) = min(bad.items())
+            raise DamagedFileError(
+                f"{line} (left out of the store as bad; this loader has on_error='raise': "
+                "use on_error='skip', or repair the file and fill the store again)"
+            )
         for file, line in bad.values():
             self._note_error(file, line)
         known = KnownBad.of_dataset(self.sampler.dataset, bad, self._budget)
+        held = self.resident.held if self.resident is not None else None
+        if held is not None:  # replacements come from the samples the store holds
+            outside = np.ones(len(known.available), bool)
+            outside[held] = False
+            known.available[outside] = -1
         self._skipping = SkippingSampler(self.sampler, known)
         return self._skipping
 
@@ -459,6 +495,13 @@ class GPURayLoader:
                 )
             if store.location == "gpu" and self.device.type != "cuda":
                 raise ValueError("a GPU-resident store needs device='cuda'")
+            need = self.sampler.shard_indices()
+            if store.held is not None and not np.isin(need, store.held).all():
+                raise ValueError(
+                    "the store holds only part of the split (fill_store(indices=...)), not "
+                    f"every sample this rank's batches use ({len(need)} samples); fill it with "
+                    "indices=loader.sampler.shard_indices() of the same rank and world size"
+                )
             return store.location, "a store filled by the caller"
         if store not in ("auto", "gpu", "host", "stream"):
             raise ValueError(
@@ -478,7 +521,8 @@ class GPURayLoader:
                 f"store='gpu' needs a CUDA device; the loader's device is {self.device}"
             )
         self._layout = estimate_layout(self.dataset, self.on_error)
-        nbytes = store_bytes(self._layout)
+        held = self._layout if self._held is None else take_layout(self._layout, self._held)
+        nbytes = store_bytes(held)
         if store != "auto":
             return store, f"asked for ({nbytes / 2**20:.1f} MiB)"
         return choose_store(nbytes, self.device, gpu_budget, host_budget)
@@ -539,7 +583,9 @@ class GPURayLoader:
         from gpuloader.loading.sampler import resume_state
 
         epoch, done = self._pass if self._pass is not None else (self.epoch, self._resume_at)
-        state = resume_state(epoch, done, len(self), self.seed, self.sampler.world_size)
+        state = resume_state(
+            epoch, done, len(self), self.seed, self.sampler.world_size, self.sampler.shard
+        )
         state["rank"] = self.sampler.rank
         ds_state = getattr(self.dataset, "state_dict", None)
         if ds_state is not None:
@@ -557,7 +603,12 @@ class GPURayLoader:
         from gpuloader.loading.sampler import check_resume_state
 
         epoch, start = check_resume_state(
-            state, len(self), self.seed, self.sampler.world_size, "GPURayLoader"
+            state,
+            len(self),
+            self.seed,
+            self.sampler.world_size,
+            "GPURayLoader",
+            self.sampler.shard,
         )
         ds_load = getattr(self.dataset, "load_state_dict", None)
         if "dataset" in state and ds_load is not None:

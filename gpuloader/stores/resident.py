@@ -54,7 +54,9 @@ __all__ = [
     "bad_entry",
     "estimate_layout",
     "find_bad",
+    "spread_layout",
     "store_bytes",
+    "take_layout",
     "fill_store",
     "choose_store",
     "host_memory_available",
@@ -170,6 +172,36 @@ def find_bad(dataset: Any, index: int) -> tuple[str, str]:
     return str(s.get("ray_path")), f"{s.get('ray_path')}: bad when read by a worker"
 
 
+def take_layout(layout: StoreLayout, held: np.ndarray) -> StoreLayout:
+    """The layout of a store holding only samples ``held`` (sorted dataset indices), in
+    their order, compact; its index ``j`` is dataset sample ``held[j]``."""
+    held = np.asarray(held, dtype=np.int64)
+    rays, views, sides = layout.ray_count[held], layout.view_count[held], layout.side[held]
+    where = {int(i): j for j, i in enumerate(held.tolist())}
+    return StoreLayout(
+        ray_start=_starts(rays),
+        ray_count=rays,
+        view_start=_starts(views),
+        view_count=views,
+        grid_start=_starts(sides**3),
+        side=sides,
+        bad={where[i]: v for i, v in layout.bad.items() if i in where},
+    )
+
+
+def spread_layout(local: StoreLayout, held: np.ndarray, k: int) -> StoreLayout:
+    """A compact layout of samples ``held`` (:func:`take_layout`) indexed by dataset index
+    again (``k`` samples): the others hold nothing (zero counts and sides)."""
+    held = np.asarray(held, dtype=np.int64)
+    out = {}
+    for name in ("ray_start", "ray_count", "view_start", "view_count", "grid_start", "side"):
+        a = np.zeros(k, dtype=np.int64)
+        a[held] = getattr(local, name)
+        out[name] = a
+    bad = {int(held[j]): v for j, v in local.bad.items()}
+    return StoreLayout(**out, bad=bad)
+
+
 def store_bytes(layout: StoreLayout) -> int:
     """Bytes a store of ``layout`` takes (rays, views and grids)."""
     return int(
@@ -251,6 +283,8 @@ class ResidentStore:
     layout: StoreLayout
     location: str
     fill_seconds: float = 0.0
+    #: the dataset indices held (sorted), or None for every sample (``fill_store(indices)``)
+    held: np.ndarray | None = None
 
     @property
     def bad(self) -> dict[int, tuple[str, str]]:
@@ -345,6 +379,7 @@ def fill_store(
     layout: StoreLayout | None = None,
     on_error: str | None = None,
     worker_timeout: float = 60.0,
+    indices: np.ndarray | None = None,
 ) -> ResidentStore:
     """Read every sample of ``dataset`` (its split) into a resident store.
 
@@ -364,6 +399,9 @@ def fill_store(
             place left unused.
         worker_timeout: seconds to wait for the workers' next batch before raising
             :class:`~gpuloader.errors.WorkerError` (a dead worker raises at once).
+        indices: hold only these samples (dataset indices; a rank's fixed shard,
+            ``RayBatchSampler.shard_indices``); the layout still has every sample, the
+            others holding nothing. None: every sample.
 
     Raises:
         DamagedFileError: a bad file (``on_error='raise'``), or one whose arrays differ from
@@ -377,6 +415,26 @@ def fill_store(
     if getattr(dataset, "on_error", policy) != policy:
         dataset = copy.copy(dataset)
         dataset.on_error = policy
+    if indices is not None:  # a compact store of the subset, then indexed as the dataset
+        held = np.unique(np.asarray(indices, dtype=np.int64))
+        full = layout if layout is not None else estimate_layout(dataset, policy)
+        sub = copy.copy(dataset)
+        sub.samples = [dataset.samples[int(i)] for i in held]
+        store = fill_store(
+            sub,
+            location,
+            device,
+            num_workers,
+            batch_size,
+            backend,
+            progress,
+            take_layout(full, held),
+            policy,
+            worker_timeout,
+        )
+        store.layout = spread_layout(store.layout, held, len(dataset.samples))
+        store.held = held
+        return store
     tick = time.perf_counter()
     layout = layout if layout is not None else estimate_layout(dataset, policy)
     sizes = {
@@ -669,9 +727,9 @@ def _place(
     for a, b in _runs(good):  # runs of good consecutive samples: one copy per array each
         first = int(idx[a])
         spans = {
-            "rays": (raw_rays[a], raw_rays[b], int(layout.ray_start[first])),
-            "view_positions": (raw_views[a], raw_views[b], int(layout.view_start[first])),
-            "grids": (raw_grids[a], raw_grids[b], int(layout.grid_start[first])),
+            "rays": (int(raw_rays[a]), int(raw_rays[b]), int(layout.ray_start[first])),
+            "view_positions": (int(raw_views[a]), int(raw_views[b]), int(layout.view_start[first])),
+            "grids": (int(raw_grids[a]), int(raw_grids[b]), int(layout.grid_start[first])),
         }
         for k in STORE_KEYS:
             if records and k in _RAY_KEYS:
