@@ -39,18 +39,9 @@ def _dataset(dirs):
 
 
 def _loader(ds, rank: int, world: int, **kw) -> GPURayLoader:
-    args = dict(store="host", device="cpu", num_workers=0, backend="torch", progress=False)
-    args.update(kw)
-    return GPURayLoader(
-        ds,
-        rays_per_batch=RAYS,
-        subvolumes_per_batch=SPB,
-        seed=SEED,
-        rank=rank,
-        world_size=world,
-        shard_store=True,
-        **args,
-    )
+    kw = {"store": "host", "device": "cpu", "num_workers": 0, "backend": "torch", **kw}
+    kw.update(seed=SEED, rank=rank, world_size=world, shard_store=True, progress=False)
+    return GPURayLoader(ds, RAYS, SPB, **kw)
 
 
 def _cpu_api(ds, rank: int, world: int, epoch: int) -> list[dict]:

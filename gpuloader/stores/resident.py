@@ -142,6 +142,13 @@ def estimate_layout(dataset: Any, on_error: str | None = None) -> StoreLayout:
                 raise
             views[i] = sides[i] = 0
             bad[i] = find_bad(dataset, i)  # the error a full read gives, as the CPU API's
+    return _packed_layout(rays, views, sides, bad)
+
+
+def _packed_layout(
+    rays: np.ndarray, views: np.ndarray, sides: np.ndarray, bad: dict[int, tuple[str, str]]
+) -> StoreLayout:
+    """Samples one after the other in every array: starts from the counts."""
     return StoreLayout(
         ray_start=_starts(rays),
         ray_count=rays,
@@ -178,15 +185,8 @@ def take_layout(layout: StoreLayout, held: np.ndarray) -> StoreLayout:
     held = np.asarray(held, dtype=np.int64)
     rays, views, sides = layout.ray_count[held], layout.view_count[held], layout.side[held]
     where = {int(i): j for j, i in enumerate(held.tolist())}
-    return StoreLayout(
-        ray_start=_starts(rays),
-        ray_count=rays,
-        view_start=_starts(views),
-        view_count=views,
-        grid_start=_starts(sides**3),
-        side=sides,
-        bad={where[i]: v for i, v in layout.bad.items() if i in where},
-    )
+    bad = {where[i]: v for i, v in layout.bad.items() if i in where}
+    return _packed_layout(rays, views, sides, bad)
 
 
 def spread_layout(local: StoreLayout, held: np.ndarray, k: int) -> StoreLayout:
