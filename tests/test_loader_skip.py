@@ -190,9 +190,53 @@ def test_pack_stream_skip_equals_cpu_api(case, tmp_path) -> None:
             _check_skip(loader, ds, bad, key)
 
 
+def _cloned(batch: dict) -> dict:
+    def one(v):
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        return v.clone() if hasattr(v, "clone") else v
+
+    return {k: one(v) for k, v in batch.items()}
+
+
 class _nothing:
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore::gpuloader.loading.dataset.SkippedFileWarning")
+@pytest.mark.parametrize("store", ["gpu", "stream"])
+def test_cuda_skip_equals_the_cpu_fallback(case, store, tmp_path) -> None:
+    """On a GPU: the GPU store (fill by DALI, CUDA fused kernels) and the pack stream
+    (CUDA fused pass) under skip give the CPU fallback's batches and skipped lists
+    (integers exactly, floats within 1e-5: tests/test_stores_gpu.py's comparison)."""
+    from gpuloader.loading.loader import _cuda_usable
+
+    if not _cuda_usable():
+        pytest.skip("needs a CUDA GPU with CuPy")
+    try:
+        from tests.test_stores_gpu import assert_close
+    except ImportError:
+        from test_stores_gpu import assert_close
+    kind, _, dirs, bad, key = case
+    ray_store = None
+    if store == "stream":
+        if CASES[kind][0] != "ray":
+            pytest.skip("voxel files are not packed")
+        pack_rays(dirs[1], tmp_path / "pack", progress=False, workers=1, on_error="skip")
+        ray_store = PackedRayStore(tmp_path / "pack")
+    ds = _dataset(dirs, "skip", ray_store=ray_store)
+    for epoch in (0, 1):
+        with _loader(ds, "host", "torch", 0) as cpu:
+            cpu.set_epoch(epoch)
+            want = list(cpu)
+        args = dict(rays_per_batch=RAYS, subvolumes_per_batch=SPB, seed=SEED, progress=False)
+        with GPURayLoader(ds, device="cuda", store=store, num_workers=1, **args) as gpu:
+            gpu.set_epoch(epoch)
+            got = [_cloned(b) for b in gpu]  # the GPU store's ring reuses its tensors
+        assert _skips(got) == _skips(want)
+        assert_close(got, want)
