@@ -38,7 +38,7 @@ from gpuloader.augment.transforms import Transform
 from gpuloader.loading.epoch_plan import EpochPlan, build_epoch_plan
 from gpuloader.stores.resident import ResidentStore
 
-__all__ = ["FusedBatches", "assemble_host", "to_device"]
+__all__ = ["FusedBatches", "assemble_host", "batch_dict", "to_device"]
 
 
 class FusedBatches:
@@ -150,18 +150,34 @@ def assemble_host(
     rays = fused_numpy.gather_rays(arrays, bp)
     vox = fused_numpy.gather_grids(arrays["grids"], bp)
     vp = fused_numpy.gather_views(arrays["view_positions"], bp)
-    sl = plan.slots(i)
+    return batch_dict(rays, vox, vp, bp, plan.levels[plan.slots(i)], hashes, torch.from_numpy)
+
+
+def batch_dict(
+    rays: dict[str, Any],
+    vox: Any,
+    vp: Any,
+    bp: Any,
+    levels: np.ndarray,
+    hashes: list[str],
+    tensor: Any,
+    device: Any = None,
+) -> dict[str, Any]:
+    """The dict of ``collate_ray_batch`` from a fused pass's outputs (numpy or CuPy):
+    ``tensor`` makes a torch tensor of one without a copy (``torch.from_numpy``,
+    ``torch.from_dlpack``); the small per-slot arrays of ``bp`` and ``levels`` are copied to
+    ``device``."""
     out: dict[str, Any] = {
-        "voxels": torch.from_numpy(vox),
-        "voxel_shapes": torch.from_numpy(np.repeat(bp.side[:, None], 3, axis=1)),
+        "voxels": tensor(vox),
+        "voxel_shapes": torch.tensor(np.repeat(bp.side[:, None], 3, axis=1), device=device),
     }
     for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
-        out[k] = torch.from_numpy(rays[k])
-    out["ray_to_voxel"] = torch.from_numpy(rays["ray_to_voxel"])
-    out["num_rays"] = torch.from_numpy(np.array(bp.keep, dtype=np.int64))
-    out["levels"] = torch.from_numpy(plan.levels[sl].copy())
+        out[k] = tensor(rays[k])
+    out["ray_to_voxel"] = tensor(rays["ray_to_voxel"])
+    out["num_rays"] = torch.tensor(np.asarray(bp.keep, dtype=np.int64), device=device)
+    out["levels"] = torch.tensor(levels, device=device)
     out["hashes"] = [hashes[int(j)] for j in bp.index]
-    out["view_positions"] = list(torch.split(torch.from_numpy(vp), bp.view_count.tolist()))
+    out["view_positions"] = list(torch.split(tensor(vp), bp.view_count.tolist()))
     return out
 
 

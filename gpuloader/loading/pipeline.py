@@ -48,6 +48,7 @@ __all__ = [
     "RayPipeline",
     "dali_available",
     "concat_tensorlist",
+    "dali_dtypes",
     "shutdown_pipeline",
 ]
 
@@ -77,7 +78,8 @@ class RawBatch:
     meta: np.ndarray
 
 
-def _dali_types() -> dict[str, Any]:
+def dali_dtypes(dtypes: list[np.dtype]) -> list[Any]:
+    """DALI's type of each numpy dtype (uint8, float32, int32, int64)."""
     from nvidia.dali import types
 
     table = {
@@ -86,7 +88,7 @@ def _dali_types() -> dict[str, Any]:
         np.dtype(np.int32): types.INT32,
         np.dtype(np.int64): types.INT64,
     }
-    return {name: table[OUTPUT_DTYPES[name]] for name in OUTPUT_NAMES}
+    return [table[np.dtype(d)] for d in dtypes]
 
 
 def concat_tensorlist(tl: Any, name: str, device: Any = None) -> tuple[Any, list[tuple]]:
@@ -177,7 +179,7 @@ class RayPipeline:
             py_start_method=start_method,
             prefetch_queue_depth=depth,
         )
-        dtypes = _dali_types()
+        dtypes = dali_dtypes([OUTPUT_DTYPES[n] for n in OUTPUT_NAMES])
         with pipe:
             kwargs: dict[str, Any] = {}
             if bytes_per_sample_hint:
@@ -188,7 +190,7 @@ class RayPipeline:
                 batch=False,
                 parallel=True,
                 prefetch_queue_depth=depth,
-                dtype=[dtypes[n] for n in OUTPUT_NAMES],
+                dtype=dtypes,
                 ndim=[OUTPUT_NDIM[n] for n in OUTPUT_NAMES],
                 **kwargs,
             )

@@ -29,21 +29,12 @@ import numpy as np
 from gpuloader.augment.fused_numpy import BatchPlan, select_store_rows
 from gpuloader.errors import GPULoaderError
 from gpuloader.loading.epoch_plan import EpochPlan, StoreLayout, build_epoch_plan
+from gpuloader.loading.reader import OUTPUT_DTYPES, OUTPUT_NDIM, RAY_OUTPUTS
 from gpuloader.stores.npz import chunk_span
 
 __all__ = ["STREAM_OUTPUTS", "PackBatchReader", "local_plan", "pack_layout"]
 
-STREAM_OUTPUTS: tuple[str, ...] = (
-    "origins",
-    "directions",
-    "distances",
-    "hits",
-    "view_ids",
-    "face_ids",
-    "view_positions",
-    "grids",
-    "meta",
-)
+STREAM_OUTPUTS: tuple[str, ...] = (*RAY_OUTPUTS, "view_positions", "grids", "meta")
 
 
 def pack_layout(
@@ -221,18 +212,13 @@ class PackBatchReader:
         return tuple([a] for a in arrays)
 
 
+#: dtype and rank of each output: the per-sample reader's, plus flat grids and (epoch, i)
 _STREAM_DTYPES = {
-    "origins": np.float32,
-    "directions": np.float32,
-    "distances": np.float32,
-    "hits": np.uint8,
-    "view_ids": np.int32,
-    "face_ids": np.int32,
-    "view_positions": np.float32,
-    "grids": np.uint8,
-    "meta": np.int64,
+    **{k: OUTPUT_DTYPES[k] for k in (*RAY_OUTPUTS, "view_positions")},
+    "grids": np.dtype(np.uint8),
+    "meta": np.dtype(np.int64),
 }
-_STREAM_NDIM = {"origins": 2, "directions": 2, "view_positions": 2}
+_STREAM_NDIM = {k: OUTPUT_NDIM[k] for k in (*RAY_OUTPUTS, "view_positions")}
 
 
 class _BatchIndexDataset:
@@ -255,13 +241,12 @@ def _dali_stream(
     """A CPU DALI pipeline whose parallel batch-mode external source yields whole batches,
     built, in a :class:`~gpuloader.loading.workers.DaliGuard` that bounds every run by
     ``worker_timeout`` seconds."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn
     from nvidia.dali.pipeline import Pipeline
 
+    from gpuloader.loading.pipeline import dali_dtypes
     from gpuloader.loading.workers import DaliGuard, stop_pipeline
 
-    table = {np.float32: types.FLOAT, np.uint8: types.UINT8, np.int32: types.INT32,
-             np.int64: types.INT64}  # fmt: skip
     pipe = Pipeline(
         batch_size=1,
         num_threads=1,
@@ -277,7 +262,7 @@ def _dali_stream(
             batch=True,
             batch_info=True,
             parallel=True,
-            dtype=[table[_STREAM_DTYPES[k]] for k in STREAM_OUTPUTS],
+            dtype=dali_dtypes([_STREAM_DTYPES[k] for k in STREAM_OUTPUTS]),
             ndim=[_STREAM_NDIM.get(k, 1) for k in STREAM_OUTPUTS],
         )
         pipe.set_outputs(*outs)
@@ -408,6 +393,7 @@ class StreamBatches:
         import torch
 
         from gpuloader.augment import fused_cupy
+        from gpuloader.loading.batches import batch_dict
 
         dev = self.device
         stream = torch.cuda.current_stream(dev)
@@ -416,16 +402,5 @@ class StreamBatches:
             rays = fused_cupy.gather_rays(store, bp)
             vox = fused_cupy.gather_grids(store["grids"], bp)
             vp = fused_cupy.gather_views(store["view_positions"], bp)
-        sl = plan.slots(i)
-        out: dict[str, Any] = {
-            "voxels": torch.from_dlpack(vox),
-            "voxel_shapes": torch.as_tensor(np.repeat(bp.side[:, None], 3, axis=1), device=dev),
-        }
-        for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
-            out[k] = torch.from_dlpack(rays[k])
-        out["ray_to_voxel"] = torch.from_dlpack(rays["ray_to_voxel"])
-        out["num_rays"] = torch.as_tensor(np.asarray(bp.keep, np.int64), device=dev)
-        out["levels"] = torch.as_tensor(plan.levels[sl], device=dev)
-        out["hashes"] = [self.hashes[int(j)] for j in bp.index]
-        out["view_positions"] = list(torch.split(torch.from_dlpack(vp), bp.view_count.tolist()))
-        return out
+        levels = plan.levels[plan.slots(i)]
+        return batch_dict(rays, vox, vp, bp, levels, self.hashes, torch.from_dlpack, dev)
