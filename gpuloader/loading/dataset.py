@@ -77,7 +77,7 @@ from gpuloader.format.index import Isolation, build_index, chunk_samples
 from gpuloader.format.sparse import voxels_to_sparse_coo, voxels_to_sparse_index
 from gpuloader.format.validate import classify
 from gpuloader.loading.collate import RAY_DTYPES
-from gpuloader.loading.replace import replacement_order
+from gpuloader.loading.replace import KnownBad, replacement_order
 from gpuloader.loading.sampler import RayRequest
 from gpuloader.stores.cache import LRUCache
 from gpuloader.stores.npz import NpzRayStore, RayStore, read_voxel_file
@@ -306,9 +306,9 @@ class HierarchicalVoxelRayDataset(Dataset):
     def _replacements(self, index: int, epoch: int, rays: int) -> Iterator[int]:
         """Candidates for bad sample ``index``, in order (``replace.replacement_order``: samples
         holding at least ``rays`` rays, same level first, keyed by (seed, epoch, index))."""
-        levels = np.array([s["level"] for s in self.samples], dtype=np.int64)
-        avail = np.array([self.available_rays(j) for j in range(len(self.samples))])
-        return replacement_order(levels, avail, index, rays, self.seed, epoch)
+        budget = ray_budget(self.transform) if self.transform is not None else None
+        known = KnownBad.of_dataset(self, {}, budget)  # levels and rows of every sample
+        return replacement_order(known.levels, known.available, index, rays, self.seed, epoch)
 
     def read_sample_checked(
         self, index: int, epoch: int | None = None, num_rays: int | None = None

@@ -40,8 +40,7 @@ from gpuloader.loading.reader import (
     OUTPUT_NDIM,
     RayReader,
 )
-from gpuloader.loading.workers import DEFAULT_TIMEOUT, DaliGuard
-from gpuloader.loading.workers import stop_pipeline as shutdown_pipeline
+from gpuloader.loading.workers import DEFAULT_TIMEOUT, DaliGuard, stop_pipeline
 
 __all__ = [
     "RawBatch",
@@ -49,7 +48,6 @@ __all__ = [
     "dali_available",
     "concat_tensorlist",
     "dali_dtypes",
-    "shutdown_pipeline",
 ]
 
 
@@ -255,7 +253,7 @@ class RayPipeline:
         if guard is not None:
             guard.close()
         else:
-            shutdown_pipeline(pipe)
+            stop_pipeline(pipe)
 
     def __enter__(self) -> RayPipeline:
         return self
