@@ -452,32 +452,21 @@ def main(argv: list[str] | None = None) -> int:
             import nvidia.dali  # noqa: F401
         except ImportError:
             pass
+
+    def run(name: str, epochs: int) -> dict:
+        shape = (args.rays_per_batch, args.subvolumes_per_batch)
+        return soak_one(name, dataset_dir, ray_dir, epochs, *shape, args.settle)
+
     if args.warmup:
         for name in args.loaders:
             print(f"{name}: warm-up epoch", flush=True)
-            soak_one(
-                name,
-                dataset_dir,
-                ray_dir,
-                1,
-                args.rays_per_batch,
-                args.subvolumes_per_batch,
-                args.settle,
-            )
+            run(name, 1)
     results = []
     for name in args.loaders:
         n = epochs_for.get(name, args.epochs)
         print(f"{name}: {n} epochs ...", flush=True)
         try:
-            r = soak_one(
-                name,
-                dataset_dir,
-                ray_dir,
-                n,
-                args.rays_per_batch,
-                args.subvolumes_per_batch,
-                args.settle,
-            )
+            r = run(name, n)
         except Exception as exc:  # noqa: BLE001 - one loader failing must not lose the rest
             r = {"loader": name, "error": f"{type(exc).__name__}: {exc}"}
         else:

@@ -27,35 +27,20 @@ from gpuloader.augment.numpy_backend import SYMMETRY_TABLE
 from gpuloader.loading.epoch_plan import EpochPlan, StoreLayout, build_epoch_plan
 
 try:  # as a package (pytest rootdir on sys.path) or from the tests folder
+    from tests import test_fused_kernels_cpu as fused_cpu
     from tests._shim import build_shim_library
-    from tests.test_fused_kernels_cpu import (
-        INT,
-        LLONG,
-        SIGNATURES,
-        UINT,
-        DevArray,
-        Scalar,
-        _fake_cupy,
-        _p,
-        _scatter,
-        check_rays,
-        make_store,
-    )
 except ImportError:  # pragma: no cover
+    import test_fused_kernels_cpu as fused_cpu
     from _shim import build_shim_library
-    from test_fused_kernels_cpu import (
-        INT,
-        LLONG,
-        SIGNATURES,
-        UINT,
-        DevArray,
-        Scalar,
-        _fake_cupy,
-        _p,
-        _scatter,
-        check_rays,
-        make_store,
-    )
+
+INT, LLONG, UINT, SIGNATURES = fused_cpu.INT, fused_cpu.LLONG, fused_cpu.UINT, fused_cpu.SIGNATURES
+DevArray, Scalar, _fake_cupy = fused_cpu.DevArray, fused_cpu.Scalar, fused_cpu._fake_cupy
+_p, _scatter, check_rays, make_store = (
+    fused_cpu._p,
+    fused_cpu._scatter,
+    fused_cpu.check_rays,
+    fused_cpu.make_store,
+)
 
 F32, I32, U32, U8, I64 = np.float32, np.int32, np.uint32, np.uint8, np.int64
 _BATCH = [_p(I64), _p(I64), _p(I64, out=True)]  # batch_starts, batch_total, cursor
