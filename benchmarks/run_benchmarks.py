@@ -10,7 +10,7 @@ Seven loaders read the train split of one dataset with the same batch shape
 * ``gpu_loader`` GPURayLoader, ``store="stream"`` on the npz files: the per-sample reader
   (DALI pipeline, on the CPU when there is no GPU);
 * ``cpu_packed`` the CPU API with ``ray_store=PackedRayStore`` (the one-time packed cache of
-  gpuloader.stores.packed, built before timing, its build timed on its own);
+  gpuloader.stores.pack.store, built before timing, its build timed on its own);
 * ``gpu_packed`` GPURayLoader, ``store="stream"`` on the pack: whole batches gathered from the
   pack by the workers, then the fused pass;
 * ``resident_host``, ``resident_gpu``: GPURayLoader with the split resident in RAM or in GPU
@@ -49,10 +49,10 @@ import upstream_baseline as up  # noqa: E402  (baseline only, not part of gpuloa
 
 from gpuloader import transforms  # noqa: E402
 from gpuloader.commands.demo import DEFAULT_OUT, ensure_data  # noqa: E402
-from gpuloader.loading.collate import collate_ray_batch  # noqa: E402
-from gpuloader.loading.dataset import HierarchicalVoxelRayDataset  # noqa: E402
-from gpuloader.loading.sampler import RayBatchSampler  # noqa: E402
-from gpuloader.stores.packed import PackedRayStore, PackError, pack_rays  # noqa: E402
+from gpuloader.dataset.collate import collate_ray_batch  # noqa: E402
+from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset  # noqa: E402
+from gpuloader.plan.sampler import RayBatchSampler  # noqa: E402
+from gpuloader.stores.pack.store import PackedRayStore, PackError, pack_rays  # noqa: E402
 
 LOADERS = (
     "upstream",

@@ -233,10 +233,10 @@ def build(
     """(loader, set_epoch, close, description) of loader ``name``."""
     from torch.utils.data import DataLoader
 
-    from gpuloader.loading.collate import collate_ray_batch
-    from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+    from gpuloader.dataset.collate import collate_ray_batch
+    from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
     from gpuloader.loading.loader import GPURayLoader
-    from gpuloader.loading.sampler import RayBatchSampler
+    from gpuloader.plan.sampler import RayBatchSampler
 
     tf = augment(max(1, rays // spb))
     if name == "cpu_api":

@@ -40,9 +40,9 @@ from torch.utils.data import DataLoader
 
 from gpuloader import transforms
 from gpuloader.commands.demo import DEFAULT_OUT, resolve_data_dirs
-from gpuloader.loading.collate import collate_ray_batch
-from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
-from gpuloader.loading.sampler import RayBatchSampler
+from gpuloader.dataset.collate import collate_ray_batch
+from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
+from gpuloader.plan.sampler import RayBatchSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import upstream_baseline as up  # noqa: E402  (baseline only, not part of gpuloader)

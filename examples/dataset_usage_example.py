@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 
 from gpuloader import transforms
 from gpuloader.commands.demo import DEFAULT_OUT, resolve_data_dirs, retrace_error
-from gpuloader.loading.collate import collate_ray_batch
-from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
-from gpuloader.loading.sampler import RayBatchSampler
+from gpuloader.dataset.collate import collate_ray_batch
+from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
+from gpuloader.plan.sampler import RayBatchSampler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

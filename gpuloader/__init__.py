@@ -13,24 +13,23 @@ from typing import Any
 
 from gpuloader.augment import transforms
 from gpuloader.augment.rng import SampleContext
+from gpuloader.dataset.collate import collate_ray_batch
+from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 from gpuloader.format.sparse import (
     compute_sparse_statistics,
     sparse_coo_to_dense,
     voxels_to_sparse_coo,
     voxels_to_sparse_index,
 )
-from gpuloader.generate.tracer import trace
-from gpuloader.loading.collate import collate_ray_batch
-from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
-from gpuloader.loading.sampler import RayBatchSampler, RayRequest
+from gpuloader.plan.sampler import RayBatchSampler, RayRequest
 from gpuloader.stores.npz import NpzRayStore
-from gpuloader.stores.packed import PackedRayStore, open_ray_store, pack_rays
+from gpuloader.stores.pack.store import PackedRayStore, open_ray_store, pack_rays
+from gpuloader.tracer import trace
 
 __version__ = "0.1.0"
 
-# The seed's ``import gpuloader.transforms`` (and the tracer's old path) keep working.
+# The seed's ``import gpuloader.transforms`` keeps working.
 sys.modules.setdefault("gpuloader.transforms", transforms)
-sys.modules.setdefault("gpuloader.tracer", sys.modules["gpuloader.generate.tracer"])
 
 __all__ = [
     "GPURayLoader",

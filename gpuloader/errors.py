@@ -160,3 +160,42 @@ class WorkerError(GPULoaderError, RuntimeError):
         super().__init__(message)
         self.pids = tuple(int(p) for p in pids)
         self.timeout = timeout
+
+
+class PackError(GPULoaderError):
+    """A ray pack cannot be built or used (base class)."""
+
+
+class StalePackError(PackError):
+    """The ray files changed since the pack was built; the message says how to rebuild.
+
+    ``reason`` is the message without the fix (what changed), for callers that give their
+    own.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
+
+
+class IncompletePackError(PackError, DamagedFileError):
+    """A pack folder without a manifest (interrupted), or with missing or wrong arrays."""
+
+
+class SampleNotInPackError(PackError, DamagedFileError, KeyError):
+    """A sample (level, hash) the pack does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class SampleReadError(GPULoaderError, RuntimeError):
+    """A sample could not be read or its custom CPU transform failed; names its files."""
+
+
+class SkippedFileWarning(UserWarning):
+    """``on_error='skip'`` met a bad file (once per file and process); the message names it."""
+
+
+class EmptySplitWarning(UserWarning):
+    """A split (train, val or test) received no object."""

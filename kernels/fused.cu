@@ -1,7 +1,7 @@
-// The fused per-batch pass: the CUDA twin of gpuloader/augment/fused_numpy.py.
+// The fused per-batch pass: the CUDA twin of gpuloader/fused/cpu.py.
 //
 // Three kernels per batch, reading straight from the resident store (every sample of a split
-// concatenated in device memory) with the batch's plan (gpuloader.augment.fused_numpy.BatchPlan,
+// concatenated in device memory) with the batch's plan (gpuloader.fused.cpu.BatchPlan,
 // struct of arrays, B samples) already on the device:
 //
 //   fused_rays   one thread per output ray: row selection (Feistel), gather, symmetry, scale,
@@ -12,12 +12,12 @@
 // and fused_select_rows, the row selection of fused_rays alone (fused_numpy.select_store_rows).
 //
 // The epoch-indexed twins fused_rays_epoch, fused_grids_epoch and fused_views_epoch (end of
-// this file) take the whole epoch plan instead (gpuloader.loading.epoch_plan.EpochPlan: base
+// this file) take the whole epoch plan instead (gpuloader.plan.epoch.EpochPlan: base
 // pointers of its per-slot arrays) and a device cursor: they read their batch's slot range
 // from batch_starts[*batch_index] and do exactly what the per-batch kernels do, through the
 // same __device__ bodies (gpl_fused_rays, gpl_fused_grids, gpl_fused_views) with offset
 // pointers. With fused_next_batch (*batch_index += 1) they make a CUDA graph that needs no
-// argument change from one batch to the next (gpuloader.augment.fused_cupy.EpochGraphs).
+// argument change from one batch to the next (gpuloader.fused.cuda.EpochGraphs).
 //
 // Plain pointers and integers only, so the source runs under CuPy (gpuloader/augment/
 // fused_cupy.py, NVRTC) and, without a GPU, as C++ through tests/cuda_shim/shim.h. Each kernel

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuloader import schema
 from gpuloader.augment import numpy_backend as augment_numpy
 from gpuloader.augment import rng, symmetry
 from gpuloader.augment.plan import SamplePlan, to_batch_params
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 #: per-ray keys that follow the row selection
-RAY_KEYS = ("origins", "directions", "distances", "hits", "view_ids", "face_ids")
+RAY_KEYS = schema.RAY_FIELDS
 _calls = itertools.count()
 
 

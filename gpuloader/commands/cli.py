@@ -14,7 +14,7 @@ import sys
 
 #: sub-command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("gpuloader.generate.command", "write a dataset in the upstream format"),
+    "generate": ("gpuloader.commands.generate", "write a dataset in the upstream format"),
     "verify": (
         "gpuloader.commands.verify",
         "check a dataset's layout and re-trace a sample of rays",

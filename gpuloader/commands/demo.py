@@ -92,7 +92,7 @@ def retrace_error(batch: dict[str, Any]) -> tuple[float, int]:
     Returns:
         (largest |trace - distance| in world units, number of rays checked).
     """
-    from gpuloader.generate.tracer import trace
+    from gpuloader.tracer import trace
 
     voxels = batch["voxels"].detach().cpu().numpy()
     shapes = _shapes(batch)
@@ -218,7 +218,7 @@ def _describe(loader: Any) -> tuple[str, str]:
 def run(args: argparse.Namespace) -> int:
     """Generate (if needed), load, check, report; 0 when every re-traced label matches."""
     from gpuloader.augment import transforms as T
-    from gpuloader.loading.dataset import HierarchicalVoxelRayDataset
+    from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 
     t0 = time.perf_counter()
     dataset_dir, ray_dir = ensure_data(args.out, "demo", progress=not args.quiet)
@@ -310,7 +310,7 @@ def _plot(path: Path, batch: dict[str, Any], distances: np.ndarray | None) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gpuloader.generate.tracer import trace
+    from gpuloader.tracer import trace
 
     d, h, w = _shapes(batch)[0]
     grid = batch["voxels"][0, 0, :d, :h, :w].detach().cpu().numpy() != 0

@@ -38,7 +38,7 @@ from gpuloader.errors import (
     UnreadableFileError,
 )
 from gpuloader.format import layout, validate
-from gpuloader.generate.tracer import trace
+from gpuloader.tracer import trace
 
 __all__ = ["Problem", "VerifyReport", "verify_dataset", "add_arguments", "run", "KINDS"]
 

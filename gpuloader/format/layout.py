@@ -15,27 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from gpuloader import schema
+
 #: Keys of a ray file that carry one row per ray.
-RAY_ROW_KEYS: tuple[str, ...] = (
-    "origins",
-    "directions",
-    "distances",
-    "hits",
-    "face_ids",
-    "view_ids",
-)
+RAY_ROW_KEYS: tuple[str, ...] = schema.RAY_FIELDS
 #: Scalar provenance keys of a ray file.
 RAY_SCALAR_KEYS: tuple[str, ...] = ("grid_shape", "voxel_size", "hash", "level", "sampling_mode")
 #: dtype of each per-ray key, as written upstream.
-RAY_DTYPES: dict[str, np.dtype] = {
-    "origins": np.dtype(np.float32),
-    "directions": np.dtype(np.float32),
-    "distances": np.dtype(np.float32),
-    "hits": np.dtype(np.uint8),
-    "face_ids": np.dtype(np.int32),
-    "view_ids": np.dtype(np.int32),
-    "view_positions": np.dtype(np.float32),
-}
+RAY_DTYPES: dict[str, np.dtype] = schema.DISK_DTYPES
 #: Keys of one subdivision_map.json record (one per octant at every level).
 SUBDIVISION_RECORD_KEYS: tuple[str, ...] = (
     "object_id",

@@ -62,6 +62,7 @@ from gpuloader.errors import (
     NonFiniteValueError,
     NotAnNpzError,
     OutOfRangeError,
+    PackError,
     PickledArrayError,
     UnreadableFileError,
     WrongDtypeError,
@@ -553,7 +554,6 @@ def classify(exc: BaseException) -> str | None:
     if isinstance(exc, DatasetLayoutError):
         return "missing"
     if isinstance(exc, DamagedFileError):
-        from gpuloader.stores.packed import PackError  # a pack-wide problem, not one file
-
+        # a pack-wide problem, not one file
         return None if isinstance(exc, PackError) else "damaged"
     return None

@@ -17,7 +17,7 @@ uses 3 faces, or 2 where a camera coordinate is exactly 0 (with the default 4 x 
 Adaptive sampling: level L uses ``max(samples_per_view >> L, min_samples)`` (upstream's rule;
 ``min_samples`` defaults to upstream's 100), capped at ``samples_per_view`` so that a small
 ``samples_per_view`` is never raised.
-Distances come from :func:`gpuloader.generate.tracer.trace` on the float32 origins and
+Distances come from :func:`gpuloader.tracer.trace` on the float32 origins and
 directions that are stored, so a re-trace of a file reproduces its distances; rays that
 surely miss the occupied voxels' bounding box are not traced (their distance is exactly 0
 either way).
@@ -29,7 +29,7 @@ import hashlib
 
 import numpy as np
 
-from gpuloader.generate.tracer import trace
+from gpuloader.tracer import trace
 
 #: Fewest samples per view under adaptive sampling (upstream's ``--min-samples`` default).
 ADAPTIVE_MIN_SAMPLES = 100

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from gpuloader.errors import GenerationError
+from gpuloader.errors import EmptySplitWarning, GenerationError
 from gpuloader.format import layout
 from gpuloader.generate import metadata, octree, rays, shapes, splits
 
@@ -224,10 +224,6 @@ FACE_RULE = (
     "upstream's dot(normal, -camera / |camera|) > 0; each used face gets "
     "samples_per_view // 3 uniform points, and each ray runs from its point toward the camera"
 )
-
-
-class EmptySplitWarning(UserWarning):
-    """A split (train, val or test) received no object."""
 
 
 def _previous_created_at(path: Path) -> str | None:

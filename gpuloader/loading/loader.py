@@ -30,7 +30,7 @@ line names the worker's pid and what happened; the broken workers are killed and
 it is raised, and the next ``iter(loader)`` starts new ones: that pass is the next epoch, as
 an undisturbed run gives it (``load_state_dict(state_dict())`` first repeats the failed pass
 from the batch it stopped at). A named error a worker raises (a bad file) keeps its own first
-line, which names the file, on every back end (module :mod:`gpuloader.loading.workers`).
+line, which names the file, on every back end (module :mod:`gpuloader.reading.workers`).
 
 Distributed: the sampler shards the epoch's batches over ``torch.distributed``'s ranks (or
 the ``rank``/``world_size`` given), and every store and back end reads exactly the sampler's
@@ -43,7 +43,7 @@ each epoch, and its store holds only that subset (``fill_store(indices=...)``).
 
 Bad files (``on_error``, default the dataset's): ``"raise"`` stops at the first bad file with
 its named error (first line: the file), on every store and back end. ``"skip"`` replaces a bad
-sample by the rule of :mod:`gpuloader.loading.replace`, exactly as the CPU API does: bad
+sample by the rule of :mod:`gpuloader.plan.replace`, exactly as the CPU API does: bad
 samples known before reading (found by a store's fill, recorded in a pack, or by their
 headers) are replaced in the epoch's batches (``SkippingSampler``); the per-sample reader
 replaces them as it reads (``read_sample_checked`` in the workers, the replaced index in
@@ -80,17 +80,17 @@ from gpuloader.augment.transforms import (
     ray_budget,
     split_for_device,
 )
+from gpuloader.dataset.collate import RAY_DTYPES
 from gpuloader.errors import DamagedFileError, UnsupportedTransformError, WorkerError
-from gpuloader.format.sparse_batch import dense_batch_to_sparse
-from gpuloader.loading.batches import FusedBatches
-from gpuloader.loading.collate import RAY_DTYPES
-from gpuloader.loading.pipeline import RawBatch, RayPipeline, dali_available
-from gpuloader.loading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
-from gpuloader.loading.replace import KnownBad, SkippingSampler
-from gpuloader.loading.sampler import RayBatchSampler
-from gpuloader.loading.stream import PackBatchReader, StreamBatches, pack_layout
-from gpuloader.loading.workers import guarded_batches, stop_loader
-from gpuloader.stores.packed import PackedRayStore
+from gpuloader.loading.sources.pack_stream import PackBatchReader, StreamBatches, pack_layout
+from gpuloader.loading.sources.resident import FusedBatches
+from gpuloader.loading.sparse_batch import dense_batch_to_sparse
+from gpuloader.plan.replace import KnownBad, SkippingSampler
+from gpuloader.plan.sampler import RayBatchSampler
+from gpuloader.reading.pipeline import RawBatch, RayPipeline, dali_available
+from gpuloader.reading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
+from gpuloader.reading.workers import guarded_batches, stop_loader
+from gpuloader.stores.pack.store import PackedRayStore
 from gpuloader.stores.resident import (
     ResidentStore,
     choose_store,
@@ -224,7 +224,7 @@ class GPURayLoader:
     """Ray batches of ``collate_ray_batch`` form, read in parallel and augmented on the device.
 
     Args:
-        dataset: a :class:`~gpuloader.loading.dataset.HierarchicalVoxelRayDataset`.
+        dataset: a :class:`~gpuloader.dataset.hierarchical.HierarchicalVoxelRayDataset`.
             With ``sparse_voxels=True`` the batches have its sparse keys instead of
             ``voxels`` (as ``collate_ray_batch``'s), converted on the device.
         rays_per_batch, subvolumes_per_batch, shuffle, drop_last: as ``RayBatchSampler``.
@@ -407,7 +407,7 @@ class GPURayLoader:
             )
             self.store_reason += "; whole batches from the pack"
         if self.device.type == "cuda":
-            from gpuloader.augment import cupy_backend as augment_cupy
+            from gpuloader.fused import cuda_build as augment_cupy
 
             self._aug: Any = augment_cupy
         else:
@@ -580,7 +580,7 @@ class GPURayLoader:
         """Where the loader stands (module doc): ``epoch`` and ``batches_yielded`` of the pass
         in progress (or of the next pass; a finished epoch reads as the next epoch at 0),
         with ``seed``, ``world_size``, ``num_batches`` and the dataset's state to check it."""
-        from gpuloader.loading.sampler import resume_state
+        from gpuloader.plan.sampler import resume_state
 
         epoch, done = self._pass if self._pass is not None else (self.epoch, self._resume_at)
         state = resume_state(
@@ -600,7 +600,7 @@ class GPURayLoader:
         Raises:
             ValueError: the state belongs to another dataset, seed, world size or batching.
         """
-        from gpuloader.loading.sampler import check_resume_state
+        from gpuloader.plan.sampler import check_resume_state
 
         epoch, start = check_resume_state(
             state,
@@ -664,7 +664,7 @@ class GPURayLoader:
     ) -> Iterator[dict[str, Any]]:
         """``it`` with each batch's ``skipped`` list (module doc), counted in ``skipped``;
         at the end of the epoch one warning naming the bad files met."""
-        from gpuloader.loading.dataset import SkippedFileWarning
+        from gpuloader.dataset.hierarchical import SkippedFileWarning
 
         plan = self._skipping.skipped(epoch) if self._skipping is not None else None
         met: dict[int, str] = {}

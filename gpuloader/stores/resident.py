@@ -12,10 +12,10 @@ that gathering a ray touches one cache line, not six)::
     view_positions        (V, 3) float32      every view of every sample
     grids                 (G,)   uint8        every grid, flat, C order (z, y, x), 0/1
 
-and a :class:`~gpuloader.loading.epoch_plan.StoreLayout` (host int64 arrays by dataset index:
+and a :class:`~gpuloader.plan.epoch.StoreLayout` (host int64 arrays by dataset index:
 ``ray_start``, ``ray_count``, ``view_start``, ``view_count``, ``grid_start``, ``side``) that
 says where each sample lives. A batch is then one fused gather from these arrays
-(:mod:`gpuloader.augment.fused_numpy` / ``fused_cupy``): nothing is decompressed or read
+(:mod:`gpuloader.fused.cpu` / ``fused_cupy``): nothing is decompressed or read
 from disk after the fill.
 
 The fill (:func:`fill_store`) reads every file of the split once, in parallel worker
@@ -41,12 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from gpuloader.augment.fused_numpy import RAY_RECORD
+from gpuloader import schema
 from gpuloader.errors import BadGridError, DamagedFileError
 from gpuloader.format.index import npz_member_header
 from gpuloader.format.validate import classify
-from gpuloader.loading.epoch_plan import StoreLayout
-from gpuloader.loading.sampler import RayRequest
+from gpuloader.fused.cpu import RAY_RECORD
+from gpuloader.plan.sampler import RayRequest
+from gpuloader.stores.layout import StoreLayout
 
 __all__ = [
     "ResidentStore",
@@ -65,21 +66,12 @@ __all__ = [
 log = logging.getLogger("gpuloader")
 
 #: (dtype, trailing shape) of every array of a store
-STORE_KEYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
-    "origins": (np.dtype(np.float32), (3,)),
-    "directions": (np.dtype(np.float32), (3,)),
-    "distances": (np.dtype(np.float32), ()),
-    "hits": (np.dtype(np.uint8), ()),
-    "view_ids": (np.dtype(np.int32), ()),
-    "face_ids": (np.dtype(np.int32), ()),
-    "view_positions": (np.dtype(np.float32), (3,)),
-    "grids": (np.dtype(np.uint8), ()),
-}
-_RAY_KEYS = ("origins", "directions", "distances", "hits", "view_ids", "face_ids")
+STORE_KEYS = schema.STORE_KEYS
+_RAY_KEYS = schema.RAY_FIELDS
 #: rays written per block into a record store (about 2.5 MB of records: cache-sized)
 _BLOCK_ROWS = 65536
 #: bytes per ray, per view row, per voxel
-_RAY_BYTES = 12 + 12 + 4 + 1 + 4 + 4
+_RAY_BYTES = schema.RAY_BYTES
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:
@@ -276,7 +268,7 @@ class ResidentStore:
         fill_seconds: how long the fill took.
         bad: samples left out as bad (``on_error='skip'``): index -> (file, first line of
             its error); their places are never read (loaders replace them, module doc of
-            :mod:`gpuloader.loading.replace`).
+            :mod:`gpuloader.plan.replace`).
     """
 
     arrays: dict[str, Any]
@@ -328,9 +320,9 @@ def _raw_batches(
 ) -> Iterator[Any]:
     """The fill's source: RawBatches of consecutive samples, every row, untransformed."""
     from gpuloader.loading.loader import _EpochBatches, _keep, _raw_from_samples, _ReaderDataset
-    from gpuloader.loading.pipeline import RayPipeline, dali_available
-    from gpuloader.loading.reader import RayReader
-    from gpuloader.loading.workers import guarded_batches
+    from gpuloader.reading.pipeline import RayPipeline, dali_available
+    from gpuloader.reading.reader import RayReader
+    from gpuloader.reading.workers import guarded_batches
 
     ds = copy.copy(dataset)
     ds.transform = None
@@ -520,7 +512,7 @@ def _record_bad(dataset: Any, layout: StoreLayout, bad: list[int], policy: str) 
 def _announce(store: ResidentStore) -> ResidentStore:
     """One warning naming every file the fill left out (``on_error='skip'``)."""
     if store.bad:
-        from gpuloader.loading.dataset import SkippedFileWarning
+        from gpuloader.dataset.hierarchical import SkippedFileWarning
 
         files = sorted({f for f, _ in store.bad.values()})
         first = next(iter(store.bad.values()))[1]
@@ -645,7 +637,7 @@ def _fill_host_direct(
     import torch
     from tqdm import tqdm
 
-    from gpuloader.loading.workers import guarded_batches
+    from gpuloader.reading.workers import guarded_batches
 
     spans = _host_spans(sizes)
     folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -692,7 +684,7 @@ def _place(
     Values are not checked again here: the reader's ray stores checked every row they
     returned, in the workers.
     """
-    from gpuloader.loading.reader import BAD
+    from gpuloader.reading.reader import BAD
 
     meta = raw.meta
     real = meta[:, 0] >= 0

@@ -1,0 +1,454 @@
+"""The torch Dataset: drop-in for upstream ``HierarchicalVoxelRayDataset``.
+
+One item is one sub-volume (or, at level 0, one whole object) with some of its rays::
+
+    voxels          (1, D, H, W) float32 tensor (0/1)
+    origins         (N, 3) float32      directions (N, 3) float32
+    distances       (N,)   float32      hits       (N,)   float32 (0/1)
+    view_ids        (N,)   int64        face_ids   (N,)   int64
+    view_positions  (V, 3) float32      one row per view, all of them
+    level           int                 hash       str
+
+Indices: an ``int`` (rays drawn with the dataset's current epoch, see :meth:`set_epoch`) or
+a :class:`~gpuloader.plan.sampler.RayRequest` ``(index, epoch, num_rays)`` as yielded by
+:class:`~gpuloader.plan.sampler.RayBatchSampler`; a request's epoch wins over the dataset's.
+
+Rows read: ``k = min(n, samples_per_subvolume, request.num_rays, ray_budget(transform))``
+(Nones ignored) and ``rows = rng.select_rows(n, k, seed, epoch, index)``: only those rows are
+gathered, and the draw is a pure function of (seed, epoch, index), so it is the same in any
+worker process.
+
+Transforms get the seed's sample dict (torch tensors with the dtypes above), as upstream
+transforms did, so a user's own callables keep working. They are called as
+``apply_transform(transform, sample, SampleContext(seed, epoch, index))``: gpuloader
+transforms draw from the dataset's counter-based streams, plain callables get
+``transform(sample)``. The voxel tensor is a fresh float32 copy of the cached grid, so no
+transform can corrupt the cache. :meth:`read_sample` gives the raw sample (numpy arrays with
+the on-disk dtypes, voxels bool and read-only): that is what the GPU loader's reader uses.
+
+Bad files (``on_error``): every read is checked (:mod:`gpuloader.format.validate`). With
+``on_error='raise'`` (default) the first bad file raises its named
+:class:`~gpuloader.errors.DamagedFileError` (or :class:`~gpuloader.errors.DatasetLayoutError`
+for a file removed after indexing), naming the file. With ``'skip'`` a bad sample is replaced
+by the first good sample, in a permutation of the other samples keyed by (seed, epoch, bad
+index) (:data:`~gpuloader.augment.rng.Purpose.REPLACE`), of the same level first, that holds
+at least the rays the bad one would have given; it is read with that many rays, so batch
+shapes and ray counts stay as promised, and it is that sample as the epoch draws it (so a
+replacement is the same in every process and run). Files whose npz header cannot be read
+when the index is built are left out of ``samples``. What is reported where:
+
+* ``dataset.errors``: ``(file, first line of the error)`` of each bad file met *in this
+  process*, and ``dataset.skipped`` the replacements made here. With DataLoader workers these
+  live in the workers' copies: the main process's lists hold only what the index build and
+  main-process reads met.
+* every replacement sample carries ``skipped_from`` (the bad index) and ``skip_error``
+  (``"<file>: <error>"``), in any process; :func:`~gpuloader.dataset.collate.collate_ray_batch`
+  gathers them in the batch's ``skipped`` list, so the training loop sees every skip.
+* a warning (``SkippedFileWarning``) per bad file, in the process that met it.
+
+Errors that are not about one file (a stale pack, a bug) are raised under both policies.
+
+The newer upstream API: ``rays_per_chunk=N`` makes each run of N consecutive rays of a file
+its own item (``len`` counts chunks; the sample adds ``chunk_idx``; ``view_positions`` stays
+every view of the file); each chunk is an ordinary entry of ``samples`` (``num_rays`` its
+rows, ``ray_offset`` its first row), so the sampler, the stores and the GPU loader see chunks
+as samples. ``sparse_voxels=True`` replaces ``voxels`` by ``voxel_pos`` (M, 3) float32
+(x, y, z), ``voxel_features`` (M, 1) float32 and ``voxel_shape`` (3,) int64 (D, H, W), plus
+``num_voxels`` int (``sparse_mode='coo'``) or ``voxel_edge_index`` (2, E) int64
+(``'graph'``, ``sparse_connectivity`` 6, 18 or 26): see :mod:`gpuloader.format.sparse`. The
+transform runs on the dense grid first, so a symmetry moves the sparse voxels with the rays.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gpuloader import schema
+from gpuloader.augment.rng import SampleContext, select_rows
+from gpuloader.augment.transforms import apply_transform, ray_budget
+from gpuloader.errors import SkippedFileWarning
+from gpuloader.format.index import Isolation, build_index, chunk_samples
+from gpuloader.format.sparse import voxels_to_sparse_coo, voxels_to_sparse_index
+from gpuloader.format.validate import classify
+from gpuloader.plan.replace import KnownBad, replacement_order
+from gpuloader.plan.sampler import RayRequest
+from gpuloader.stores.cache import LRUCache
+from gpuloader.stores.npz import NpzRayStore, RayStore, read_voxel_file
+
+__all__ = ["HierarchicalVoxelRayDataset", "SkippedFileWarning"]
+
+
+#: Output dtype of every array key of a sample.
+SAMPLE_DTYPES: dict[str, torch.dtype] = {f.name: getattr(torch, f.batch) for f in schema.FIELDS}
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
+    torch.float32: np.dtype(np.float32),
+    torch.long: np.dtype(np.int64),
+}
+
+
+def _to_torch(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    arr = np.asarray(value)
+    target = _NUMPY_DTYPES[dtype]
+    if arr.dtype != target:
+        arr = arr.astype(target)  # a new, writable array
+    elif not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr)
+
+
+def _min_ignoring_none(*values: int | None) -> int | None:
+    present = [int(v) for v in values if v is not None]
+    return min(present) if present else None
+
+
+class HierarchicalVoxelRayDataset(Dataset):
+    """Voxel grids with their rays, one sample per (level, sub-volume) of a split.
+
+    Args:
+        dataset_dir: voxel dataset root (metadata.json, splits.json, objects/, subvolumes/).
+        ray_dataset_dir: ray dataset root (level_<L>/<hh>/<hash>_rays.npz).
+        split: "train", "val" or "test".
+        levels: keep only these octree levels (None: all).
+        samples_per_subvolume: most rays read per sample (None: all).
+        cache_size: voxel grids kept in the per-process LRU cache (0 disables).
+        include_empty: keep all-empty sub-volumes (skipped by default).
+        transform: gpuloader transform or any callable ``sample -> sample`` (torch dicts).
+        seed: seed of every random draw (rays, augmentations; sampler default).
+        isolation: "shared" (upstream: val/test may reuse sub-volumes of train objects) or
+            "strict" (val/test drop every non-trivial sub-volume a train object uses).
+        ray_store: where rays are read from (default: the npz files).
+        rays_per_chunk: cut each ray file into items of this many consecutive rays (the
+            newer upstream's argument; None: one item per file).
+        sparse_voxels: give the grid as sparse voxels instead of ``voxels`` (module doc).
+        sparse_mode: "coo" (points) or "graph" (points and neighbour edges).
+        sparse_connectivity: neighbours of the graph: 6, 18 or 26.
+        on_error: "raise" (stop at the first bad file, naming it) or "skip" (replace a bad
+            sample reproducibly, record it: module doc).
+
+    Raises:
+        DatasetLayoutError, NoSamplesError, DamagedFileError: see :mod:`gpuloader.format.index`.
+    """
+
+    def __init__(
+        self,
+        dataset_dir: Path | str,
+        ray_dataset_dir: Path | str,
+        split: str = "train",
+        levels: Sequence[int] | None = None,
+        samples_per_subvolume: int | None = None,
+        cache_size: int = 100,
+        include_empty: bool = False,
+        transform: Any = None,
+        seed: int = 42,
+        isolation: Isolation = "shared",
+        ray_store: RayStore | None = None,
+        rays_per_chunk: int | None = None,
+        sparse_voxels: bool = False,
+        sparse_mode: str = "coo",
+        sparse_connectivity: int = 6,
+        on_error: str = "raise",
+    ) -> None:
+        if samples_per_subvolume is not None and samples_per_subvolume < 0:
+            raise ValueError(f"samples_per_subvolume must be >= 0; got {samples_per_subvolume}")
+        if sparse_mode not in ("coo", "graph"):
+            raise ValueError(f"sparse_mode must be 'coo' or 'graph'; got {sparse_mode!r}")
+        if sparse_connectivity not in (6, 18, 26):
+            raise ValueError(f"sparse_connectivity must be 6, 18 or 26; got {sparse_connectivity}")
+        if rays_per_chunk is not None and int(rays_per_chunk) < 1:
+            raise ValueError(f"rays_per_chunk must be >= 1 or None; got {rays_per_chunk}")
+        self.rays_per_chunk = None if rays_per_chunk is None else int(rays_per_chunk)
+        self.sparse_voxels = bool(sparse_voxels)
+        self.sparse_mode = sparse_mode
+        self.sparse_connectivity = int(sparse_connectivity)
+        self.dataset_dir = Path(dataset_dir)
+        self.ray_dataset_dir = Path(ray_dataset_dir)
+        self.split = split
+        self.levels = None if levels is None else sorted({int(lv) for lv in levels})
+        self.samples_per_subvolume = samples_per_subvolume
+        self.include_empty = include_empty
+        self.transform = transform
+        self.seed = int(seed)
+        self.isolation = isolation
+        self.epoch = 0
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
+        self.on_error = on_error
+        #: ``(file, first line of its error)`` of every bad file met in this process
+        self.errors: list[tuple[str, str]] = []
+        #: bad samples replaced in this process (``on_error='skip'``)
+        self.skipped = 0
+        self._bad: set[int] = set()
+        index_errors: list[tuple[str, BaseException]] = []
+        self.samples: list[dict[str, Any]] = build_index(
+            self.dataset_dir,
+            self.ray_dataset_dir,
+            split=split,
+            levels=self.levels,
+            include_empty=include_empty,
+            isolation=isolation,
+            errors=index_errors if on_error == "skip" else None,
+        )
+        if self.rays_per_chunk is not None:
+            self.samples = chunk_samples(self.samples, self.rays_per_chunk)
+        self.voxel_cache: LRUCache[np.ndarray] = LRUCache(cache_size)
+        self.ray_store: RayStore = ray_store if ray_store is not None else NpzRayStore()
+        for file, exc in index_errors:
+            self._record_error(file, exc)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, "
+            f"levels={sorted(self.get_level_distribution())}, seed={self.seed})"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used by integer indices (a RayRequest carries its own)."""
+        self.epoch = int(epoch)
+
+    def samples_fingerprint(self) -> str:
+        """A short hash of the sample list (level, hash, ray count of each, in order): two
+        datasets with the same fingerprint index the same samples the same way."""
+        import hashlib
+
+        h = hashlib.sha1(str(len(self.samples)).encode())
+        for s in self.samples:
+            h.update(f"|{s['level']}:{s['hash']}:{s['num_rays']}".encode())
+        return h.hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the dataset: its ``epoch`` (integer indices), and its
+        ``seed``, ``split`` and sample-list fingerprint to check that it is the same data."""
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "split": self.split,
+            "num_samples": len(self.samples),
+            "fingerprint": self.samples_fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s epoch (checks are made only for keys present).
+
+        Raises:
+            ValueError: the state belongs to another seed, split or sample list.
+        """
+        mine = self.state_dict()
+        for key in ("seed", "split", "num_samples", "fingerprint"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the state was saved with "
+                    f"{key}={state[key]!r}, this dataset has {key}={mine[key]!r}; resume with "
+                    "the same dataset, split, levels and seed"
+                )
+        self.set_epoch(int(state.get("epoch", self.epoch)))
+
+    def get_level_distribution(self) -> dict[int, int]:
+        """``{level: number of samples}``, levels ascending (sub-volumes, not chunks)."""
+        files = {(s["level"], s["hash"]) for s in self.samples}
+        counts = Counter(level for level, _ in files)
+        return dict(sorted(counts.items()))
+
+    def available_rays(self, index: int) -> int:
+        """Rows a sample may yield: ``min(num_rays, samples_per_subvolume, ray_budget)``."""
+        k = _min_ignoring_none(
+            self.samples[index]["num_rays"],
+            self.samples_per_subvolume,
+            ray_budget(self.transform) if self.transform is not None else None,
+        )
+        return int(k)
+
+    def cache_info(self) -> dict[str, int | float]:
+        """Voxel cache counters of this process: hits, misses, size, capacity, hit_rate."""
+        return self.voxel_cache.info()
+
+    # -- bad files (on_error) ------------------------------------------------------------
+
+    def _record_error(self, file: str, exc: BaseException) -> None:
+        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if any(f == file for f, _ in self.errors):
+            return
+        self.errors.append((file, line))
+        warnings.warn(f"gpuloader: skipping a bad file: {line}", SkippedFileWarning, stacklevel=3)
+
+    def _error_file(self, index: int, exc: BaseException) -> str:
+        path = getattr(exc, "path", None)
+        if path:
+            return str(path)
+        s = self.samples[index]
+        text = str(exc)
+        for key in ("voxel_path", "ray_path"):
+            if str(s.get(key)) in text:
+                return str(s[key])
+        return str(s.get("ray_path"))
+
+    def _replacements(self, index: int, epoch: int, rays: int) -> Iterator[int]:
+        """Candidates for bad sample ``index``, in order (``replace.replacement_order``: samples
+        holding at least ``rays`` rays, same level first, keyed by (seed, epoch, index))."""
+        budget = ray_budget(self.transform) if self.transform is not None else None
+        known = KnownBad.of_dataset(self, {}, budget)  # levels and rows of every sample
+        return replacement_order(known.levels, known.available, index, rays, self.seed, epoch)
+
+    def read_sample_checked(
+        self, index: int, epoch: int | None = None, num_rays: int | None = None
+    ) -> dict[str, Any]:
+        """:meth:`read_sample` under the ``on_error`` policy (module doc).
+
+        With ``'skip'``, a bad sample comes back as its replacement, with ``skipped_from``
+        (the bad index) and ``skip_error``. Raises the bad sample's error when no other sample
+        can replace it, and every error :func:`~gpuloader.format.validate.classify` does not
+        call a bad file.
+        """
+        try:
+            return self.read_sample(index, epoch, num_rays)
+        except Exception as exc:
+            if self.on_error != "skip" or classify(exc) is None:
+                raise
+            first = exc
+        i = self._normalize_index(index)
+        epoch = self.epoch if epoch is None else int(epoch)
+        file = self._error_file(i, first)
+        self._record_error(file, first)
+        self._bad.add(i)
+        rays = _min_ignoring_none(
+            int(self.samples[i]["num_rays"]),
+            self.samples_per_subvolume,
+            num_rays,
+            ray_budget(self.transform) if self.transform is not None else None,
+        )
+        for j in self._replacements(i, epoch, int(rays)):
+            if j in self._bad:
+                continue
+            try:
+                sample = self.read_sample(j, epoch, rays)
+            except Exception as exc:
+                if classify(exc) is None:
+                    raise
+                self._record_error(self._error_file(j, exc), exc)
+                self._bad.add(j)
+                continue
+            self.skipped += 1
+            sample["skipped_from"] = i
+            sample["skip_error"] = str(first).splitlines()[0]
+            return sample
+        raise first
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _normalize_index(self, index: int) -> int:
+        n = len(self.samples)
+        i = int(index)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {index} out of range for {n} samples")
+        return i
+
+    def voxels(self, index: int) -> np.ndarray:
+        """Grid of sample ``index`` through the cache: (D, H, W) bool, read-only."""
+        s = self.samples[self._normalize_index(index)]
+        key = (s["level"], s["hash"])
+        return self.voxel_cache.get_or_load(key, lambda: read_voxel_file(s["voxel_path"]))
+
+    def read_sample(
+        self, index: int, epoch: int | None = None, num_rays: int | None = None
+    ) -> dict[str, Any]:
+        """The raw, untransformed sample: numpy arrays with on-disk dtypes (module doc).
+
+        Args:
+            index: sample position in ``self.samples``.
+            epoch: epoch of the ray draw (None: the dataset's current epoch).
+            num_rays: most rays wanted (None: no limit beyond the dataset's own).
+
+        Returns:
+            dict with ``voxels`` (1, D, H, W) bool read-only, ray arrays of k rows,
+            ``view_positions`` (V, 3), ``level``, ``hash``, ``index``, ``epoch``.
+        """
+        i = self._normalize_index(index)
+        epoch = self.epoch if epoch is None else int(epoch)
+        s = self.samples[i]
+        n = int(s["num_rays"])
+        k = _min_ignoring_none(
+            n,
+            self.samples_per_subvolume,
+            num_rays,
+            ray_budget(self.transform) if self.transform is not None else None,
+        )
+        rows = None if k >= n else select_rows(n, k, self.seed, epoch, i)
+        rays = self.ray_store.read(s, rows)
+        sample: dict[str, Any] = {"voxels": self.voxels(i)[None]}
+        sample.update(rays)
+        sample["level"] = int(s["level"])
+        sample["hash"] = str(s["hash"])
+        if "chunk_idx" in s:
+            sample["chunk_idx"] = int(s["chunk_idx"])
+        sample["index"] = i
+        sample["epoch"] = epoch
+        return sample
+
+    def __getitem__(self, idx: int | RayRequest) -> dict[str, Any]:
+        if isinstance(idx, RayRequest):
+            index, epoch, num_rays = idx
+        elif isinstance(idx, tuple) and len(idx) == 3:
+            index, epoch, num_rays = idx
+        else:
+            index, epoch, num_rays = idx, None, None
+        sample = self.read_sample_checked(index, epoch, num_rays)
+        i, epoch = sample.pop("index"), sample.pop("epoch")
+        skip = {k: sample.pop(k) for k in ("skipped_from", "skip_error") if k in sample}
+        sample = self._to_output(sample)
+        if self.transform is not None:
+            sample = apply_transform(self.transform, sample, SampleContext(self.seed, epoch, i))
+            sample = self._to_output(sample)
+        sample.update(skip)
+        if self.sparse_voxels:
+            sample = self._to_sparse(sample)
+        return sample
+
+    def _to_sparse(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Replace ``voxels`` (1, D, H, W) by the sparse keys of ``sparse_mode`` (module doc)."""
+        out = dict(sample)
+        voxels = out.pop("voxels")
+        if self.sparse_mode == "coo":
+            sp = voxels_to_sparse_coo(voxels)
+            out.update(
+                voxel_pos=sp["pos"],
+                voxel_features=sp["features"].to(torch.float32),
+                voxel_shape=sp["shape"],
+                num_voxels=int(sp["num_nodes"]),
+            )
+        else:
+            sp = voxels_to_sparse_index(voxels, connectivity=self.sparse_connectivity)
+            out.update(
+                voxel_pos=sp["pos"],
+                voxel_features=sp["features"],
+                voxel_edge_index=sp["edge_index"],
+                voxel_shape=sp["shape"],
+            )
+        return out
+
+    @staticmethod
+    def _to_output(sample: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in sample.items():
+            dtype = SAMPLE_DTYPES.get(key)
+            out[key] = value if dtype is None or value is None else _to_torch(value, dtype)
+        if "level" in out:
+            out["level"] = int(out["level"])
+        if "hash" in out:
+            out["hash"] = str(out["hash"])
+        return out
