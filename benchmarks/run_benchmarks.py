@@ -52,7 +52,7 @@ from gpuloader.commands.demo import DEFAULT_OUT, ensure_data  # noqa: E402
 from gpuloader.dataset.collate import collate_ray_batch  # noqa: E402
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset  # noqa: E402
 from gpuloader.plan.sampler import RayBatchSampler  # noqa: E402
-from gpuloader.stores.pack.store import PackedRayStore, PackError, pack_rays  # noqa: E402
+from gpuloader.stores.pack import PackedRayStore, PackError, pack_rays  # noqa: E402
 
 LOADERS = (
     "upstream",

@@ -23,7 +23,7 @@ from gpuloader.format.sparse import (
 )
 from gpuloader.plan.sampler import RayBatchSampler, RayRequest
 from gpuloader.stores.npz import NpzRayStore
-from gpuloader.stores.pack.store import PackedRayStore, open_ray_store, pack_rays
+from gpuloader.stores.pack import PackedRayStore, open_ray_store, pack_rays
 from gpuloader.tracer import trace
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ import argparse
 import sys
 import warnings
 
-from gpuloader.stores.pack.store import pack_rays
+from gpuloader.stores.pack import pack_rays
 
 __all__ = ["add_arguments", "run"]
 

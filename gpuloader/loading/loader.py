@@ -90,7 +90,7 @@ from gpuloader.plan.sampler import RayBatchSampler
 from gpuloader.reading.pipeline import RawBatch, RayPipeline, dali_available
 from gpuloader.reading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
 from gpuloader.reading.workers import guarded_batches, stop_loader
-from gpuloader.stores.pack.store import PackedRayStore
+from gpuloader.stores.pack import PackedRayStore
 from gpuloader.stores.resident import (
     ResidentStore,
     choose_store,

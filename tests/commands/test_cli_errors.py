@@ -210,7 +210,7 @@ def test_plain_text_strips_roles() -> None:
 
 
 def test_stale_pack_message(tiny_copy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]):
-    from gpuloader.stores.pack.store import PackedRayStore, StalePackError, pack_rays
+    from gpuloader.stores.pack import PackedRayStore, StalePackError, pack_rays
 
     _, rays = tiny_copy
     pack = rays.parent / "pack"

@@ -33,7 +33,7 @@ import gpuloader
 from gpuloader.commands.verify import verify_dataset
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset, SkippedFileWarning
 from gpuloader.errors import DamagedFileError, UnreadableFileError
-from gpuloader.stores.pack.store import pack_rays
+from gpuloader.stores.pack import pack_rays
 
 ROOT = os.geteuid() == 0
 CHILD_TIMEOUT_S = 300

@@ -26,7 +26,7 @@ from gpuloader.errors import (
 )
 from gpuloader.format import validate
 from gpuloader.plan.sampler import RayBatchSampler
-from gpuloader.stores.pack.store import pack_rays
+from gpuloader.stores.pack import pack_rays
 from support.damage import BAD_ROW, CASES, first_line, same_sample
 
 

@@ -19,7 +19,7 @@ from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset, SkippedF
 from gpuloader.errors import DamagedFileError
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.reading.pipeline import dali_available
-from gpuloader.stores.pack.store import PackedRayStore, pack_rays
+from gpuloader.stores.pack import PackedRayStore, pack_rays
 from gpuloader.stores.resident import fill_store
 from support.damage import CASES
 from support.loading_helpers import assert_batches_equal, cpu_api, full_transform
