@@ -252,7 +252,7 @@ class Runner:
         return loader, getattr(loader, "set_epoch", None), info
 
     def _resident(self, location: str, workers: int) -> Any:
-        from gpuloader.stores.resident import fill_store
+        from gpuloader.reading.fill import fill_store
 
         if location not in self.resident:
             ds = HierarchicalVoxelRayDataset(**self.kw)
@@ -344,7 +344,7 @@ def fill_benchmark(dataset_dir: Path, ray_dir: Path, repeats: int = 3) -> dict[s
     import multiprocessing as mp
     import statistics
 
-    from gpuloader.stores.resident import fill_store
+    from gpuloader.reading.fill import fill_store
 
     ds = HierarchicalVoxelRayDataset(dataset_dir, ray_dir, split="train")
     paths = [(str(s["ray_path"]), str(s["voxel_path"])) for s in ds.samples]

@@ -1,1 +1,1 @@
-"""The ``gpuloader`` command line: verify, info, pack, demo."""
+"""The ``gpuloader`` command line: generate, verify, info, pack, demo."""

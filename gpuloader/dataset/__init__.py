@@ -1,1 +1,1 @@
-"""TODO"""
+"""The seed's CPU API: HierarchicalVoxelRayDataset and collate_ray_batch."""

@@ -1,1 +1,1 @@
-"""The path of a batch: dataset, sampler, collate, the DALI reader and pipeline, the loader."""
+"""The path of a batch for GPURayLoader: its setup, its sources, the skip ledger, sparse batches."""

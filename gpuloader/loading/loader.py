@@ -87,19 +87,16 @@ from gpuloader.loading.sources.resident import FusedBatches
 from gpuloader.loading.sparse_batch import dense_batch_to_sparse
 from gpuloader.plan.replace import KnownBad, SkippingSampler
 from gpuloader.plan.sampler import RayBatchSampler
+from gpuloader.reading.fill import fill_store
+from gpuloader.reading.headers import estimate_layout, find_bad
 from gpuloader.reading.pipeline import RawBatch, RayPipeline, dali_available
-from gpuloader.reading.reader import OUTPUT_NAMES, RAY_OUTPUTS, RayReader
+from gpuloader.reading.reader import RAY_OUTPUTS, RayReader
+from gpuloader.reading.samples import EpochBatches, ReaderDataset, keep_batch, raw_from_samples
 from gpuloader.reading.workers import guarded_batches, stop_loader
+from gpuloader.stores.budget import choose_store
+from gpuloader.stores.layout import store_bytes, take_layout
 from gpuloader.stores.pack import PackedRayStore
-from gpuloader.stores.resident import (
-    ResidentStore,
-    choose_store,
-    estimate_layout,
-    fill_store,
-    find_bad,
-    store_bytes,
-    take_layout,
-)
+from gpuloader.stores.resident import ResidentStore
 
 __all__ = ["GPURayLoader", "known_segments"]
 
@@ -161,35 +158,6 @@ def _dali_picklable(reader: RayReader) -> bool:
     return True
 
 
-class _ReaderDataset(torch.utils.data.Dataset):
-    """Map-style view of a reader for the torch DataLoader back end: request -> outputs."""
-
-    def __init__(self, reader: RayReader) -> None:
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return len(self.reader.dataset.samples)
-
-    def __getitem__(self, request: Any) -> tuple[np.ndarray, ...]:
-        return self.reader.read(request)
-
-
-class _EpochBatches:
-    """Batch sampler for the torch back end: the reader's batches of ``self.epoch``, from
-    batch ``self.start`` on (a resumed epoch)."""
-
-    def __init__(self, reader: RayReader) -> None:
-        self.reader = reader
-        self.epoch = 0
-        self.start = 0
-
-    def __iter__(self) -> Iterator[list]:
-        return iter(self.reader.batches(self.epoch)[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, len(self.reader.batches(self.epoch)) - self.start)
-
-
 def _owners(counts: np.ndarray, xp: Any) -> Any:
     """(sum(counts),) int32 on the array module's device: item -> its sample (on the GPU
     computed there, so no per-item array crosses from the host)."""
@@ -198,26 +166,6 @@ def _owners(counts: np.ndarray, xp: Any) -> Any:
     ends = xp.asarray(np.cumsum(counts))
     total = int(counts.sum())
     return xp.searchsorted(ends, xp.arange(total), side="right").astype(xp.int32)
-
-
-def _keep(batch: list) -> list:
-    return batch
-
-
-def _raw_from_samples(samples: list[tuple[np.ndarray, ...]]) -> RawBatch:
-    """Per-sample reader outputs -> a RawBatch of concatenated numpy arrays."""
-    arrays: dict[str, Any] = {}
-    shapes: dict[str, list[tuple[int, ...]]] = {}
-    for j, name in enumerate(OUTPUT_NAMES):
-        if name == "meta":
-            continue
-        parts = [s[j] for s in samples]
-        shapes[name] = [tuple(p.shape) for p in parts]
-        if name == "voxels":
-            parts = [p.reshape(-1) for p in parts]
-        arrays[name] = np.concatenate(parts, axis=0)
-    meta = np.stack([s[OUTPUT_NAMES.index("meta")] for s in samples]).astype(np.int64)
-    return RawBatch(arrays=arrays, shapes=shapes, meta=meta)
 
 
 class GPURayLoader:
@@ -742,9 +690,9 @@ class GPURayLoader:
             reader = self._reader(epoch)
             nw = self.num_workers
             self._torch_loader = torch.utils.data.DataLoader(
-                _ReaderDataset(reader),
-                batch_sampler=_EpochBatches(reader),
-                collate_fn=_keep,
+                ReaderDataset(reader),
+                batch_sampler=EpochBatches(reader),
+                collate_fn=keep_batch,
                 num_workers=nw,
                 prefetch_factor=self.prefetch if nw > 0 else None,
                 persistent_workers=nw > 0,
@@ -755,7 +703,7 @@ class GPURayLoader:
         loader.batch_sampler.start = start
         try:
             for samples in guarded_batches(loader, self.worker_timeout):
-                yield self._assemble(_raw_from_samples(samples))
+                yield self._assemble(raw_from_samples(samples))
         except WorkerError:
             if loader is self._torch_loader:
                 self._torch_loader = None  # its workers are stopped: the next pass starts new

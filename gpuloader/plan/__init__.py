@@ -1,1 +1,2 @@
-"""TODO"""
+"""The order of an epoch and every decision in it: the sampler, replacements of bad samples,
+the epoch and batch plans."""

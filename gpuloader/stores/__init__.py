@@ -1,1 +1,2 @@
-"""Where rays and grids live: npz files, the packed memory-mapped store, the voxel cache."""
+"""Where rays and grids live: npz files, the ray pack, the voxel cache, store layouts and
+budgets, resident stores."""

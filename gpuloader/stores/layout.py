@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["StoreLayout"]
+from gpuloader import schema
+
+__all__ = [
+    "StoreLayout",
+    "packed_layout",
+    "spread_layout",
+    "starts_of",
+    "store_bytes",
+    "take_layout",
+]
 
 
 @dataclass
@@ -30,3 +39,54 @@ class StoreLayout:
     grid_start: np.ndarray
     side: np.ndarray
     bad: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+def starts_of(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def packed_layout(
+    rays: np.ndarray, views: np.ndarray, sides: np.ndarray, bad: dict[int, tuple[str, str]]
+) -> StoreLayout:
+    """Samples one after the other in every array: starts from the counts."""
+    return StoreLayout(
+        ray_start=starts_of(rays),
+        ray_count=rays,
+        view_start=starts_of(views),
+        view_count=views,
+        grid_start=starts_of(sides**3),
+        side=sides,
+        bad=bad,
+    )
+
+
+def take_layout(layout: StoreLayout, held: np.ndarray) -> StoreLayout:
+    """The layout of a store holding only samples ``held`` (sorted dataset indices), in
+    their order, compact; its index ``j`` is dataset sample ``held[j]``."""
+    held = np.asarray(held, dtype=np.int64)
+    rays, views, sides = layout.ray_count[held], layout.view_count[held], layout.side[held]
+    where = {int(i): j for j, i in enumerate(held.tolist())}
+    bad = {where[i]: v for i, v in layout.bad.items() if i in where}
+    return packed_layout(rays, views, sides, bad)
+
+
+def spread_layout(local: StoreLayout, held: np.ndarray, k: int) -> StoreLayout:
+    """A compact layout of samples ``held`` (:func:`take_layout`) indexed by dataset index
+    again (``k`` samples): the others hold nothing (zero counts and sides)."""
+    held = np.asarray(held, dtype=np.int64)
+    out = {}
+    for name in ("ray_start", "ray_count", "view_start", "view_count", "grid_start", "side"):
+        a = np.zeros(k, dtype=np.int64)
+        a[held] = getattr(local, name)
+        out[name] = a
+    bad = {int(held[j]): v for j, v in local.bad.items()}
+    return StoreLayout(**out, bad=bad)
+
+
+def store_bytes(layout: StoreLayout) -> int:
+    """Bytes a store of ``layout`` takes (rays, views and grids)."""
+    return int(
+        layout.ray_count.sum() * schema.RAY_BYTES
+        + layout.view_count.sum() * 12
+        + (layout.side.astype(np.int64) ** 3).sum()
+    )

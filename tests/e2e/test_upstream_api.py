@@ -16,7 +16,7 @@ from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.plan.epoch import build_epoch_plan
 from gpuloader.plan.sampler import RayBatchSampler
-from gpuloader.stores.resident import estimate_layout
+from gpuloader.reading.headers import estimate_layout
 from support.tiny_dataset import BASE
 
 PARAMS = (

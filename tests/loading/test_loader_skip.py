@@ -18,9 +18,9 @@ import pytest
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset, SkippedFileWarning
 from gpuloader.errors import DamagedFileError
 from gpuloader.loading.loader import GPURayLoader
+from gpuloader.reading.fill import fill_store
 from gpuloader.reading.pipeline import dali_available
 from gpuloader.stores.pack import PackedRayStore, pack_rays
-from gpuloader.stores.resident import fill_store
 from support.damage import CASES
 from support.loading_helpers import assert_batches_equal, cpu_api, full_transform
 

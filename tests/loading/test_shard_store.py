@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader
 from gpuloader.dataset.collate import collate_ray_batch
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.plan.sampler import RayBatchSampler
-from gpuloader.stores.resident import estimate_layout, fill_store, store_bytes
+from gpuloader.reading.fill import fill_store
+from gpuloader.reading.headers import estimate_layout
+from gpuloader.stores.layout import store_bytes
 from support import loading_helpers as _loading
 
 RAYS, SPB, SEED = 200, 3, 11

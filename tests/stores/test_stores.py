@@ -27,8 +27,10 @@ from gpuloader.fused import cpu as fused_numpy
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.plan.epoch import build_epoch_plan
 from gpuloader.plan.sampler import RayBatchSampler
+from gpuloader.reading.fill import fill_store
+from gpuloader.reading.headers import estimate_layout
 from gpuloader.reading.pipeline import dali_available
-from gpuloader.stores.resident import choose_store, estimate_layout, fill_store
+from gpuloader.stores.budget import choose_store
 from support import loading_helpers as _loading
 
 RAYS, SPB = 300, 5

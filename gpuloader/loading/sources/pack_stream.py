@@ -51,7 +51,7 @@ def pack_layout(
     sample the pack left out as bad joins them (``layout.bad``) instead of raising.
     """
     from gpuloader.format.validate import classify
-    from gpuloader.stores.resident import find_bad
+    from gpuloader.reading.headers import find_bad
 
     store = dataset.ray_store
     skip = getattr(dataset, "on_error", "raise") == "skip"

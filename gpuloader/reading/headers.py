@@ -1,0 +1,97 @@
+"""Header estimates: where every sample of a split will live, read from file headers only.
+
+:func:`estimate_layout` sizes a store before the fill (ray counts from the index, view counts
+from the pack's offsets or the npz header, grid sides from the voxel file's header; nothing is
+inflated); :func:`find_bad` and :func:`bad_entry` name a bad sample's file and first error line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpuloader.errors import BadGridError
+from gpuloader.format.index import npz_member_header
+from gpuloader.format.validate import classify
+from gpuloader.stores.layout import StoreLayout, packed_layout
+
+__all__ = ["bad_entry", "estimate_layout", "find_bad", "voxel_side"]
+
+
+def voxel_side(path: Any) -> int:
+    """A voxel file's grid side, from its header.
+
+    Raises:
+        BadGridError: the grid is not a cube (named; the file first).
+    """
+    shape, _ = npz_member_header(path, "voxels")
+    if len(shape) != 3 or len(set(shape)) != 1:
+        raise BadGridError(
+            f"{path}: 'voxels' has shape {shape}; the loader needs cubic (S, S, S) grids: "
+            "regenerate the file",
+            path=str(path),
+            key="voxels",
+        )
+    return int(shape[0])
+
+
+def estimate_layout(dataset: Any, on_error: str | None = None) -> StoreLayout:
+    """Where every sample of ``dataset`` will live, from file headers only (no inflating).
+
+    Ray counts come from the index; view counts from the ray store (a pack's offsets) or the
+    npz header of ``view_positions``; grid sides from the voxel file's header. With
+    ``on_error='skip'`` (default: the dataset's policy) a sample whose headers are bad is
+    recorded in ``layout.bad`` (no views, no grid) instead of raising.
+    """
+    skip = (on_error or getattr(dataset, "on_error", "raise")) == "skip"
+    samples = dataset.samples
+    k = len(samples)
+    rays = np.array([int(s["num_rays"]) for s in samples], dtype=np.int64)
+    views = np.zeros(k, dtype=np.int64)
+    sides = np.zeros(k, dtype=np.int64)
+    side_cache: dict[Any, int | BaseException] = {}
+    bad: dict[int, tuple[str, str]] = {}
+    locate = getattr(dataset.ray_store, "locate", None)
+    for i, s in enumerate(samples):
+        try:
+            if locate is not None:
+                views[i] = int(locate(s)[4])
+            else:
+                views[i] = npz_member_header(s["ray_path"], "view_positions")[0][0]
+            key = s["voxel_path"]
+            side = side_cache.get(key)
+            if side is None:
+                try:
+                    side = side_cache[key] = voxel_side(key)
+                except Exception as exc:  # remembered: one grid, many samples
+                    side_cache[key] = exc
+                    raise
+            elif isinstance(side, BaseException):
+                raise side
+            sides[i] = side
+        except Exception as exc:
+            if not skip or classify(exc) is None:
+                raise
+            views[i] = sides[i] = 0
+            bad[i] = find_bad(dataset, i)  # the error a full read gives, as the CPU API's
+    return packed_layout(rays, views, sides, bad)
+
+
+def bad_entry(dataset: Any, index: int, exc: BaseException) -> tuple[str, str]:
+    """``(file, first line of the error)`` of bad sample ``index``."""
+    find = getattr(dataset, "_error_file", None)
+    file = str(find(index, exc)) if find is not None else str(getattr(exc, "path", "") or "")
+    text = str(exc)
+    return file, (text.splitlines()[0] if text else type(exc).__name__)
+
+
+def find_bad(dataset: Any, index: int) -> tuple[str, str]:
+    """``(file, first line of the error)`` of a sample a worker reported bad, read again here
+    (only its error crosses no process boundary)."""
+    try:
+        dataset.read_sample(index, 0, None)
+    except Exception as exc:  # noqa: BLE001 - the error is what we want
+        return bad_entry(dataset, index, exc)
+    s = dataset.samples[index]
+    return str(s.get("ray_path")), f"{s.get('ray_path')}: bad when read by a worker"
