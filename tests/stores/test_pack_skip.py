@@ -19,16 +19,16 @@ import numpy as np
 import pytest
 
 from gpuloader.commands.cli import main
-from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset, SkippedFileWarning
-from gpuloader.errors import DamagedFileError, NonFiniteValueError
-from gpuloader.format.validate import classify
-from gpuloader.stores.pack.store import (
-    PackedRayStore,
+from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
+from gpuloader.errors import (
+    DamagedFileError,
+    NonFiniteValueError,
     PackError,
+    SkippedFileWarning,
     StalePackError,
-    pack_rays,
-    read_manifest,
 )
+from gpuloader.format.validate import classify
+from gpuloader.stores.pack import PackedRayStore, pack_rays, read_manifest
 from support.damage import CASES, ROOT, damage
 from support.damage import same_sample as _same
 
@@ -79,8 +79,8 @@ def _assert_pack_is_clean_minus(pack: Path, clean_pack: Path, left_out: set) -> 
     samples' slices; every other sample reads the same."""
     got, want = PackedRayStore(pack, check="none"), PackedRayStore(clean_pack, check="none")
     for level in want.levels:
-        wl = want._level(level)
-        gl = got._level(level)
+        wl = want.open_level(level)
+        gl = got.open_level(level)
         hashes = sorted(wl.row, key=wl.row.get)
         kept = [h for h in hashes if (level, h) not in left_out]
         if gl is None:

@@ -16,20 +16,19 @@ from gpuloader.augment import transforms as T
 from gpuloader.augment.rng import select_rows
 from gpuloader.commands import cli
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
-from gpuloader.errors import DamagedFileError, GPULoaderError
-from gpuloader.generate import PRESETS, generate_dataset
-from gpuloader.plan.sampler import RayRequest
-from gpuloader.stores.npz import NpzRayStore
-from gpuloader.stores.pack.store import (
-    MANIFEST,
+from gpuloader.errors import (
+    DamagedFileError,
+    GPULoaderError,
     IncompletePackError,
-    PackedRayStore,
     PackError,
     SampleNotInPackError,
     StalePackError,
-    open_ray_store,
-    pack_rays,
 )
+from gpuloader.generate import PRESETS, generate_dataset
+from gpuloader.plan.sampler import RayRequest
+from gpuloader.stores.npz import NpzRayStore
+from gpuloader.stores.pack import PackedRayStore, open_ray_store, pack_rays
+from gpuloader.stores.pack.manifest import MANIFEST, PACK_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +194,23 @@ def test_levels_subset(data, tmp_path: Path) -> None:
     assert_same_arrays(NpzRayStore().read(lv2, None), store.read(lv2, None))
     with pytest.raises(SampleNotInPackError, match="--levels"):
         store.read(lv0, None)
+
+
+def test_level_arrays(data, tmp_path: Path) -> None:
+    """``level_arrays``: the level's read-only memory maps, None for a level not packed."""
+    _, rd, _ = data
+    pack_rays(rd, tmp_path / "p12", levels=[1, 2], progress=False, workers=1)
+    store = PackedRayStore(tmp_path / "p12")
+    assert store.level_arrays(0) is None and store.open_level(0) is None
+    arrays = store.level_arrays(2)
+    assert arrays is not None and tuple(arrays) == PACK_KEYS
+    lv = store.open_level(2)
+    assert lv is not None and lv.arrays is arrays and store._level(2) is lv
+    n_rays, n_views = int(lv.offsets[:, 1].sum()), int(lv.offsets[:, 3].sum())
+    assert arrays["origins"].shape == (n_rays, 3) and arrays["hits"].dtype == np.uint8
+    assert arrays["view_positions"].shape == (n_views, 3)
+    assert all(type(a) is np.ndarray and not a.flags.writeable for a in arrays.values())
+    assert store.level_arrays(np.int64(2)) is arrays
 
 
 # ------------------------------------------------------------------------------ staleness

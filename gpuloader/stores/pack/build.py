@@ -1,24 +1,20 @@
 """Building a ray pack: :func:`pack_rays` inflates every ray file once into plain arrays.
 
 The npz ray files cost about 7 ms of zlib per file per core, however few rows a sample
-needs (design decision 7). :func:`pack_rays` inflates every ray file once into plain
-``.npy`` arrays, one set per level (the layout of :mod:`gpuloader.stores.pack.manifest`),
-in two passes: the npy headers give every file's row counts (nothing inflated), then worker
-processes inflate each chunk of files into its slices of the level arrays (opened ``r+``).
-
-A pack is built in a hidden temporary folder beside ``out_dir``, flushed to disk, given its
-``manifest.json`` last and renamed into place when whole, so an interrupted run never
-leaves a folder that passes for a pack.
+needs (design decision 7), so a pack holds them as ``.npy`` arrays, one set per level (the
+layout of :mod:`gpuloader.stores.pack.manifest`). Two passes: the npy headers give every
+file's row counts, then worker processes inflate chunks of files into their slices of the
+level arrays. The pack is built in a hidden folder beside ``out_dir``, flushed to disk,
+given its ``manifest.json`` last and renamed into place, so an interrupted run never leaves
+a folder that passes for a pack.
 
 Bad ray files (``on_error``): with ``"raise"`` (default) the first bad file stops the build
 with its named error (:mod:`gpuloader.format.validate`) and no pack is left. With ``"skip"``
 every bad file (every check ``pack`` runs, unreadable files and symlink loops included) is
-left out of the level arrays (they are compacted) and recorded in the manifest's
-``bad_files`` (relative path -> level, hash, error class name, the error's first line); a
-:class:`~gpuloader.errors.SkippedFileWarning` names each. It stays a source file of the
-manifest (size, mtime, sha256 when readable), so repairing it makes the pack stale.
-:class:`~gpuloader.stores.pack.store.PackedRayStore` raises the recorded error class for
-such a sample, which a dataset with ``on_error='skip'`` replaces like any bad file. An
+left out of the level arrays and recorded in the manifest's ``bad_files`` (relative path ->
+level, hash, error class name, the error's first line); a ``SkippedFileWarning`` names each.
+It stays a source file of the manifest (size, mtime, sha256 when readable), so repairing it
+makes the pack stale; reading it from the pack raises the recorded error class. An
 up-to-date pack that left files out is kept by a later ``on_error="skip"`` run; an
 ``on_error="raise"`` run refuses it, raising the first left-out file's recorded error (a
 raise-mode pack never holds a gap).
