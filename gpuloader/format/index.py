@@ -47,7 +47,7 @@ import numpy as np
 
 from gpuloader.errors import DamagedFileError, DatasetLayoutError, EmptyRayFileError, NoSamplesError
 from gpuloader.format import layout
-from gpuloader.format.validate import load_npz, unreadable_error
+from gpuloader.format.npz_files import load_npz, unreadable_error
 
 __all__ = [
     "SPLITS",

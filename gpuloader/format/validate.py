@@ -37,12 +37,7 @@ never reaches a sample and a row is judged the same on every store.
 
 from __future__ import annotations
 
-import errno
-import io
-import zipfile
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +45,6 @@ import numpy as np
 from gpuloader.errors import (
     BadDirectionError,
     BadGridError,
-    CorruptArchiveError,
     DamagedFileError,
     DatasetLayoutError,
     EmptyRayFileError,
@@ -60,15 +54,13 @@ from gpuloader.errors import (
     MissingKeyError,
     NegativeDistanceError,
     NonFiniteValueError,
-    NotAnNpzError,
     OutOfRangeError,
     PackError,
-    PickledArrayError,
-    UnreadableFileError,
     WrongDtypeError,
     WrongShapeError,
 )
 from gpuloader.format.layout import RAY_DTYPES, RAY_ROW_KEYS
+from gpuloader.format.npz_files import FIX, load_npz, make_error, npz_error, unreadable_error
 
 __all__ = [
     "FIX",
@@ -93,134 +85,9 @@ __all__ = [
 #: generator writes float32 unit vectors (error about 1e-7); 1e-3 leaves room for other
 #: writers' rounding and still refuses any direction a renderer would notice.
 UNIT_TOL = 1e-3
-#: The fix named by damage errors.
-FIX = "regenerate it (gpuloader generate) or delete it and rebuild the index"
 #: Arrays a ray file must hold (the per-ray keys, then one row per view).
 RAY_KEYS: tuple[str, ...] = (*RAY_ROW_KEYS, "view_positions")
 _VEC_KEYS = ("origins", "directions", "view_positions")
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-def _make(
-    cls: type[FileCheckError],
-    path: Any,
-    detail: str,
-    key: str | None = None,
-    row: int | None = None,
-    fix: str = FIX,
-) -> FileCheckError:
-    where = str(path)
-    if key is not None:
-        where += f": {key!r}"
-        if row is not None:
-            where += f" row {int(row)}"
-    return cls(f"{where}: {detail}; {fix}", path=path, key=key, row=row, detail=detail)
-
-
-# ------------------------------------------------------------------ reading npz files
-
-
-def unreadable_error(path: Any, exc: BaseException) -> FileCheckError | None:
-    """The named error for an OSError that is not damage (permission, symlink loop, a
-    folder, an I/O error); None for any other exception."""
-    if not isinstance(exc, OSError) or isinstance(exc, zipfile.BadZipFile):
-        return None
-    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
-        return _make(
-            UnreadableFileError,
-            path,
-            f"permission denied ({exc.strerror or exc})",
-            fix="make it readable (chmod / chown) or run as a user who may read it",
-        )
-    if exc.errno == errno.ELOOP:
-        return _make(
-            UnreadableFileError,
-            path,
-            "symlink loop (too many levels of symbolic links)",
-            fix="point the link at the real file or remove it",
-        )
-    if isinstance(exc, IsADirectoryError):
-        return _make(UnreadableFileError, path, "is a folder, not a file", fix="remove it")
-    if exc.errno == errno.EIO:
-        return _make(
-            UnreadableFileError,
-            path,
-            f"I/O error ({exc.strerror or exc})",
-            fix="check the disk or file system, then restore the file",
-        )
-    return None
-
-
-def npz_error(path: Any, exc: BaseException, key: str | None = None) -> FileCheckError:
-    """The named error for an exception raised while opening ``path`` or reading ``key``."""
-    if isinstance(exc, FileCheckError):
-        return exc
-    got = unreadable_error(path, exc)
-    if got is not None:
-        return got
-    text = f"{type(exc).__name__}: {str(exc).strip() or 'no detail'}"
-    if isinstance(exc, ValueError) and ("pickle" in str(exc) or "Object arrays" in str(exc)):
-        return _make(PickledArrayError, path, f"holds a pickled object array ({text})", key)
-    if key is None:
-        return _make(CorruptArchiveError, path, f"not a readable npz archive ({text})")
-    return _make(CorruptArchiveError, path, f"does not inflate ({text})", key)
-
-
-def load_npz(
-    path: Path | str, keys: tuple[str, ...] | None = None, data: bytes | None = None
-) -> dict[str, np.ndarray]:
-    """Arrays ``keys`` (None: all) of an ``.npz``, inflated whole (CRC checked).
-
-    ``data``: the file's bytes, already read (``path`` then only names it).
-
-    Raises:
-        FileNotFoundError: no such file (callers name it as a layout problem).
-        MissingKeyError: a key is not in the archive (all missing keys are named).
-        UnreadableFileError, NotAnNpzError, CorruptArchiveError, PickledArrayError: as named.
-    """
-    path = Path(path)
-    if data is not None:
-        magic = data[:6]
-    else:
-        try:
-            with open(path, "rb") as f:
-                magic = f.read(6)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise npz_error(path, exc) from exc
-    if magic == _NPY_MAGIC:
-        raise _make(NotAnNpzError, path, "holds a bare .npy array, not an npz archive")
-    if magic[:4] not in _ZIP_MAGIC:
-        what = "is empty" if not magic else "is not a zip archive (nor an npz)"
-        raise _make(NotAnNpzError, path, what)
-    out: dict[str, np.ndarray] = {}
-    key = None
-    try:
-        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as npz:
-            names = list(npz.files)
-            wanted = names if keys is None else list(keys)
-            missing = [k for k in wanted if k not in names]
-            if missing:
-                raise _make(
-                    MissingKeyError,
-                    path,
-                    f"missing array(s) {missing} (has {sorted(names)})",
-                    missing[0],
-                )
-            for key in wanted:
-                out[key] = npz[key]
-    except FileCheckError:
-        raise
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
-        raise npz_error(path, exc, key) from exc
-    for k, a in out.items():
-        if a.dtype.hasobject:
-            raise _make(PickledArrayError, path, "holds a pickled object array", k)
-    return out
 
 
 # ------------------------------------------------------------------ ray files: structure
@@ -247,7 +114,7 @@ def as_ray_dtypes(path: Any, arrays: Mapping[str, np.ndarray]) -> dict[str, np.n
             out[key] = arr
             continue
         if not _dtype_ok(key, arr.dtype, exact=False):
-            raise _make(
+            raise make_error(
                 WrongDtypeError, path, f"dtype {arr.dtype}, expected {RAY_DTYPES[key]}", key
             )
         out[key] = arr if arr.dtype == RAY_DTYPES[key] else arr.astype(RAY_DTYPES[key])
@@ -273,9 +140,9 @@ def _shape_problems(path: Any, arrays: Mapping[str, np.ndarray]) -> Iterator[Fil
             ok = a.shape == (n,)
             want = f"({n},)"
         if not ok:
-            yield _make(WrongShapeError, path, f"shape {a.shape}, expected {want}", key)
+            yield make_error(WrongShapeError, path, f"shape {a.shape}, expected {want}", key)
     if n == 0:
-        yield _make(EmptyRayFileError, path, "holds no rays (N = 0)", "origins")
+        yield make_error(EmptyRayFileError, path, "holds no rays (N = 0)", "origins")
 
 
 def check_ray_shapes(path: Any, arrays: Mapping[str, np.ndarray]) -> int:
@@ -416,7 +283,7 @@ def check_ray_batch(
     ends = np.cumsum(np.asarray(counts, dtype=np.int64))
     f = int(np.searchsorted(ends, row, side="right"))
     start = int(ends[f - 1]) if f else 0
-    raise _make(cls, files[f], what, key, row - start)
+    raise make_error(cls, files[f], what, key, row - start)
 
 
 def _num_views(arrays: Mapping[str, np.ndarray]) -> int | None:
@@ -446,7 +313,7 @@ def check_ray_values(
     n = 1 if vec.ndim == 0 else vec.shape[0]
     if key != "view_positions" and rows is not None:
         row = int(np.asarray(rows)[row])
-    raise _make(cls, path, f"{what} (the first bad row of {n} checked)", key, row)
+    raise make_error(cls, path, f"{what} (the first bad row of {n} checked)", key, row)
 
 
 def validate_rays(path: Any, arrays: Mapping[str, np.ndarray]) -> int:
@@ -461,17 +328,17 @@ def validate_rays(path: Any, arrays: Mapping[str, np.ndarray]) -> int:
     """
     missing = [k for k in RAY_KEYS if k not in arrays]
     if missing:
-        raise _make(MissingKeyError, path, f"missing array(s) {missing}", missing[0])
+        raise make_error(MissingKeyError, path, f"missing array(s) {missing}", missing[0])
     for key in RAY_KEYS:
         if not _dtype_ok(key, arrays[key].dtype, exact=False):
-            raise _make(
+            raise make_error(
                 WrongDtypeError, path, f"dtype {arrays[key].dtype}, expected {RAY_DTYPES[key]}", key
             )
     n = check_ray_shapes(path, arrays)
     bad = first_bad_row(arrays, np, _num_views(arrays))
     if bad is not None:
         cls, key, row, what = bad
-        raise _make(cls, path, what, key, row)
+        raise make_error(cls, path, what, key, row)
     return n
 
 
@@ -484,12 +351,12 @@ def ray_problems(path: Any, arrays: Mapping[str, np.ndarray]) -> list[FileCheckE
     out: list[FileCheckError] = []
     missing = [k for k in RAY_KEYS if k not in arrays]
     if missing:
-        out.append(_make(MissingKeyError, path, f"missing array(s) {missing}", missing[0]))
+        out.append(make_error(MissingKeyError, path, f"missing array(s) {missing}", missing[0]))
     good = {k: arrays[k] for k in RAY_KEYS if k in arrays}
     for key in list(good):
         if not _dtype_ok(key, good[key].dtype, exact=True):
             detail = f"dtype {good[key].dtype}, expected {RAY_DTYPES[key]}"
-            out.append(_make(WrongDtypeError, path, detail, key))
+            out.append(make_error(WrongDtypeError, path, detail, key))
             del good[key]
     for problem in _shape_problems(path, good):
         out.append(problem)
@@ -500,7 +367,7 @@ def ray_problems(path: Any, arrays: Mapping[str, np.ndarray]) -> list[FileCheckE
         if count:
             unit = "view(s)" if key == "view_positions" else "ray(s)"
             detail = f"{what} in {count} {unit}"
-            out.append(_make(cls, path, detail, key, int(np.argmax(mask))))
+            out.append(make_error(cls, path, detail, key, int(np.argmax(mask))))
     return out
 
 
@@ -511,17 +378,17 @@ def voxel_problems(path: Any, vox: np.ndarray, exact: bool = True) -> list[FileC
     """Problems of a ``voxels`` array: dtype (``exact``: bool only), 3-D cube, power of two."""
     out: list[FileCheckError] = []
     if vox.dtype != np.bool_ and (exact or vox.dtype.kind not in "biuf"):
-        out.append(_make(WrongDtypeError, path, f"dtype {vox.dtype}, expected bool", "voxels"))
+        out.append(make_error(WrongDtypeError, path, f"dtype {vox.dtype}, expected bool", "voxels"))
     if vox.ndim != 3:
         detail = f"shape {vox.shape}, expected a 3-D grid (D, H, W)"
-        out.append(_make(BadGridError, path, detail, "voxels"))
+        out.append(make_error(BadGridError, path, detail, "voxels"))
     elif len(set(vox.shape)) != 1:
-        out.append(_make(BadGridError, path, f"shape {vox.shape} is not a cube", "voxels"))
+        out.append(make_error(BadGridError, path, f"shape {vox.shape} is not a cube", "voxels"))
     else:
         side = int(vox.shape[0])
         if side < 1 or side & (side - 1):
             detail = f"side {side} is not a power of two"
-            out.append(_make(BadGridError, path, detail, "voxels"))
+            out.append(make_error(BadGridError, path, detail, "voxels"))
     return out
 
 

@@ -34,11 +34,11 @@ import numpy as np
 
 from gpuloader.errors import DamagedFileError, DatasetLayoutError
 from gpuloader.format.layout import RAY_ROW_KEYS
+from gpuloader.format.npz_files import load_npz
 from gpuloader.format.validate import (
     as_ray_dtypes,
     check_ray_shapes,
     check_ray_values,
-    load_npz,
     validate_voxels,
 )
 

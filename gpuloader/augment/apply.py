@@ -1,0 +1,95 @@
+"""The per-sample reference apply: one :class:`~gpuloader.augment.plan.SamplePlan` applied to
+one sample dict with the numpy back end. It is the CPU API's apply (``Compose``) and the
+oracle the fused pass is tested against.
+
+A sample's arrays (numpy or torch, any device) are applied in numpy and turned back into their
+own type: ``origins``/``directions`` (N, 3) float32, ``distances`` (N,), ``view_positions``
+(V, 3), ``voxels`` (1, S, S, S) or (S, S, S).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpuloader import schema
+from gpuloader.augment import numpy_backend as augment_numpy
+from gpuloader.augment import rng
+from gpuloader.augment.plan import SamplePlan, to_batch_params
+
+__all__ = ["apply_plan"]
+
+RAY_KEYS = schema.RAY_FIELDS
+
+
+def _to_numpy(v: Any) -> tuple[np.ndarray, Any]:
+    """(array, how to turn it back): torch tensors go to CPU numpy and come back likewise."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if torch is not None and isinstance(v, torch.Tensor):
+        dev, dt = v.device, v.dtype
+        return v.detach().cpu().numpy(), lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(
+            device=dev, dtype=dt
+        )
+    arr = np.asarray(v)
+    return arr, lambda a: np.asarray(a, dtype=arr.dtype)
+
+
+def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> dict:
+    """Apply one plan to one sample dict (numpy back end); returns a new dict."""
+    out = dict(sample)
+    conv = {}
+    arrays = {}
+    for k in (*RAY_KEYS, "view_positions", "voxels"):
+        if k in sample and sample[k] is not None:
+            arrays[k], conv[k] = _to_numpy(sample[k])
+    n = int(arrays["origins"].shape[0])
+    rows = None
+    if plan.num_rays is not None and plan.num_rays < n:
+        keys = rng.feistel_keys(
+            context.seed,
+            context.epoch,
+            context.index,
+            rng.Purpose.SUBSAMPLE + plan.purpose_offset,
+        )
+        rows = rng.feistel_permute(np.arange(plan.num_rays), n, keys)
+        for k in RAY_KEYS:
+            if k in arrays:
+                arrays[k] = arrays[k][rows]
+        n = rows.size
+    if not plan.is_identity:
+        params = to_batch_params([plan], [context])
+        zeros = np.zeros(n, dtype=np.int32)
+        o, d, dist = augment_numpy.transform_rays(
+            arrays["origins"],
+            arrays["directions"],
+            arrays["distances"],
+            zeros,
+            np.arange(n, dtype=np.int32),
+            params,
+        )
+        arrays["origins"], arrays["directions"], arrays["distances"] = o, d, dist
+        if "view_positions" in arrays:
+            vp = arrays["view_positions"]
+            arrays["view_positions"] = augment_numpy.transform_points(
+                vp, np.zeros(vp.shape[0], np.int32), params
+            )
+        if "voxels" in arrays and (plan.symmetry != 0 or plan.jitter_prob > 0):
+            vox = arrays["voxels"]
+            grid = vox.reshape(vox.shape[-3:])
+            if len(set(grid.shape)) != 1:
+                raise ValueError(
+                    f"geometric transforms need a cubic grid; got voxels of shape {vox.shape}"
+                )
+            new = augment_numpy.transform_voxels(
+                (grid != 0).astype(np.uint8)[None], np.array([grid.shape[0]]), params
+            )[0]
+            arrays["voxels"] = new.reshape(vox.shape)
+    elif rows is None:
+        return out
+    for k, a in arrays.items():
+        out[k] = conv[k](a)
+    return out
