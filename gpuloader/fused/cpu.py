@@ -169,15 +169,10 @@ def _select_gather_numba(records: np.ndarray, plan: BatchPlan) -> dict[str, np.n
     keep = np.asarray(plan.keep, np.int64)
     t = int(keep.sum())
     out = {
-        "origins": np.empty((t, 3), np.float32),
-        "directions": np.empty((t, 3), np.float32),
-        "distances": np.empty(t, np.float32),
-        "hits": np.empty(t, np.float32),
-        "view_ids": np.empty(t, np.int64),
-        "face_ids": np.empty(t, np.int64),
-        "ray_to_voxel": np.empty(t, np.int64),
-        "j": np.empty(t, np.int64),
+        k: np.empty((t, *schema.field(k).shape) if k in RAY_FIELDS else t, dt)
+        for k, dt in _RAY_OUT_DTYPES.items()
     }
+    out["j"] = np.empty(t, np.int64)
     fused_numba.select_gather_records(
         records.view(np.uint32).reshape(-1, RAY_RECORD.itemsize // 4),
         records.view(np.uint8).reshape(-1, RAY_RECORD.itemsize),
@@ -263,15 +258,8 @@ def gather_rays(
         v = d[sel] + dstd[sel][:, None] * noise
         sq = (v[:, 0] * v[:, 0] + v[:, 1] * v[:, 1]) + v[:, 2] * v[:, 2]
         d[sel] = v / np.sqrt(sq)[:, None]
-    result = {
-        "origins": o,
-        "directions": d,
-        "distances": got["distances"],
-        "hits": got["hits"],
-        "view_ids": got["view_ids"],
-        "face_ids": got["face_ids"],
-        "ray_to_voxel": owner,
-    }
+    result = {**{k: got[k] for k in RAY_FIELDS}, "origins": o, "directions": d}
+    result["ray_to_voxel"] = owner
     return _fill(result, out, _RAY_OUT_DTYPES)
 
 
