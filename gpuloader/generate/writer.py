@@ -37,7 +37,7 @@ from gpuloader.format import layout
 from gpuloader.generate import metadata, octree, rays, shapes, splits
 
 if TYPE_CHECKING:
-    from gpuloader.generate import GeneratorConfig
+    from gpuloader.generate.config import GeneratorConfig
 
 MANIFEST = "generation_config.json"
 DATASET_DIR = "dataset"

@@ -88,3 +88,45 @@ def test_readme_picture_names_every_module() -> None:
         if not re.search(rf"(^|\s){re.escape(shown)}(\s|$)", picture, re.M):
             missing.append(str(path.relative_to(ROOT)))
     assert missing == [], f"README's package picture lacks: {missing}"
+
+
+def import_cycles(graph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.find_modules_directly_imported_by(v):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for m in sorted(graph.modules):
+        if m not in index:
+            visit(m)
+    return sorted(found)
+
+
+def test_no_import_circle() -> None:
+    """No two modules import each other, directly or through others (lazy imports too)."""
+    grimp = pytest.importorskip("grimp", reason="grimp comes with import-linter (dev extra)")
+    graph = grimp.build_graph("gpuloader", include_external_packages=False)
+    assert import_cycles(graph) == []
