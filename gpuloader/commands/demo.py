@@ -138,9 +138,9 @@ def _device(text: str) -> str:
     ):
         raise argparse.ArgumentTypeError(f"expected {accepted}; got {text!r}")
     if value.startswith("cuda"):
-        from gpuloader.loading.loader import _cuda_usable
+        from gpuloader.loading.setup import cuda_usable
 
-        if not _cuda_usable():
+        if not cuda_usable():
             raise argparse.ArgumentTypeError(
                 f"{text!r}: no CUDA device usable here (torch sees no GPU, or CuPy is missing: "
                 "install the cuda12 or cuda13 extra); use auto or cpu"

@@ -103,9 +103,9 @@ def test_demo_option_errors(
 def test_demo_device_cuda_without_cuda(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gpuloader.loading import loader
+    from gpuloader.loading import setup
 
-    monkeypatch.setattr(loader, "_cuda_usable", lambda: False)
+    monkeypatch.setattr(setup, "cuda_usable", lambda: False)
     for device in ("cuda", "cuda:0"):
         assert _exit_code(["demo", "--out", str(tmp_path / "d"), "--device", device]) == 2
         line = _one_error_line(capsys.readouterr().err, "demo")

@@ -1,0 +1,173 @@
+"""The statistics of ``gpuloader info``: one pass over a dataset's voxel and ray files.
+
+:func:`dataset_info` gathers, per level, the voxel files' occupancy and the ray files' ray and
+hit counts, then the per-split rows and the leakage (:mod:`gpuloader.commands.info.splits`).
+Ray counts come from the .npy header of each ray file's 'origins' member
+(:func:`npy_member_shape`, nothing decompressed beyond the header); hit rates read only the
+'hits' member.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gpuloader.commands.info.splits import leakage, per_split_rows, split_names
+from gpuloader.errors import DatasetLayoutError
+from gpuloader.format import layout
+
+__all__ = ["npy_member_shape", "dataset_info"]
+
+_LEVEL_DIR = re.compile(r"^level_(\d+)$")
+
+
+def npy_member_shape(zf: zipfile.ZipFile, member: str) -> tuple[int, ...]:
+    """Shape of the array stored as ``member`` of an npz, from its .npy header only."""
+    with zf.open(member) as fp:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _fortran, _dtype = np.lib.format.read_array_header_1_0(fp)
+        else:  # 2.0 (and 3.0, whose header differs only in its text encoding)
+            shape, _fortran, _dtype = np.lib.format.read_array_header_2_0(fp)
+    return tuple(int(s) for s in shape)
+
+
+def _read_member(zf: zipfile.ZipFile, member: str) -> np.ndarray:
+    """One array of an npz, decompressing that member only."""
+    with zf.open(member) as fp:
+        return np.lib.format.read_array(fp, allow_pickle=False)
+
+
+def _level_files(root: Path, pattern: str) -> dict[int, list[Path]]:
+    """``level -> files`` matching ``root/level_<L>/<hh>/<pattern>``."""
+    out: dict[int, list[Path]] = {}
+    if not root.is_dir():
+        return out
+    for d in root.iterdir():
+        m = _LEVEL_DIR.match(d.name)
+        if m and d.is_dir():
+            files = [p for p in d.glob(f"*/{pattern}") if not p.name.startswith(".")]
+            out[int(m.group(1))] = sorted(files)
+    return out
+
+
+def _sample_name(path: Path, level: int) -> str:
+    """The sample a file belongs to: the object ID at level 0, else the sub-volume hash."""
+    if path.name.endswith("_rays.npz"):
+        return path.name[: -len("_rays.npz")]
+    if level == 0:  # objects/object_<ID>/level_0.npz
+        return path.parent.name[len("object_") :]
+    return path.stem
+
+
+def dataset_info(
+    dataset_dir: str | Path, ray_dir: str | Path, progress: bool = False
+) -> dict[str, Any]:
+    """Per-split and per-level numbers of a dataset, JSON-ready.
+
+    Keys: ``dataset_dir``, ``ray_dir``, ``num_objects``, ``objects_per_split``, ``levels`` (a
+    list of dicts: level, side, sub_volumes (level 0: objects), ray_files, rays, hits,
+    hit_rate, occupancy = mean occupied fraction over the level's voxel files), ``totals``,
+    ``leakage`` (recounted per split pair, the matrix whose diagonal counts the non-trivial
+    hashes each split uses, and what splits.json claims) and ``unreadable_files``.
+    Raises DatasetLayoutError when splits.json or a root folder is missing.
+    """
+    ds, rays_root = Path(dataset_dir), Path(ray_dir)
+    for root, arg in ((ds, "DATASET_DIR"), (rays_root, "RAY_DIR")):
+        if not root.is_dir():
+            raise DatasetLayoutError(f"{root} is not a folder; check the {arg} argument")
+    splits_path = ds / "splits.json"
+    if not splits_path.is_file():
+        raise DatasetLayoutError(
+            f"{splits_path} is missing; re-generate the dataset or run `gpuloader verify`"
+        )
+    splits = layout.read_json(splits_path)
+    object_splits: dict[str, str] = {
+        str(k): str(v) for k, v in (splits.get("object_splits") or {}).items()
+    }
+    objects_root = ds / "objects"
+    objects = sorted(
+        p.name[len("object_") :]
+        for p in (objects_root.iterdir() if objects_root.is_dir() else [])
+        if p.is_dir() and p.name.startswith("object_")
+    )
+    names = split_names(set(object_splits.values()))
+    per_split = {s: 0 for s in names}
+    for oid in objects:
+        s = object_splits.get(oid, "unassigned")
+        per_split[s] = per_split.get(s, 0) + 1
+
+    voxel_files = _level_files(ds / "subvolumes", "*.npz")
+    voxel_files[0] = [layout.level0_voxel_path(ds, o) for o in objects]
+    voxel_files[0] = [p for p in voxel_files[0] if p.is_file()]
+    ray_files = _level_files(rays_root, "*_rays.npz")
+    levels = sorted(set(voxel_files) | set(ray_files))
+    unreadable: list[str] = []
+    total = sum(len(voxel_files.get(lv, [])) + len(ray_files.get(lv, [])) for lv in levels)
+    bar = tqdm(total=total, desc="info", unit="file", disable=not progress)
+    rows = []
+    # per (level, name): voxel occupancy, and (rays, hits) of the ray file, for the split table
+    file_occupancy: dict[tuple[int, str], float] = {}
+    file_rays: dict[tuple[int, str], tuple[int, int]] = {}
+    for lv in levels:
+        occupancy, side = [], None
+        for p in voxel_files.get(lv, []):
+            try:
+                with np.load(p, allow_pickle=False) as f:
+                    grid = f["voxels"]
+                occupancy.append(float(np.count_nonzero(grid)) / max(grid.size, 1))
+                file_occupancy[(lv, _sample_name(p, lv))] = occupancy[-1]
+                side = side or int(grid.shape[0])
+            except Exception:
+                unreadable.append(str(p))
+            bar.update()
+        rays = hits = 0
+        for p in ray_files.get(lv, []):
+            try:
+                with zipfile.ZipFile(p) as zf:
+                    n = npy_member_shape(zf, "origins.npy")[0]
+                    h = int(np.count_nonzero(_read_member(zf, "hits.npy")))
+                rays, hits = rays + n, hits + h
+                file_rays[(lv, _sample_name(p, lv))] = (n, h)
+            except Exception:
+                unreadable.append(str(p))
+            bar.update()
+        rows.append(
+            {
+                "level": lv,
+                "side": side,
+                "sub_volumes": len(voxel_files.get(lv, [])),
+                "ray_files": len(ray_files.get(lv, [])),
+                "rays": rays,
+                "hits": hits,
+                "hit_rate": hits / rays if rays else None,
+                "occupancy": float(np.mean(occupancy)) if occupancy else None,
+            }
+        )
+    bar.close()
+    rays_total = sum(r["rays"] for r in rows)
+    hits_total = sum(r["hits"] for r in rows)
+    return {
+        "dataset_dir": str(ds),
+        "ray_dir": str(rays_root),
+        "num_objects": len(objects),
+        "objects_per_split": per_split,
+        "levels": rows,
+        "totals": {
+            "sub_volumes": sum(r["sub_volumes"] for r in rows),
+            "ray_files": sum(r["ray_files"] for r in rows),
+            "rays": rays_total,
+            "hits": hits_total,
+            "hit_rate": hits_total / rays_total if rays_total else None,
+        },
+        "per_split": per_split_rows(
+            splits, object_splits, per_split, levels, file_occupancy, file_rays
+        ),
+        "leakage": leakage(splits, names),
+        "unreadable_files": sorted(unreadable),
+    }
