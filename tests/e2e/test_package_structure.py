@@ -130,3 +130,12 @@ def test_no_import_circle() -> None:
     grimp = pytest.importorskip("grimp", reason="grimp comes with import-linter (dev extra)")
     graph = grimp.build_graph("gpuloader", include_external_packages=False)
     assert import_cycles(graph) == []
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    """pyproject's explicit package list names every package folder (else a wheel lacks it)."""
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    folders = {module_name(p) for p in PACKAGE.rglob("__init__.py") if "__pycache__" not in p.parts}
+    assert folders - listed == set()
