@@ -1,4 +1,4 @@
-// Counter-based random numbers on the device: the CUDA twin of gpuloader/rng.py.
+// Counter-based random numbers on the device: the CUDA twin of gpuloader/augment/rng.py.
 //
 // Design decision 3: every random decision is philox4x32_10(counter, key) with
 //   key     = (seed & 0xffffffff, seed >> 32)
@@ -9,7 +9,7 @@
 // [0, n) picks k of n rows without replacement in O(k), no n-sized buffer.
 //
 // Self-contained (no system headers) so that NVRTC compiles it without a CUDA toolkit; it
-// also compiles as plain C++ with tests/cuda_shim/shim.h, which is how CI runs it.
+// also compiles as plain C++ with tests/support/cuda_shim/shim.h, which is how CI runs it.
 #pragma once
 
 #define GPL_PHILOX_M0 0xD2511F53u

@@ -1,13 +1,13 @@
-// Per-ray, per-point and per-voxel device functions shared by kernels/augment.cu and
-// kernels/fused.cu, so that both apply a sample's augmentation with the same code.
+// Per-ray, per-point and per-voxel device functions of kernels/fused.cu: one sample's
+// augmentation, the same code for the per-batch and the epoch-indexed kernels.
 //
 // `P` is one row of numpy_backend.SYMMETRY_TABLE: (perm0, perm1, perm2, sign0, sign1, sign2)
 // with (P v)_i = sign_i * v[perm_i]. Float arithmetic uses the gpl_f* operations of
 // philox.cuh (each rounded on its own like numpy, denormals kept); modules that include this
 // header are compiled with -fmad=false besides.
 //
-// Self-contained like philox.cuh: compiles with NVRTC and, through tests/cuda_shim/shim.h, as
-// plain C++.
+// Self-contained like philox.cuh: compiles with NVRTC and, through
+// tests/support/cuda_shim/shim.h, as plain C++.
 #pragma once
 
 #include "philox.cuh"

@@ -1,342 +1,225 @@
 """The fused kernels of ``kernels/fused.cu`` on the CPU, against the numpy reference.
 
-``kernels/fused.cu`` is compiled by g++ through ``tests/cuda_shim/shim.h`` (with
-``tests/cuda_shim/fused_launcher.cpp``, one shared library per session) and called through
-ctypes. Two ways in:
+``kernels/fused.cu`` is compiled by g++ through ``tests/support/cuda_shim/shim.h`` (with
+``tests/support/cuda_shim/fused_launcher.cpp``, one shared library per session; see
+``support.shim``) and called through ctypes. Four ways in:
 
+* the argument struct: ``gpl_fused_args`` of ``kernels/fused_args.cuh`` as g++ lays it out
+  (offsetof and sizeof of every field) against its numpy twin
+  :data:`gpuloader.fused.cuda.FUSED_ARGS_DTYPE`;
+* the device helpers of ``kernels/philox.cuh`` directly (Philox, Box-Muller, hash, Feistel)
+  against :mod:`gpuloader.augment.rng`;
 * the launchers directly, on random stores and plans, against two references: the
   per-sample composition of the ground-truth functions (``rng.feistel_permute``,
   ``numpy_backend.transform_rays/transform_points/transform_voxels``) and
   :mod:`gpuloader.fused.cpu`;
 * the real :mod:`gpuloader.fused.cuda` wrappers, with CuPy replaced by a numpy
   stand-in (its "device" arrays are a numpy subclass, so host and device inputs are told
-  apart as with CuPy) whose kernels are the shim launchers. Every pointer's dtype and every
-  scalar's type is checked, so the wrappers' argument plumbing is tested too.
+  apart as with CuPy) whose kernels are the shim launchers. Every pointer the kernel reads is
+  checked (a live array of the header's pointee dtype, C-contiguous, writeable for outputs,
+  null only where allowed), so the wrappers' argument plumbing is tested too.
 
 Integers must match bit for bit, floats within 1e-6.
 """
 
 from __future__ import annotations
 
-import ctypes
 import types
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from gpuloader.augment import numpy_backend as augment_numpy
 from gpuloader.augment import rng
-from gpuloader.augment.numpy_backend import SYMMETRY_TABLE, BatchParams
+from gpuloader.augment.numpy_backend import SYMMETRY_TABLE
 from gpuloader.fused import cpu as fused_numpy
-from gpuloader.fused import cuda as fused_cupy
+from gpuloader.fused import cuda as fused_cuda
 from gpuloader.plan.batch import BatchPlan
-from support.shim import build_shim_library
-
-FLOAT_TOL = {"rtol": 1e-6, "atol": 1e-6}
-F32, I32, U32, U8, I64 = np.float32, np.int32, np.uint32, np.uint8, np.int64
-
-
-class Ptr:
-    """A pointer argument: a C-contiguous array of ``dtype`` (writeable for outputs), or, when
-    ``null`` is allowed, the wrapper's null pointer ``np.uint64(0)``."""
-
-    def __init__(self, dtype, out: bool = False, null: bool = False):
-        self.dtype, self.out, self.null = np.dtype(dtype), out, null
-
-    def convert(self, a, where: str):
-        if self.null and type(a) is np.uint64 and int(a) == 0:
-            return None
-        assert isinstance(a, np.ndarray), f"{where}: {type(a)} is not an array"
-        assert a.dtype == self.dtype, f"{where}: dtype {a.dtype} instead of {self.dtype}"
-        assert a.flags.c_contiguous, f"{where}: not C-contiguous"
-        assert not self.out or a.flags.writeable, f"{where}: not writeable"
-        return a.ctypes.data
-
-
-class Scalar:
-    """A scalar argument of C type ``ctype``; the wrapper must pass numpy type ``np_type``."""
-
-    def __init__(self, ctype, np_type):
-        self.ctype, self.np_type = ctype, np_type
-
-    def convert(self, a, where: str):
-        assert type(a) is self.np_type, f"{where}: {type(a)} instead of {self.np_type}"
-        return int(a)
-
-
-def _p(dtype, out=False, null=False):
-    return Ptr(dtype, out, null)
-
-
-INT, UINT, LLONG = (
-    Scalar(ctypes.c_int, np.int32),
-    Scalar(ctypes.c_uint32, np.uint32),
-    Scalar(ctypes.c_longlong, np.int64),
+from support.fused_kernels import (
+    CASES,
+    F32,
+    FLOAT_TOL,
+    I32,
+    I64,
+    check_rays,
+    exclusive_cumsum,
+    make_case,
+    ref_grids,
+    ref_rays,
+    ref_rows,
+    ref_views,
+    scatter,
 )
-
-#: kernel name -> its arguments after (grid, block), in the kernel's order.
-SIGNATURES = {
-    "fused_rays": [
-        _p(F32), _p(F32), _p(F32), _p(U8, null=True), _p(I32, null=True), _p(I32, null=True),
-        _p(I64), _p(I64), _p(I64), _p(I64), _p(U32), _p(I32), _p(I32),
-        _p(F32), _p(F32), _p(F32), _p(F32), _p(U32), _p(U32), _p(U32), UINT, UINT,
-        _p(F32, True), _p(F32, True), _p(F32, True), _p(F32, True, True),
-        _p(I64, True, True), _p(I64, True, True), _p(I64, True, True), INT, LLONG,
-    ],
-    "fused_grids": [
-        _p(U8), _p(I64), _p(I64), _p(I32), _p(I32), _p(U32), _p(U32), _p(U32), _p(U32),
-        UINT, UINT, _p(F32, True), INT, LLONG,
-    ],
-    "fused_views": [
-        _p(F32), _p(I64), _p(I64), _p(I32), _p(I32), _p(F32), _p(F32, True), INT, LLONG,
-    ],
-    "fused_select_rows": [
-        _p(I64), _p(I64), _p(I64), _p(I64), _p(U32), _p(I64, True), _p(I64, True),
-        _p(I64, True), INT, LLONG,
-    ],
-}  # fmt: skip
+from support.shim import (
+    C_TYPES,
+    DevArray,
+    NoReadBack,
+    ShimKernel,
+    dev,
+    fake_cupy,
+    fused_library,
+    header_fields,
+    install_fake_cupy,
+    run_cpp,
+)
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     """kernels/fused.cu built as a shared library by g++ through the shim."""
-    return build_shim_library(
-        tmp_path_factory,
-        "fused_launcher.cpp",
-        "libfused.so",
-        SIGNATURES,
-        lambda a: a.ctype if isinstance(a, Scalar) else ctypes.c_void_p,
-    )
+    return fused_library(tmp_path_factory)
 
 
-class ShimKernel:
-    """Stands for a ``cupy.RawKernel``: ``kernel(grid, block, args)`` runs the shim launcher."""
-
-    def __init__(self, dll, name: str, launches: list | None = None):
-        self.fn = getattr(dll, f"launch_{name}")
-        self.sig = SIGNATURES[name]
-        self.name = name
-        self.launches = launches if launches is not None else []
-
-    def __call__(self, grid, block, args):
-        assert len(args) == len(self.sig), (
-            f"{self.name}: {len(args)} args, kernel has {len(self.sig)}"
-        )
-        pairs = enumerate(zip(args, self.sig, strict=True))
-        conv = [s.convert(a, f"{self.name} arg {i}") for i, (a, s) in pairs]
-        self.launches.append((self.name, tuple(grid), tuple(block)))
-        self.fn(int(grid[0]), int(block[0]), *conv)
+# --- the argument struct -----------------------------------------------------------------------
 
 
-# --- random stores and plans ---------------------------------------------------------------
-
-
-def make_store(gen: np.random.Generator, counts, views, sides) -> dict[str, np.ndarray]:
-    """A store of len(counts) samples: ray rows, view rows and grids, each sample's block at a
-    random place (shuffled order, unused rows between blocks)."""
-    r, v, g = int(sum(counts)) * 2 + 7, int(sum(views)) * 2 + 3, int(sum(s**3 for s in sides))
-    r, g = r, g * 2 + 11
-    d = gen.normal(size=(r, 3))
-    d /= np.linalg.norm(d, axis=1, keepdims=True)
-    grids = gen.integers(0, 2, g).astype(np.uint8)
-    grids[gen.random(g) < 0.02] = 7  # any byte survives untouched (xor of the jitter bit)
-    return {
-        "origins": (gen.normal(size=(r, 3)) * 3).astype(np.float32),
-        "directions": d.astype(np.float32),
-        "distances": gen.uniform(0, 5, r).astype(np.float32),
-        "hits": gen.integers(0, 2, r).astype(np.uint8),
-        "view_ids": gen.integers(-5, 2**31 - 1, r).astype(np.int32),
-        "face_ids": gen.integers(-(2**31), 2**31 - 1, r).astype(np.int32),
-        "view_positions": (gen.normal(size=(v, 3)) * 4).astype(np.float32),
-        "grids": grids,
-    }
-
-
-def _scatter(gen: np.random.Generator, sizes, total: int) -> np.ndarray:
-    """Non-overlapping starts for blocks of ``sizes`` inside [0, total), in shuffled order."""
-    order = gen.permutation(len(sizes))
-    slack = total - int(sum(sizes))
-    gaps = np.sort(gen.integers(0, slack + 1, len(sizes)))
-    starts = np.zeros(len(sizes), np.int64)
-    pos = 0
-    for i, b in enumerate(order):
-        starts[b] = pos + gaps[i]
-        pos += int(sizes[b])
-    return starts
-
-
-def make_case(
-    gen: np.random.Generator,
-    b: int,
-    sides=(4, 8, 16),
-    subsample: str = "mixed",
-    noise: bool = True,
-    jitter: bool = True,
-    symmetries=None,
-):
-    """A random store and a plan of ``b`` samples over it (numpy arrays).
-
-    ``subsample``: "mixed" (k < n and k == n), "all" (k == n), "some" (k < n everywhere).
-    """
-    counts = gen.choice([0, 1, 2, 3, 17, 100, 257], b)
-    if subsample == "some":
-        counts = np.maximum(counts, 2)
-    if subsample == "all":
-        keep = counts.copy()
-    else:
-        keep = np.array([gen.integers(0, max(c, 1)) for c in counts], np.int64)
-        if subsample == "mixed":
-            keep = np.where(gen.random(b) < 0.4, counts, keep)
-    views = gen.integers(0, 6, b)
-    side = gen.choice(np.asarray(sides), b)
-    store = make_store(gen, counts, views, side)
-    ray_start = _scatter(gen, counts, store["origins"].shape[0])
-    view_start = _scatter(gen, views, store["view_positions"].shape[0])
-    grid_start = _scatter(gen, side.astype(np.int64) ** 3, store["grids"].shape[0])
-    seed = int(gen.integers(0, 2**63)) * 2 + 1  # both key words
-    epoch = gen.integers(0, 2**32, b).astype(np.uint32)
-    index = gen.integers(0, 2**32, b).astype(np.uint32)
-    offset = gen.choice([0, rng.Purpose.SEGMENT_STRIDE, 2**32 - 2], b).astype(np.uint32)
-    keys = np.stack(
+def test_struct_layout_matches_the_header(tmp_path):
+    """FUSED_ARGS_DTYPE has the header's fields in its order, of its types, at the offsets
+    and with the size g++ gives them."""
+    fields = header_fields()
+    dt = fused_cuda.FUSED_ARGS_DTYPE
+    assert [name for _, name in fields] == list(dt.names)
+    for ctype, name in fields:
+        want = np.dtype(np.uint64) if ctype.endswith("*") else C_TYPES[ctype]
+        assert dt[name] == want, (name, ctype, dt[name])
+    lines = [
+        f'    std::printf("{n} %zu %zu\\n", offsetof(gpl_fused_args, {n}), '
+        f"sizeof(gpl_fused_args::{n}));"
+        for _, n in fields
+    ]
+    src = "\n".join(
         [
-            rng.feistel_keys(seed, int(epoch[i]), int(index[i]), rng.Purpose.SUBSAMPLE)
-            for i in range(b)
+            "#include <cstddef>",
+            "#include <cstdio>",
+            '#include "fused_args.cuh"',
+            "int main() {",
+            '    std::printf("sizeof %zu %zu\\n", sizeof(gpl_fused_args),',
+            "                alignof(gpl_fused_args));",
+            *lines,
+            "    return 0;",
+            "}",
         ]
-    ).astype(np.uint32)
-    sym = gen.integers(0, 48, b) if symmetries is None else np.asarray(symmetries)
-    plan = BatchPlan(
-        seed=seed,
-        index=index,
-        epoch=epoch,
-        ray_start=ray_start,
-        ray_count=counts.astype(np.int64),
-        keep=keep.astype(np.int64),
-        out_start=np.concatenate([[0], np.cumsum(keep)[:-1]]).astype(np.int64),
-        select_keys=keys.reshape(b, 4),
-        view_start=view_start,
-        view_count=views.astype(np.int64),
-        view_out_start=np.concatenate([[0], np.cumsum(views)[:-1]]).astype(np.int64),
-        grid_start=grid_start,
-        side=side.astype(np.int64),
-        symmetry=sym.astype(np.int32),
-        origin_scale=gen.uniform(0.5, 2.0, b).astype(np.float32),
-        distance_scale=gen.uniform(0.5, 2.0, b).astype(np.float32),
-        origin_std=(gen.choice([0.0, 0.01, 0.3], b) if noise else np.zeros(b)).astype(np.float32),
-        direction_std=(gen.choice([0.0, 0.05, 0.5], b) if noise else np.zeros(b)).astype(
-            np.float32
+    )
+    got = {}
+    for line in run_cpp(tmp_path, src).splitlines():
+        name, a, b = line.split()
+        got[name] = (int(a), int(b))
+    assert got.pop("sizeof") == (dt.itemsize, dt.alignment)
+    assert got == {n: (dt.fields[n][1], dt[n].itemsize) for n in dt.names}
+
+
+def test_fused_args_fills_pointers_and_sizes():
+    a = dev(np.zeros(4, F32))
+    args = fused_cuda.fused_args(origins=a, hits=None, num_rays=7, key1=np.uint32(3))
+    assert args.shape == (1,) and args.dtype == fused_cuda.FUSED_ARGS_DTYPE
+    assert int(args["origins"][0]) == a.ctypes.data and int(args["hits"][0]) == 0
+    assert int(args["num_rays"][0]) == 7 and int(args["key1"][0]) == 3
+    assert all(
+        int(args[f][0]) == 0 for f in args.dtype.names if f not in ("origins", "num_rays", "key1")
+    )
+
+
+# --- the device helpers of philox.cuh ----------------------------------------------------------
+
+
+def test_philox_known_answers(lib):
+    # Random123's Philox4x32-10 known-answer vectors.
+    cases = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
         ),
-        jitter_threshold=(
-            gen.choice([0, 1 << 20, 1 << 23, 1 << 24], b) if jitter else np.zeros(b)
-        ).astype(np.uint32),
-        purpose_offset=offset,
-    )
-    return store, plan
+    ]
+    for counter, key, want in cases:
+        out = np.zeros((1, 4), np.uint32)
+        lib.shim_philox(np.array([counter], np.uint32), key[0], key[1], out, 1)
+        assert tuple(int(w) for w in out[0]) == want
+        assert tuple(int(w) for w in rng.philox4x32(np.array(counter, np.uint32), key)) == want
 
 
-# --- the ground-truth composition ------------------------------------------------------------
+def test_philox_matches_rng(lib):
+    gen = np.random.default_rng(1)
+    counters = gen.integers(0, 2**32, (5000, 4), dtype=np.uint64).astype(np.uint32)
+    for key in [(0, 0), (12345, 0), (0xDEADBEEF, 0xFFFFFFFF)]:
+        out = np.zeros_like(counters)
+        lib.shim_philox(counters, key[0], key[1], out, len(counters))
+        np.testing.assert_array_equal(out, rng.philox4x32(counters, key))
 
 
-def _params(plan: BatchPlan) -> BatchParams:
-    return BatchParams.make(
-        seed=plan.seed,
-        epoch=plan.epoch,
-        index=plan.index,
-        symmetry=plan.symmetry,
-        origin_scale=plan.origin_scale,
-        distance_scale=plan.distance_scale,
-        origin_std=plan.origin_std,
-        direction_std=plan.direction_std,
-        jitter_threshold=plan.jitter_threshold,
-        purpose_offset=plan.purpose_offset,
-    )
+def test_normal3_matches_box_muller(lib):
+    gen = np.random.default_rng(2)
+    words = gen.integers(0, 2**32, (20000, 4), dtype=np.uint64).astype(np.uint32)
+    words[:4, 0] = [0, 0xFF, 0xFFFFFFFF, 0x100]  # u1 at its ends: 2^-24 and 1
+    out = np.zeros((len(words), 3), np.float32)
+    lib.shim_normal3(words, out, len(words))
+    ref = rng.normal_pairs(words)[:, :3].astype(np.float32)
+    np.testing.assert_allclose(out, ref, **FLOAT_TOL)
+    assert np.mean(out == ref) > 0.999  # libm may differ by an ulp before rounding, rarely
 
 
-def ref_rows(plan: BatchPlan):
-    """Per sample: ``rng.feistel_permute`` with the plan's keys (or file order)."""
-    rows, owner, js = [], [], []
-    for b in range(plan.batch_size):
-        n, k = int(plan.ray_count[b]), int(plan.keep[b])
-        j = np.arange(k, dtype=np.int64)
-        local = j if k >= n else rng.feistel_permute(j, n, plan.select_keys[b])
-        rows.append(int(plan.ray_start[b]) + local)
-        owner.append(np.full(k, b, np.int64))
-        js.append(j)
-    cat = (lambda x: np.concatenate(x).astype(np.int64)) if rows else (lambda x: np.zeros(0, I64))
-    return cat(rows), cat(owner), cat(js)
+def test_hash32_and_feistel_bits(lib):
+    x = np.random.default_rng(3).integers(0, 2**32, 10000, dtype=np.uint64).astype(np.uint32)
+    out = np.zeros_like(x)
+    lib.shim_hash32(x, out, len(x))
+    np.testing.assert_array_equal(out, rng._hash32(x))
+    for n in [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 1000, 2**20, 2**20 + 1, 2**31, 2**32 - 1]:
+        assert lib.shim_feistel_bits(n) == rng.feistel_bits(n), n
 
 
-def ref_rays(store, plan: BatchPlan) -> dict[str, np.ndarray]:
-    g, owner, j = ref_rows(plan)
-    o, d, dist = augment_numpy.transform_rays(
-        store["origins"][g],
-        store["directions"][g],
-        store["distances"][g],
-        owner.astype(np.int32),
-        j.astype(np.int32),
-        _params(plan),
-    )
-    return {
-        "origins": o,
-        "directions": d,
-        "distances": dist,
-        "hits": store["hits"][g].astype(np.float32),
-        "view_ids": store["view_ids"][g].astype(np.int64),
-        "face_ids": store["face_ids"][g].astype(np.int64),
-        "ray_to_voxel": owner,
-    }
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1000, 4097, 65536, 2**20 + 3])
+def test_feistel_permute_matches_rng(lib, n):
+    keys = rng.feistel_keys(seed=7 + n, epoch=3, index=n)
+    i = np.arange(min(n, 5000), dtype=np.uint32)
+    out = np.zeros_like(i)
+    lib.shim_feistel_permute(i, n, keys, out, len(i))
+    np.testing.assert_array_equal(out.astype(np.int64), rng.feistel_permute(i, n, keys))
+    if n <= 5000:  # a permutation of [0, n)
+        np.testing.assert_array_equal(np.sort(out), np.arange(n))
 
 
-def ref_grids(store, plan: BatchPlan) -> np.ndarray:
-    b, s = plan.batch_size, plan.grid_side
-    vox = np.zeros((b, s, s, s), np.uint8)
-    for i in range(b):
-        n, start = int(plan.side[i]), int(plan.grid_start[i])
-        vox[i, :n, :n, :n] = store["grids"][start : start + n**3].reshape(n, n, n)
-    out = augment_numpy.transform_voxels(vox, plan.side, _params(plan))
-    return out.astype(np.float32).reshape(b, 1, s, s, s)
-
-
-def ref_views(store, plan: BatchPlan) -> np.ndarray:
-    owner = np.repeat(np.arange(plan.batch_size), plan.view_count)
-    k = np.arange(owner.size) - plan.view_out_start[owner]
-    g = plan.view_start[owner] + k
-    return augment_numpy.transform_points(
-        store["view_positions"][g], owner.astype(np.int32), _params(plan)
-    )
-
-
-def check_rays(got: dict, want: dict, exact_floats: bool = False) -> None:
-    assert set(got) == set(want)
-    for k, w in want.items():
-        g = got[k]
-        assert g.dtype == w.dtype, (k, g.dtype, w.dtype)
-        assert g.shape == w.shape, (k, g.shape, w.shape)
-        if w.dtype == np.float32 and not exact_floats:
-            np.testing.assert_allclose(g, w, **FLOAT_TOL, err_msg=k)
-        else:
-            np.testing.assert_array_equal(g, w, err_msg=k)
+def test_feistel_near_2_pow_32(lib):
+    n = 2**32 - 5
+    keys = rng.feistel_keys(seed=1, epoch=0, index=0)
+    i = np.array([0, 1, 2, 12345, n - 1], dtype=np.uint32)
+    out = np.zeros_like(i)
+    lib.shim_feistel_permute(i, n, keys, out, len(i))
+    np.testing.assert_array_equal(out.astype(np.int64), rng.feistel_permute(i, n, keys))
 
 
 # --- the launchers, called directly ----------------------------------------------------------
 
 
 def _key(seed: int):
-    return (seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF
+    return np.uint32(seed & 0xFFFFFFFF), np.uint32((seed >> 32) & 0xFFFFFFFF)
 
 
-def _run(lib, name: str, args: list, n: int, grid_block=(None, 256)) -> None:
+def _run(lib, name: str, fields: dict, n: int, grid_block=(None, 256)) -> None:
+    """Kernel ``name`` over ``n`` items with the struct of ``fields`` (the real builder)."""
     block = grid_block[1]
     grid = grid_block[0] or max(1, -(-n // block))
-    ShimKernel(lib, name)((grid,), (block,), args)
+    ShimKernel(lib, name)((grid,), (block,), (fused_cuda.fused_args(**fields),))
 
 
-def _c(a, dtype):
-    return np.ascontiguousarray(np.asarray(a, dtype=dtype))
+def _plan(plan: BatchPlan, *fields: str) -> dict:
+    """Plan fields as "device" arrays of the kernels' dtypes, the table, the key and B."""
+    d = {
+        f: dev(np.ascontiguousarray(getattr(plan, f), dtype=fused_cuda.PLAN_DTYPES[f]))
+        for f in fields
+    }
+    k0, k1 = _key(plan.seed)
+    d.update(sym_table=dev(np.ascontiguousarray(SYMMETRY_TABLE, dtype=I32)), key0=k0, key1=k1)
+    return {**d, "num_samples": plan.batch_size}
+
+
+_SELECT = ("ray_start", "ray_count", "keep", "out_start", "select_keys")
+_STREAM = ("epoch", "index", "purpose_offset")
 
 
 def run_rays(lib, store, plan: BatchPlan, grid_block=(None, 256), garbage: bool = True):
-    t, b = plan.num_rays, plan.batch_size
+    t = plan.num_rays
     out = {
         "origins": np.empty((t, 3), F32),
         "directions": np.empty((t, 3), F32),
@@ -349,73 +232,43 @@ def run_rays(lib, store, plan: BatchPlan, grid_block=(None, 256), garbage: bool 
     if garbage:  # every output element must be written
         for a in out.values():
             a.view(np.uint8)[...] = 0xAB
-    k0, k1 = _key(plan.seed)
-    args = [
-        store["origins"], store["directions"], store["distances"], store["hits"],
-        store["view_ids"], store["face_ids"], _c(plan.ray_start, I64), _c(plan.ray_count, I64),
-        _c(plan.keep, I64), _c(plan.out_start, I64), _c(plan.select_keys, U32),
-        _c(SYMMETRY_TABLE, I32), _c(plan.symmetry, I32), _c(plan.origin_scale, F32),
-        _c(plan.distance_scale, F32), _c(plan.origin_std, F32), _c(plan.direction_std, F32),
-        _c(plan.epoch, U32), _c(plan.index, U32), _c(plan.purpose_offset, U32),
-        np.uint32(k0), np.uint32(k1), *out.values(), np.int32(b), np.int64(t),
-    ]  # fmt: skip
+    fields = _plan(plan, *_SELECT, "symmetry", "origin_scale", "distance_scale", "origin_std",
+                   "direction_std", *_STREAM)  # fmt: skip
+    fields.update({k: dev(store[k]) for k in fused_cuda.RAY_KEYS if k in store})
+    fields.update({f"out_{k}": dev(a) for k, a in out.items()})
     if t:
-        _run(lib, "fused_rays", args, t, grid_block)
+        _run(lib, "fused_rays", {**fields, "num_rays": t}, t, grid_block)
     return out
 
 
 def run_grids(lib, store, plan: BatchPlan, grid_block=(None, 256)) -> np.ndarray:
     b, s = plan.batch_size, plan.grid_side
     out = np.full((b, 1, s, s, s), np.nan, F32)
-    k0, k1 = _key(plan.seed)
-    args = [
-        store["grids"], _c(plan.grid_start, I64), _c(plan.side, I64), _c(SYMMETRY_TABLE, I32),
-        _c(plan.symmetry, I32), _c(plan.jitter_threshold, U32), _c(plan.epoch, U32),
-        _c(plan.index, U32), _c(plan.purpose_offset, U32), np.uint32(k0), np.uint32(k1), out,
-        np.int32(b), np.int64(s),
-    ]  # fmt: skip
+    fields = _plan(plan, "grid_start", "side", "symmetry", "jitter_threshold", *_STREAM)
+    fields.update(grids=dev(store["grids"]), out_voxels=dev(out), grid_side=s)
     if out.size:
-        _run(lib, "fused_grids", args, out.size, grid_block)
+        _run(lib, "fused_grids", fields, out.size, grid_block)
     return out
 
 
 def run_views(lib, store, plan: BatchPlan, grid_block=(None, 256)) -> np.ndarray:
-    t, b = plan.num_views, plan.batch_size
+    t = plan.num_views
     out = np.full((t, 3), np.nan, F32)
-    args = [
-        store["view_positions"], _c(plan.view_start, I64), _c(plan.view_out_start, I64),
-        _c(SYMMETRY_TABLE, I32), _c(plan.symmetry, I32), _c(plan.origin_scale, F32), out,
-        np.int32(b), np.int64(t),
-    ]  # fmt: skip
+    fields = _plan(plan, "view_start", "view_out_start", "symmetry", "origin_scale")
+    fields.update(view_positions=dev(store["view_positions"]), out_view_positions=dev(out))
     if t:
-        _run(lib, "fused_views", args, t, grid_block)
+        _run(lib, "fused_views", {**fields, "num_views": t}, t, grid_block)
     return out
 
 
 def run_select(lib, plan: BatchPlan, grid_block=(None, 256)):
-    t, b = plan.num_rays, plan.batch_size
+    t = plan.num_rays
     rows, owner, j = (np.full(t, -7, I64) for _ in range(3))
-    args = [
-        _c(plan.ray_start, I64), _c(plan.ray_count, I64), _c(plan.keep, I64),
-        _c(plan.out_start, I64), _c(plan.select_keys, U32), rows, owner, j, np.int32(b),
-        np.int64(t),
-    ]  # fmt: skip
+    fields = _plan(plan, *_SELECT)
+    fields.update(out_rows=dev(rows), out_owner=dev(owner), out_j=dev(j), num_rays=t)
     if t:
-        _run(lib, "fused_select_rows", args, t, grid_block)
+        _run(lib, "fused_select_rows", fields, t, grid_block)
     return rows, owner, j
-
-
-CASES = {
-    "B1": dict(b=1),
-    "B1-16": dict(b=1, sides=(16,)),
-    "B37-mixed": dict(b=37),
-    "B37-keep-all": dict(b=37, subsample="all"),
-    "B37-subsample": dict(b=37, subsample="some"),
-    "B37-no-noise-no-jitter": dict(b=37, noise=False, jitter=False),
-    "B37-noise-only": dict(b=37, jitter=False),
-    "B37-jitter-only": dict(b=37, noise=False),
-    "B37-side8": dict(b=37, sides=(8,)),
-}
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
@@ -499,7 +352,7 @@ def test_empty_samples_and_edges(lib):
     r = int(plan.ray_count.sum()) + 50
     for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
         store[k] = np.ascontiguousarray(np.resize(store[k], (r, *store[k].shape[1:])))
-    plan.ray_start[:] = _scatter(gen, plan.ray_count, r)
+    plan.ray_start[:] = scatter(gen, plan.ray_count, r)
     plan.side[2] = 0
     plan.view_count[:] = [0, 3, 0, 0, 2, 0, 1, 0]
     plan.view_out_start[:] = np.concatenate([[0], np.cumsum(plan.view_count)[:-1]])
@@ -531,65 +384,71 @@ def test_view_ids_survive_extreme_values(lib):
     assert (got["face_ids"] == np.iinfo(np.int32).max).all()
 
 
-# --- the real fused_cupy wrappers on the CPU -------------------------------------------------
+@pytest.mark.parametrize(
+    "n,k",
+    [
+        ([1, 10, 100, 7, 0, 1000, 33, 5], [1, 3, 100, 7, 0, 999, 0, 0]),  # mixed, k = n too
+        ([1], [0]),  # n = 1, nothing kept
+        ([1], [1]),  # n = 1, all kept
+        ([12345], [12344]),  # n not a power of 2, almost all
+        ([2**16, 3, 2**16 + 1], [2**16, 2, 2**16]),
+        ([0, 0], [0, 0]),  # nothing at all
+    ],
+)
+@pytest.mark.parametrize("grid_block", [(None, 256), (3, 7), (1, 1)], ids=str)
+def test_select_rows_sizes(lib, n, k, grid_block):
+    """Row selection at Feistel domain edges (powers of 2 and one past, k = n - 1)."""
+    _, plan = make_case(np.random.default_rng(50 + len(n)), len(n), subsample="all")
+    n, k = np.array(n, np.int64), np.array(k, np.int64)
+    plan = replace(plan, ray_count=n, keep=k, out_start=exclusive_cumsum(k))
+    plan.ray_start[:] = scatter(np.random.default_rng(1), n, int(n.sum()) + 10)
+    got = run_select(lib, plan, grid_block)
+    for g, w, f in zip(got, ref_rows(plan), fused_numpy.select_store_rows(plan), strict=True):
+        np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(g, f)
 
 
-class DevArray(np.ndarray):
-    """A "device" array of the numpy stand-in for CuPy (plain numpy arrays are host arrays)."""
+def test_rays_noise_on_some_samples_only(lib):
+    """Origin noise on sample 1 only, direction noise (and renormalization) on sample 2 only."""
+    gen = np.random.default_rng(21)
+    store, plan = make_case(gen, 3, subsample="all", noise=False)
+    plan.ray_count[:] = plan.keep[:] = [17, 100, 257]
+    plan.out_start[:] = exclusive_cumsum(plan.keep)
+    plan.ray_start[:] = [0, 17, 117]
+    r = 374 + 5
+    for key in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
+        store[key] = np.ascontiguousarray(np.resize(store[key], (r, *store[key].shape[1:])))
+    d = store["directions"].astype(np.float64)
+    store["directions"] = (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
+    plan.origin_std[1] = 0.2
+    plan.direction_std[2] = 0.1
+    got = run_rays(lib, store, plan)
+    want = ref_rays(store, plan)
+    check_rays(got, want)
+    on = got["ray_to_voxel"] == 2
+    np.testing.assert_allclose(np.linalg.norm(got["directions"][on], axis=1), 1.0, atol=1e-6)
+    off = got["ray_to_voxel"] != 1  # no origin noise: a signed permutation and a product
+    np.testing.assert_array_equal(got["origins"][off], want["origins"][off])
 
 
-class NoReadBack(DevArray):
-    """A device plan field that must not be read back on the host (a synchronization)."""
-
-    def _refuse(self, *a, **k):
-        raise AssertionError("a device plan field was read back on the host")
-
-    sum = max = min = tolist = item = __int__ = __index__ = __bool__ = _refuse  # type: ignore
-
-
-def _dev(a):
-    return np.asarray(a).view(DevArray)
-
-
-def _fake_cupy(stats: dict):
-    def asarray(a, dtype=None):
-        if not isinstance(a, DevArray):
-            stats["uploads"] += 1
-        return np.asarray(a, dtype=dtype).view(DevArray)
-
-    def empty(shape, dtype=np.float64):
-        a = np.empty(shape, dtype)
-        a.view(np.uint8)[...] = 0xAB  # garbage: every element must be written
-        return a.view(DevArray)
-
-    return types.SimpleNamespace(
-        ndarray=DevArray,
-        asarray=asarray,
-        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(DevArray),
-        empty=empty,
-        float32=np.float32,
-        int32=np.int32,
-        int64=np.int64,
-        uint8=np.uint8,
-        uint32=np.uint32,
-        from_dlpack=lambda x: pytest.fail("no DLPack in these tests"),
-        cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0)),
-    )
+# --- the real gpuloader.fused.cuda wrappers on the CPU -----------------------------------------
 
 
 @pytest.fixture
-def fused(lib, monkeypatch):
-    """``augment.fused_cupy`` running on the CPU: numpy for CuPy, the shim for kernels."""
-    stats = {"uploads": 0}
-    launches: list = []
-    monkeypatch.setattr(fused_cupy, "_cupy", lambda: _fake_cupy(stats))
-    monkeypatch.setattr(fused_cupy, "_kernel", lambda name: ShimKernel(lib, name, launches))
-    monkeypatch.setattr(fused_cupy, "_table_cache", {})
-    monkeypatch.setattr(fused_cupy, "_module_cache", {})
-    fused_cupy.launches = launches
-    fused_cupy.stats = stats
-    yield fused_cupy
-    del fused_cupy.launches, fused_cupy.stats
+def fake(lib, monkeypatch):
+    """``gpuloader.fused.cuda`` on the CPU: numpy for CuPy (``fake.cp``), the shim for kernels
+    (each launch recorded in ``fake.launches``, host-to-device copies counted in
+    ``fake.stats["uploads"]``)."""
+    env = types.SimpleNamespace(stats={"uploads": 0}, launches=[])
+    env.cp = fake_cupy(env.stats)
+    install_fake_cupy(monkeypatch, lambda name: ShimKernel(lib, name, env.launches), env.cp)
+    return env
+
+
+@pytest.fixture
+def fused(fake):
+    """The module under test, running on ``fake``."""
+    return fused_cuda
 
 
 @pytest.fixture(params=[(256, 65536), (7, 3)], ids=["block256", "grid3x7"])
@@ -608,7 +467,7 @@ def _device_plan(plan: BatchPlan, cls=DevArray) -> BatchPlan:
 
 
 def _device_store(store: dict) -> dict:
-    return {k: _dev(v) for k, v in store.items()}
+    return {k: dev(v) for k, v in store.items()}
 
 
 def _as_np(d: dict) -> dict:
@@ -631,41 +490,41 @@ def test_wrapper_host_plan(fused, launch_shape, case):
         np.testing.assert_array_equal(g, w)
 
 
-def test_wrapper_host_plan_is_one_upload(fused):
+def test_wrapper_host_plan_is_one_upload(fused, fake):
     gen = np.random.default_rng(810)
     store, plan = make_case(gen, 5)
     dstore = _device_store(store)
     fused.gather_rays(dstore, plan)  # symmetry table uploaded once (cached)
-    fused.stats["uploads"] = 0
+    fake.stats["uploads"] = 0
     fused.gather_rays(dstore, plan)
     fused.gather_grids(dstore["grids"], plan)
     fused.gather_views(dstore["view_positions"], plan)
-    assert fused.stats["uploads"] == 3  # one packed copy of the plan per call
-    fused.stats["uploads"] = 0
+    assert fake.stats["uploads"] == 3  # one packed copy of the plan per call
+    fake.stats["uploads"] = 0
     fused.fused_batch(dstore, plan)
-    assert fused.stats["uploads"] == 1
+    assert fake.stats["uploads"] == 1
 
 
 @pytest.mark.parametrize("case", ["B1", "B37-mixed", "B37-subsample"])
-def test_fused_batch_device_plan_into_out(fused, launch_shape, case):
+def test_fused_batch_device_plan_into_out(fused, launch_shape, case, fake):
     """Device store, device plan, preallocated outputs: no upload, no read-back, the
     caller's buffers are written and returned."""
     gen = np.random.default_rng(900 + list(CASES).index(case))
     store, plan = make_case(gen, **CASES[case])
     want = fused_numpy.gather_rays(store, plan)
     t, v, s, b = plan.num_rays, plan.num_views, plan.grid_side, plan.batch_size
-    out = {k: fused._cupy().empty(w.shape, w.dtype) for k, w in want.items()}
-    out["voxels"] = fused._cupy().empty((b, 1, s, s, s), np.float32)
-    out["view_positions"] = fused._cupy().empty((v, 3), np.float32)
+    out = {k: fake.cp.empty(w.shape, w.dtype) for k, w in want.items()}
+    out["voxels"] = fake.cp.empty((b, 1, s, s, s), np.float32)
+    out["view_positions"] = fake.cp.empty((v, 3), np.float32)
     given = dict(out)
     dstore, dplan = _device_store(store), _device_plan(plan, NoReadBack)
     fused.gather_rays(dstore, _device_plan(plan))  # warm the symmetry table cache
-    fused.stats["uploads"] = 0
-    n_launch = len(fused.launches)
+    fake.stats["uploads"] = 0
+    n_launch = len(fake.launches)
     got = fused.fused_batch(dstore, dplan, out)
-    assert fused.stats["uploads"] == 0
+    assert fake.stats["uploads"] == 0
     assert got is out and all(got[k] is given[k] for k in given)
-    assert [x[0] for x in fused.launches[n_launch:]] == (
+    assert [x[0] for x in fake.launches[n_launch:]] == (
         ["fused_rays"] * (t > 0) + ["fused_grids"] * (b * s > 0) + ["fused_views"] * (v > 0)
     )
     check_rays({k: np.asarray(got[k]) for k in want}, want)
@@ -675,32 +534,32 @@ def test_fused_batch_device_plan_into_out(fused, launch_shape, case):
     )
 
 
-def test_wrapper_grid_out_shapes(fused):
+def test_wrapper_grid_out_shapes(fused, fake):
     gen = np.random.default_rng(1000)
     store, plan = make_case(gen, 4, sides=(4, 8))
     want = fused_numpy.gather_grids(store["grids"], plan)
     b, s = plan.batch_size, plan.grid_side
-    flat = fused._cupy().empty((b, s, s, s), np.float32)
+    flat = fake.cp.empty((b, s, s, s), np.float32)
     assert fused.gather_grids(store["grids"], plan, flat) is flat
     np.testing.assert_array_equal(flat, want[:, 0])
-    big = fused._cupy().empty((b, 1, 16, 16, 16), np.float32)  # a larger S than the batch's
+    big = fake.cp.empty((b, 1, 16, 16, 16), np.float32)  # a larger S than the batch's
     fused.gather_grids(store["grids"], plan, big)
     np.testing.assert_array_equal(big[:, :, :s, :s, :s], want)
     assert not big[:, :, s:].any() and not big[..., s:].any()
     with pytest.raises(ValueError, match="shape"):
-        fused.gather_grids(store["grids"], plan, fused._cupy().empty((b, 2, s, s, s), np.float32))
+        fused.gather_grids(store["grids"], plan, fake.cp.empty((b, 2, s, s, s), np.float32))
     with pytest.raises(ValueError, match="device"):
         fused.gather_grids(store["grids"], plan, np.zeros((b, 1, s, s, s), np.float32))
     with pytest.raises(ValueError, match="float32"):
-        fused.gather_grids(store["grids"], plan, fused._cupy().empty((b, 1, s, s, s), np.int32))
+        fused.gather_grids(store["grids"], plan, fake.cp.empty((b, 1, s, s, s), np.int32))
 
 
-def test_wrapper_partial_out_and_missing_fields(fused):
+def test_wrapper_partial_out_and_missing_fields(fused, fake):
     gen = np.random.default_rng(1100)
     store, plan = make_case(gen, 6)
     want = fused_numpy.gather_rays(store, plan)
     t = plan.num_rays
-    out = {"origins": fused._cupy().empty((t, 3), np.float32)}
+    out = {"origins": fake.cp.empty((t, 3), np.float32)}
     got = fused.gather_rays(store, plan, out)
     assert got is out and set(got) == set(want)
     check_rays(_as_np(got), want)
@@ -709,10 +568,10 @@ def test_wrapper_partial_out_and_missing_fields(fused):
     assert set(got) == set(want) - {"view_ids", "face_ids"}
     check_rays(_as_np(got), {k: want[k] for k in got})
     with pytest.raises(ValueError, match="fit the plan"):
-        fused.gather_rays(store, plan, {"distances": fused._cupy().empty(t + 1, np.float32)})
+        fused.gather_rays(store, plan, {"distances": fake.cp.empty(t + 1, np.float32)})
     mismatched = {
-        "origins": fused._cupy().empty((t, 3), np.float32),
-        "distances": fused._cupy().empty(t + 1, np.float32),
+        "origins": fake.cp.empty((t, 3), np.float32),
+        "distances": fake.cp.empty(t + 1, np.float32),
     }
     with pytest.raises(ValueError, match="shape"):
         fused.gather_rays(store, plan, mismatched)
@@ -720,26 +579,26 @@ def test_wrapper_partial_out_and_missing_fields(fused):
         fused.gather_rays({**store, "view_ids": store["view_ids"].astype(np.int64)}, plan)
 
 
-def test_wrapper_edges(fused):
+def test_wrapper_edges(fused, fake):
     gen = np.random.default_rng(1200)
     store, plan = make_case(gen, 3)
     plan.keep[:] = 0
     plan.out_start[:] = 0
     plan.view_count[:] = 0
     plan.view_out_start[:] = 0
-    n = len(fused.launches)
+    n = len(fake.launches)
     rays = fused.gather_rays(store, plan)
     assert all(v.shape[0] == 0 for v in rays.values())
     assert fused.gather_views(store["view_positions"], plan).shape == (0, 3)
     assert [r.shape for r in fused.select_store_rows(plan)] == [(0,)] * 3
-    assert len(fused.launches) == n  # nothing to launch
+    assert len(fake.launches) == n  # nothing to launch
     bad = replace(plan, symmetry=np.array([0, 48, 1], np.int32))
     with pytest.raises(ValueError, match="symmetry"):
         fused.gather_views(store["view_positions"], bad)
 
 
-def test_wrapper_launch_config(fused):
+def test_wrapper_launch_config(fused, fake):
     gen = np.random.default_rng(1300)
     store, plan = make_case(gen, 2, sides=(16,))
     fused.gather_grids(store["grids"], plan)
-    assert fused.launches[-1] == ("fused_grids", (2 * 16**3 // 256,), (256,))
+    assert fake.launches[-1] == ("fused_grids", (2 * 16**3 // 256,), (256,))

@@ -1,46 +1,51 @@
 """CUDA graphs per output slot on a real GPU (issue 7; run with ``pytest -m gpu``).
 
-* ``fused_cupy.EpochGraphs`` over a real epoch plan: every replay's batch equals
-  ``fused_numpy`` on ``plan.batch(i)`` (integers bit for bit, floats within 1e-6) and the eager
-  ``fused_cupy.fused_batch`` bit for bit (same device code), outputs past the batch's totals
+* ``fused.graphs.EpochGraphs`` over a real epoch plan: every replay's batch equals
+  ``fused.cpu`` on ``plan.batch(i)`` (integers bit for bit, floats within 1e-6) and the eager
+  ``fused.cuda.fused_batch`` bit for bit (same device code), outputs past the batch's totals
   untouched; a second epoch and a resumed start replay the same graphs;
 * ``GPURayLoader(store="gpu", cuda_graphs=True)`` gives the batches of ``cuda_graphs=False``
   bit for bit and those of the CPU host store within 1e-5, over two epochs and a resume.
 
 Skipped without a CUDA device; the kernels' logic and ``EpochGraphs``' plumbing are tested
-without one in ``test_epoch_kernels_cpu.py``, whose epoch plans these tests reuse.
+without one in ``tests/fused/test_epoch_kernels_cpu.py``; both draw their epoch plans from
+``support.fused_kernels``.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_epoch_kernels_cpu import (  # FIXME(tests): a test module importing another
-    check_batch,
-    epoch_caps,
-    make_epoch,
-)
-from test_stores_gpu import (  # FIXME(tests): a test module importing another
+
+from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
+from gpuloader.fused import cuda as fused_cuda
+from gpuloader.fused import graphs as fused_graphs
+from gpuloader.loading.loader import GPURayLoader
+from gpuloader.loading.setup import cuda_usable
+from support.fused_kernels import check_batch, epoch_caps, make_epoch
+from support.gpu_helpers import (
     RAYS,
     SPB,
     assert_close,
     cpu_batches,
-    dirs,
+    make_dirs,
     transform,
 )
 
-from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
-from gpuloader.fused import cuda as fused_cupy
-from gpuloader.loading.loader import GPURayLoader, _cuda_usable
-
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _cuda_usable(), reason="needs a CUDA GPU with CuPy"),
+    pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU with CuPy"),
 ]
-dirs  # noqa: B018 - the module-scoped fixture of test_stores_gpu, used here too
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    return make_dirs(tmp_path_factory, "gpu_store_data")
+
 
 FILL = 0xAB
 
@@ -87,12 +92,12 @@ def _device_batch_plan(plan, i: int):
 
 
 def _check_equals_eager(slot: dict, dstore: dict, plan, i: int) -> None:
-    """The slot's prefixes equal fused_cupy.fused_batch on batch i, bit for bit."""
+    """The slot's prefixes equal fused_cuda.fused_batch on batch i, bit for bit."""
     cp = _cupy()
     bp = plan.batch(i)
-    eager = fused_cupy.fused_batch(dstore, _device_batch_plan(plan, i))
+    eager = fused_cuda.fused_batch(dstore, _device_batch_plan(plan, i))
     t, v, b, s = bp.num_rays, bp.num_views, bp.batch_size, bp.grid_side
-    for k in fused_cupy.RAY_KEYS:
+    for k in fused_cuda.RAY_KEYS:
         assert cp.array_equal(slot[k][:t], eager[k]), k
     assert cp.array_equal(slot["voxels"][: b * s**3].reshape(b, 1, s, s, s), eager["voxels"])
     assert cp.array_equal(slot["view_positions"][:v], eager["view_positions"])
@@ -104,7 +109,7 @@ def test_epoch_graphs_replay_equal_numpy_and_eager():
     dstore = {k: cp.asarray(v) for k, v in store.items()}
     caps = epoch_caps(plan, extra=5)
     slots = [_outputs(caps) for _ in range(3)]
-    g = fused_cupy.EpochGraphs(dstore, slots)
+    g = fused_graphs.EpochGraphs(dstore, slots)
     stream = cp.cuda.Stream(non_blocking=True)
     g.load(plan, stream=stream)
     for i in range(len(plan)):
@@ -122,7 +127,7 @@ def test_epoch_graphs_next_epoch_and_resume_reuse_the_graphs():
     dstore = {k: cp.asarray(v) for k, v in store.items()}
     caps = tuple(max(a, b) for a, b in zip(epoch_caps(plan), epoch_caps(plan2), strict=True))
     slots = [_outputs(caps) for _ in range(2)]
-    g = fused_cupy.EpochGraphs(dstore, slots)
+    g = fused_graphs.EpochGraphs(dstore, slots)
     stream = cp.cuda.Stream(non_blocking=True)
     g.load(plan, stream=stream)
     graphs = list(g._graphs)
@@ -145,7 +150,7 @@ def test_epoch_graphs_on_a_torch_stream_into_torch_tensors():
     caps = epoch_caps(plan)
     tslots = [{k: torch.as_tensor(v, device="cuda") for k, v in _outputs(caps).items()}
               for _ in range(2)]  # fmt: skip
-    g = fused_cupy.EpochGraphs(dstore, [{k: cp.asarray(v) for k, v in s.items()} for s in tslots])
+    g = fused_graphs.EpochGraphs(dstore, [{k: cp.asarray(v) for k, v in s.items()} for s in tslots])
     side = torch.cuda.Stream()
     ext = cp.cuda.ExternalStream(side.cuda_stream)
     g.load(plan, stream=ext)

@@ -1,8 +1,9 @@
-"""The fused CuPy pass on a real GPU against ``fused_numpy`` (run with ``pytest -m gpu``).
+"""The fused CuPy pass on a real GPU against ``fused.cpu`` (run with ``pytest -m gpu``).
 
 Same store and plan: integers equal, floats within 1e-6. Skipped without a CUDA device; the
 same kernels' logic (and the wrapper's plumbing) is also tested without one in
-``test_fused_kernels_cpu.py``, whose random stores and plans these tests reuse.
+``tests/fused/test_fused_kernels_cpu.py``; both draw their random stores and plans from
+``support.fused_kernels``.
 """
 
 from __future__ import annotations
@@ -11,44 +12,24 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_fused_kernels_cpu import (  # FIXME(tests): a test module importing another
-    CASES,
-    _scatter,
-    make_case,
-)
 
 from gpuloader.fused import cpu as fused_numpy
-from gpuloader.fused import cuda as fused_cupy
+from gpuloader.fused import cuda as fused_cuda
+from gpuloader.plan.batch import BatchPlan
+from support.fused_kernels import CASES, FLOAT_TOL, exclusive_cumsum, make_case, scatter
+from support.gpu_helpers import cupy_device_count
 
 pytestmark = pytest.mark.gpu
-FLOAT_TOL = {"rtol": 1e-6, "atol": 1e-6}
-RAY_DTYPES = {
-    "origins": np.float32,
-    "directions": np.float32,
-    "distances": np.float32,
-    "hits": np.float32,
-    "view_ids": np.int64,
-    "face_ids": np.int64,
-    "ray_to_voxel": np.int64,
-}
+#: output dtype of every ray key (the schema's batch dtypes)
+RAY_DTYPES = {k: fused_cuda.OUT_DTYPES[k] for k in fused_cuda.RAY_KEYS}
 
-
-def _has_cuda_device() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-if not _has_cuda_device():
+if not cupy_device_count():
     pytest.skip("no CUDA device (or no CuPy): GPU tests skipped", allow_module_level=True)
 
 import cupy  # noqa: E402
 
 
-def _device_plan(plan: fused_numpy.BatchPlan) -> fused_numpy.BatchPlan:
+def _device_plan(plan: BatchPlan) -> BatchPlan:
     fields = {f: cupy.asarray(getattr(plan, f)) for f in plan.__dataclass_fields__ if f != "seed"}
     return replace(plan, **fields)
 
@@ -85,18 +66,18 @@ def _check_all(got: dict, store: dict, plan) -> None:
 def test_each_function_host_inputs(case):
     gen = np.random.default_rng(list(CASES).index(case))
     store, plan = make_case(gen, **CASES[case])
-    _check_rays(fused_cupy.gather_rays(store, plan), fused_numpy.gather_rays(store, plan))
-    grids = fused_cupy.gather_grids(store["grids"], plan)
+    _check_rays(fused_cuda.gather_rays(store, plan), fused_numpy.gather_rays(store, plan))
+    grids = fused_cuda.gather_grids(store["grids"], plan)
     assert grids.dtype == cupy.float32
     np.testing.assert_array_equal(
         cupy.asnumpy(grids), fused_numpy.gather_grids(store["grids"], plan)
     )
-    views = fused_cupy.gather_views(store["view_positions"], plan)
+    views = fused_cuda.gather_views(store["view_positions"], plan)
     np.testing.assert_array_equal(
         cupy.asnumpy(views), fused_numpy.gather_views(store["view_positions"], plan)
     )
     for g, w in zip(
-        fused_cupy.select_store_rows(plan), fused_numpy.select_store_rows(plan), strict=True
+        fused_cuda.select_store_rows(plan), fused_numpy.select_store_rows(plan), strict=True
     ):
         assert g.dtype == cupy.int64
         np.testing.assert_array_equal(cupy.asnumpy(g), w)
@@ -109,7 +90,7 @@ def test_all_48_symmetries_device_plan(noise, jitter):
     store, plan = make_case(
         gen, 48, sides=(4, 8, 16, 32), noise=noise, jitter=jitter, symmetries=np.arange(48)
     )
-    got = fused_cupy.fused_batch(_device_store(store), _device_plan(plan))
+    got = fused_cuda.fused_batch(_device_store(store), _device_plan(plan))
     _check_all(got, store, plan)
 
 
@@ -127,7 +108,7 @@ def test_fused_batch_preallocated_out_on_a_side_stream():
         out["voxels"] = cupy.full((b, 1, s, s, s), 7, cupy.float32)
         out["view_positions"] = cupy.full((v, 3), 7, cupy.float32)
         given = dict(out)
-        got = fused_cupy.fused_batch(dstore, dplan, out)
+        got = fused_cuda.fused_batch(dstore, dplan, out)
     stream.synchronize()
     assert got is out and all(got[k] is given[k] for k in given)
     _check_all(got, store, plan)
@@ -152,12 +133,12 @@ def test_large_subsample():
         plan,
         ray_count=counts,
         keep=keep,
-        out_start=np.concatenate([[0], np.cumsum(keep)[:-1]]).astype(np.int64),
-        ray_start=_scatter(gen, counts, r),
+        out_start=exclusive_cumsum(keep),
+        ray_start=scatter(gen, counts, r),
         origin_std=np.full(6, 0.1, np.float32),
         direction_std=np.full(6, 0.2, np.float32),
     )
-    got = fused_cupy.gather_rays(_device_store(store), _device_plan(plan))
+    got = fused_cuda.gather_rays(_device_store(store), _device_plan(plan))
     _check_rays(got, fused_numpy.gather_rays(store, plan))
 
 
@@ -174,7 +155,7 @@ def test_torch_cuda_tensors_in_and_out():
         "ray_to_voxel": torch.empty(t, dtype=torch.int64, device="cuda"),
         "voxels": torch.empty((b, 1, s, s, s), dtype=torch.float32, device="cuda"),
     }
-    got = fused_cupy.fused_batch(tstore, plan, out)
+    got = fused_cuda.fused_batch(tstore, plan, out)
     torch.cuda.synchronize()
     want = fused_numpy.gather_rays(store, plan)
     np.testing.assert_allclose(out["origins"].cpu().numpy(), want["origins"], **FLOAT_TOL)

@@ -1,4 +1,4 @@
-"""The GPU path (DALI ``.gpu()`` outputs, CuPy augmentation) against the CPU fallback.
+"""The GPU path (DALI ``.gpu()`` outputs, the CUDA augmentation) against the CPU fallback.
 
 Same decisions (hashes, ray_to_voxel, levels, ray counts, symmetries: the voxels, which are
 0/1, match exactly), floats within 1e-5, every tensor on the GPU. Skipped without CUDA.
@@ -11,13 +11,14 @@ import torch
 
 from gpuloader.augment import transforms as T
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
-from gpuloader.loading.loader import GPURayLoader, _cuda_usable
+from gpuloader.loading.loader import GPURayLoader
+from gpuloader.loading.setup import cuda_usable
 from gpuloader.reading.pipeline import dali_available
 from support import loading_helpers as _loading
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _cuda_usable(), reason="needs a CUDA GPU with CuPy"),
+    pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU with CuPy"),
 ]
 
 EXACT = ("voxels", "voxel_shapes", "hits", "view_ids", "face_ids", "ray_to_voxel", "num_rays")

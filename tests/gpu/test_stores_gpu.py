@@ -17,60 +17,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpuloader import PackedRayStore, pack_rays
-from gpuloader.augment import transforms as T
+from gpuloader import PackedRayStore
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
-from gpuloader.loading.loader import GPURayLoader, _cuda_usable
-from support import loading_helpers as _loading
+from gpuloader.loading.loader import GPURayLoader
+from gpuloader.loading.setup import cuda_usable
+from support.gpu_helpers import (
+    RAYS,
+    SPB,
+    assert_close,
+    cpu_batches,
+    make_dirs,
+    transform,
+)
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _cuda_usable(), reason="needs a CUDA GPU with CuPy"),
+    pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU with CuPy"),
 ]
-
-EXACT = ("voxels", "voxel_shapes", "hits", "view_ids", "face_ids", "ray_to_voxel", "num_rays",
-         "levels")  # fmt: skip
-RAYS, SPB = 300, 5
-
-
-def transform() -> T.Compose:
-    return _loading.full_transform(64)
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> tuple[Path, Path, Path]:
-    dataset_dir, ray_dir = _loading.generate(
-        tmp_path_factory, "gpu_store_data", ("asym", "torus", "box")
-    )
-    out = dataset_dir.parent  # the generator writes both into the temporary directory
-    pack_rays(ray_dir, out / "pack", progress=False)
-    return dataset_dir, ray_dir, out / "pack"
-
-
-def assert_close(gpu: list[dict], cpu: list[dict]) -> None:
-    assert len(gpu) == len(cpu) > 0
-    for g, c in zip(gpu, cpu, strict=True):
-        assert g["hashes"] == c["hashes"]
-        for k, v in c.items():
-            if k == "hashes":
-                continue
-            if k == "view_positions":
-                for a, b in zip(g[k], v, strict=True):
-                    assert a.is_cuda
-                    torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5)
-                continue
-            assert g[k].is_cuda and g[k].dtype == v.dtype and g[k].shape == v.shape, k
-            if k in EXACT:
-                assert torch.equal(g[k].cpu(), v), k
-            else:
-                torch.testing.assert_close(g[k].cpu(), v, rtol=1e-5, atol=1e-5, msg=k)
-
-
-def cpu_batches(ds, epoch: int) -> list[dict]:
-    with GPURayLoader(ds, RAYS, SPB, transform=transform(), device="cpu", store="host",
-                      num_workers=0) as ld:  # fmt: skip
-        ld.set_epoch(epoch)
-        return list(ld)
+    return make_dirs(tmp_path_factory, "gpu_store_data")
 
 
 @pytest.mark.parametrize("store", ["gpu", "host"])

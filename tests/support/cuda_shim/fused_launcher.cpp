@@ -1,103 +1,67 @@
-// C entry points for tests/test_fused_kernels_cpu.py (called through ctypes): each runs one
-// kernel of kernels/fused.cu on the CPU with tests/cuda_shim/shim.h's serial launch(), on a
-// grid of `grid` blocks of `block` threads. One translation unit with the kernels, so the
-// argument lists cannot drift apart.
+// C entry points for the CPU tests of kernels/fused.cu (called through ctypes; see
+// tests/support/fused_kernels.py): launch_<kernel>(grid, block, args) runs one kernel with
+// tests/support/cuda_shim/shim.h's serial launch() on a grid of `grid` blocks of `block`
+// threads, `args` pointing at the kernel's gpl_fused_args (kernels/fused_args.cuh: a numpy
+// array of gpuloader.fused.cuda.FUSED_ARGS_DTYPE), which it gets by value as on the GPU.
+// The device helpers of kernels/philox.cuh are exported too (shim_*). One translation unit
+// with the kernels, so the arguments cannot drift apart.
 #include "fused.cu"
+
+#define GPL_SHIM_LAUNCHER(kernel)                                          \
+    void launch_##kernel(int grid, int block, const gpl_fused_args* args) { \
+        launch(kernel, dim3(grid), dim3(block), *args);                    \
+    }
 
 extern "C" {
 
-void launch_fused_rays(int grid, int block, const float* origins, const float* directions,
-                       const float* distances, const unsigned char* hits, const int* view_ids,
-                       const int* face_ids, const long long* ray_start,
-                       const long long* ray_count, const long long* keep,
-                       const long long* out_start, const unsigned int* select_keys,
-                       const int* sym_table, const int* symmetry, const float* origin_scale,
-                       const float* distance_scale, const float* origin_std,
-                       const float* direction_std, const unsigned int* epoch,
-                       const unsigned int* index, const unsigned int* purpose_offset,
-                       unsigned int key0, unsigned int key1, float* out_origins,
-                       float* out_directions, float* out_distances, float* out_hits,
-                       long long* out_view_ids, long long* out_face_ids,
-                       long long* out_ray_to_voxel, int num_samples, long long total) {
-    launch(fused_rays, dim3(grid), dim3(block), origins, directions, distances, hits, view_ids,
-           face_ids, ray_start, ray_count, keep, out_start, select_keys, sym_table, symmetry,
-           origin_scale, distance_scale, origin_std, direction_std, epoch, index,
-           purpose_offset, key0, key1, out_origins, out_directions, out_distances, out_hits,
-           out_view_ids, out_face_ids, out_ray_to_voxel, num_samples, total);
+GPL_SHIM_LAUNCHER(fused_rays)
+GPL_SHIM_LAUNCHER(fused_grids)
+GPL_SHIM_LAUNCHER(fused_views)
+GPL_SHIM_LAUNCHER(fused_select_rows)
+GPL_SHIM_LAUNCHER(fused_rays_epoch)
+GPL_SHIM_LAUNCHER(fused_grids_epoch)
+GPL_SHIM_LAUNCHER(fused_views_epoch)
+GPL_SHIM_LAUNCHER(fused_next_batch)
+
+// sizeof(gpl_fused_args), for the layout test.
+long long shim_fused_args_size() { return (long long)sizeof(gpl_fused_args); }
+
+// philox4x32_10 on m counters: counters (m, 4) uint32 -> out (m, 4) uint32.
+void shim_philox(const unsigned int* counters, unsigned int key0, unsigned int key1,
+                 unsigned int* out, long long m) {
+    for (long long i = 0; i < m; ++i) {
+        const unsigned int* c = counters + 4 * i;
+        const gpl_u32x4 w = philox4x32_10(c[0], c[1], c[2], c[3], key0, key1);
+        out[4 * i] = w.x;
+        out[4 * i + 1] = w.y;
+        out[4 * i + 2] = w.z;
+        out[4 * i + 3] = w.w;
+    }
 }
 
-void launch_fused_grids(int grid, int block, const unsigned char* grids,
-                        const long long* grid_start, const long long* side,
-                        const int* sym_table, const int* symmetry,
-                        const unsigned int* jitter_threshold, const unsigned int* epoch,
-                        const unsigned int* index, const unsigned int* purpose_offset,
-                        unsigned int key0, unsigned int key1, float* out, int num_samples,
-                        long long S) {
-    launch(fused_grids, dim3(grid), dim3(block), grids, grid_start, side, sym_table, symmetry,
-           jitter_threshold, epoch, index, purpose_offset, key0, key1, out, num_samples, S);
+// normal3 on m Philox blocks: words (m, 4) uint32 -> out (m, 3) float32.
+void shim_normal3(const unsigned int* words, float* out, long long m) {
+    for (long long i = 0; i < m; ++i) {
+        gpl_u32x4 w;
+        w.x = words[4 * i];
+        w.y = words[4 * i + 1];
+        w.z = words[4 * i + 2];
+        w.w = words[4 * i + 3];
+        normal3(w, out + 3 * i);
+    }
 }
 
-void launch_fused_views(int grid, int block, const float* views, const long long* view_start,
-                        const long long* view_out_start, const int* sym_table,
-                        const int* symmetry, const float* origin_scale, float* out,
-                        int num_samples, long long total) {
-    launch(fused_views, dim3(grid), dim3(block), views, view_start, view_out_start, sym_table,
-           symmetry, origin_scale, out, num_samples, total);
+// hash32 on m words.
+void shim_hash32(const unsigned int* x, unsigned int* out, long long m) {
+    for (long long i = 0; i < m; ++i) out[i] = hash32(x[i]);
 }
 
-void launch_fused_select_rows(int grid, int block, const long long* ray_start,
-                              const long long* ray_count, const long long* keep,
-                              const long long* out_start, const unsigned int* select_keys,
-                              long long* rows, long long* owner, long long* js,
-                              int num_samples, long long total) {
-    launch(fused_select_rows, dim3(grid), dim3(block), ray_start, ray_count, keep, out_start,
-           select_keys, rows, owner, js, num_samples, total);
+// feistel_permute of positions i (m,) uint32 in [0, n) with 4 round keys -> out (m,) uint32.
+void shim_feistel_permute(const unsigned int* i, unsigned int n, const unsigned int* keys,
+                          unsigned int* out, long long m) {
+    for (long long t = 0; t < m; ++t) out[t] = feistel_permute(i[t], n, keys);
 }
 
-void launch_fused_rays_epoch(
-    int grid, int block, const float* origins, const float* directions, const float* distances,
-    const unsigned char* hits, const int* view_ids, const int* face_ids,
-    const long long* ray_start, const long long* ray_count, const long long* keep,
-    const long long* out_start, const unsigned int* select_keys, const int* sym_table,
-    const int* symmetry, const float* origin_scale, const float* distance_scale,
-    const float* origin_std, const float* direction_std, const unsigned int* epoch,
-    const unsigned int* index, const unsigned int* purpose_offset, unsigned int key0,
-    unsigned int key1, float* out_origins, float* out_directions, float* out_distances,
-    float* out_hits, long long* out_view_ids, long long* out_face_ids,
-    long long* out_ray_to_voxel, const long long* batch_starts, const long long* batch_total,
-    const long long* cursor) {
-    launch(fused_rays_epoch, dim3(grid), dim3(block), origins, directions, distances, hits,
-           view_ids, face_ids, ray_start, ray_count, keep, out_start, select_keys, sym_table,
-           symmetry, origin_scale, distance_scale, origin_std, direction_std, epoch, index,
-           purpose_offset, key0, key1, out_origins, out_directions, out_distances, out_hits,
-           out_view_ids, out_face_ids, out_ray_to_voxel, batch_starts, batch_total, cursor);
-}
-
-void launch_fused_grids_epoch(int grid, int block, const unsigned char* grids,
-                              const long long* grid_start, const long long* side,
-                              const int* sym_table, const int* symmetry,
-                              const unsigned int* jitter_threshold, const unsigned int* epoch,
-                              const unsigned int* index, const unsigned int* purpose_offset,
-                              unsigned int key0, unsigned int key1, float* out,
-                              const long long* batch_starts, const long long* batch_total,
-                              const long long* cursor) {
-    launch(fused_grids_epoch, dim3(grid), dim3(block), grids, grid_start, side, sym_table,
-           symmetry, jitter_threshold, epoch, index, purpose_offset, key0, key1, out,
-           batch_starts, batch_total, cursor);
-}
-
-void launch_fused_views_epoch(int grid, int block, const float* views,
-                              const long long* view_start, const long long* view_out_start,
-                              const int* sym_table, const int* symmetry,
-                              const float* origin_scale, float* out,
-                              const long long* batch_starts, const long long* batch_total,
-                              const long long* cursor) {
-    launch(fused_views_epoch, dim3(grid), dim3(block), views, view_start, view_out_start,
-           sym_table, symmetry, origin_scale, out, batch_starts, batch_total, cursor);
-}
-
-void launch_fused_next_batch(int grid, int block, long long* cursor) {
-    launch(fused_next_batch, dim3(grid), dim3(block), cursor);
-}
+int shim_feistel_bits(unsigned int n) { return feistel_bits(n); }
 
 }  // extern "C"

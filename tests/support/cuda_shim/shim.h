@@ -2,8 +2,10 @@
 // same .cu sources and tests can run their logic without a GPU (design decision 8).
 //
 //   g++ -std=c++14 -O1 -ffp-contract=off -Wno-unknown-pragmas -fPIC -shared
-//       -include tests/cuda_shim/shim.h -I kernels -x c++ tests/cuda_shim/launcher.cpp
-//       -o libaugment.so
+//       -include tests/support/cuda_shim/shim.h -I kernels
+//       -x c++ tests/support/cuda_shim/fused_launcher.cpp -o libfused.so
+//
+// (tests/support/shim.py does this for the tests.)
 //
 // threadIdx/blockIdx/blockDim/gridDim are thread_local globals, and launch() runs every
 // (block, thread) of a grid one after the other. That is faithful for kernels without shared
