@@ -1,8 +1,9 @@
 """The numpy augmentation back end: batched functions that apply per-sample parameters.
 
-Each function here has a CUDA twin in ``kernels/augment.cu`` (wrapped by
-``gpuloader.fused.cuda_build``) with the same arguments and the same results: integers bit for
-bit, floats to rounding. Rays of a batch are flat (concatenated over samples) and carry
+These functions are the per-sample reference: the CPU API's apply
+(:func:`gpuloader.augment.apply.apply_plan`) and the oracle of the fused pass
+(:mod:`gpuloader.fused`, whose numpy and CUDA versions give the same results: integers bit for
+bit, floats to rounding). Rays of a batch are flat (concatenated over samples) and carry
 ``ray_sample`` (which sample) and ``ray_row`` (position among that sample's kept rays, the
 counter of its noise draws).
 

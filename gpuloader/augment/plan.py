@@ -5,7 +5,8 @@ A :class:`SamplePlan` is the small per-sample record that the known transforms o
 origin scale, noise levels, a ray count and a jitter probability. It is drawn from the
 counter-based generator with the sample's :class:`~gpuloader.augment.rng.SampleContext`, so the
 same seed gives the same plan on every back end, and it is applied by one batched pass
-(``augment_numpy`` or ``augment_cupy``).
+(:func:`gpuloader.augment.apply.apply_plan` per sample; the fused pass of
+:mod:`gpuloader.fused` per batch).
 
 Canonical order of application: select rows -> P -> scale origins -> origin noise ->
 direction noise (renormalized) -> scale distances; voxels: P -> jitter. The order in which

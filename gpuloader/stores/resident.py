@@ -12,10 +12,10 @@ that gathering a ray touches one cache line, not six)::
     view_positions        (V, 3) float32      every view of every sample
     grids                 (G,)   uint8        every grid, flat, C order (z, y, x), 0/1
 
-and a :class:`~gpuloader.plan.epoch.StoreLayout` (host int64 arrays by dataset index:
+and a :class:`~gpuloader.stores.layout.StoreLayout` (host int64 arrays by dataset index:
 ``ray_start``, ``ray_count``, ``view_start``, ``view_count``, ``grid_start``, ``side``) that
 says where each sample lives. A batch is then one fused gather from these arrays
-(:mod:`gpuloader.fused.cpu` / ``fused_cupy``): nothing is decompressed or read
+(:mod:`gpuloader.fused.cpu`, :mod:`gpuloader.fused.cuda`): nothing is decompressed or read
 from disk after the fill.
 
 The fill (:func:`gpuloader.reading.fill.fill_store`) reads every file of the split once, in
