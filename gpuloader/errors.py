@@ -52,7 +52,7 @@ class FileCheckError(DamagedFileError):
         row: int | None = None,
         detail: str | None = None,
     ) -> None:
-        message = _worker_message_first(message, type(self))
+        message = reorder_worker_message(message, type(self))
         super().__init__(message)
         self.path = None if path is None else str(path)
         self.key = key
@@ -60,7 +60,7 @@ class FileCheckError(DamagedFileError):
         self.detail = detail
 
 
-def _worker_message_first(message: str, cls: type) -> str:
+def reorder_worker_message(message: str, cls: type) -> str:
     """Move the original error line of a DataLoader worker's re-raised message to the top."""
     if not (isinstance(message, str) and message.startswith("Caught ")):
         return message

@@ -1,1 +1,1 @@
-"""The seed's CPU API: HierarchicalVoxelRayDataset and collate_ray_batch."""
+"""The seed's CPU API: HierarchicalVoxelRayDataset, its DatasetView and collate_ray_batch."""

@@ -25,6 +25,9 @@ transforms draw from the dataset's counter-based streams, plain callables get
 ``transform(sample)``. The voxel tensor is a fresh float32 copy of the cached grid, so no
 transform can corrupt the cache. :meth:`read_sample` gives the raw sample (numpy arrays with
 the on-disk dtypes, voxels bool and read-only): that is what the GPU loader's reader uses.
+The reading code itself is the dataset's :class:`~gpuloader.dataset.view.DatasetView`'s
+(:meth:`view`: the samples, seed, ray store and options as one frozen, picklable value), which
+the readers in worker processes hold instead of the dataset.
 
 Bad files (``on_error``): every read is checked (:mod:`gpuloader.format.validate`). With
 ``on_error='raise'`` (default) the first bad file raises its named
@@ -61,9 +64,8 @@ transform runs on the dense grid first, so a symmetry moves the sparse voxels wi
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +74,15 @@ import torch
 from torch.utils.data import Dataset
 
 from gpuloader import schema
-from gpuloader.augment.rng import SampleContext, select_rows
-from gpuloader.augment.transforms import apply_transform, ray_budget
+from gpuloader.augment.rng import SampleContext
+from gpuloader.augment.transforms import apply_transform
+from gpuloader.dataset.view import ON_ERROR, DatasetView, ReadLog
 from gpuloader.errors import SkippedFileWarning
 from gpuloader.format.index import Isolation, build_index, chunk_samples
 from gpuloader.format.sparse import voxels_to_sparse_coo, voxels_to_sparse_index
-from gpuloader.format.validate import classify
-from gpuloader.plan.replace import KnownBad, replacement_order
 from gpuloader.plan.sampler import RayRequest
 from gpuloader.stores.cache import LRUCache
-from gpuloader.stores.npz import NpzRayStore, RayStore, read_voxel_file
+from gpuloader.stores.npz import NpzRayStore, RayStore
 
 __all__ = ["HierarchicalVoxelRayDataset", "SkippedFileWarning"]
 
@@ -104,11 +105,6 @@ def _to_torch(value: Any, dtype: torch.dtype) -> torch.Tensor:
     elif not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.array(arr, order="C")
     return torch.from_numpy(arr)
-
-
-def _min_ignoring_none(*values: int | None) -> int | None:
-    present = [int(v) for v in values if v is not None]
-    return min(present) if present else None
 
 
 class HierarchicalVoxelRayDataset(Dataset):
@@ -180,14 +176,11 @@ class HierarchicalVoxelRayDataset(Dataset):
         self.seed = int(seed)
         self.isolation = isolation
         self.epoch = 0
-        if on_error not in ("raise", "skip"):
+        if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
         self.on_error = on_error
-        #: ``(file, first line of its error)`` of every bad file met in this process
-        self.errors: list[tuple[str, str]] = []
-        #: bad samples replaced in this process (``on_error='skip'``)
-        self.skipped = 0
-        self._bad: set[int] = set()
+        #: what reads met in this process (``errors``, ``skipped``; shared with the view)
+        self.read_log = ReadLog()
         index_errors: list[tuple[str, BaseException]] = []
         self.samples: list[dict[str, Any]] = build_index(
             self.dataset_dir,
@@ -203,7 +196,7 @@ class HierarchicalVoxelRayDataset(Dataset):
         self.voxel_cache: LRUCache[np.ndarray] = LRUCache(cache_size)
         self.ray_store: RayStore = ray_store if ray_store is not None else NpzRayStore()
         for file, exc in index_errors:
-            self._record_error(file, exc)
+            self.read_log.record(file, exc)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -265,12 +258,7 @@ class HierarchicalVoxelRayDataset(Dataset):
 
     def available_rays(self, index: int) -> int:
         """Rows a sample may yield: ``min(num_rays, samples_per_subvolume, ray_budget)``."""
-        k = _min_ignoring_none(
-            self.samples[index]["num_rays"],
-            self.samples_per_subvolume,
-            ray_budget(self.transform) if self.transform is not None else None,
-        )
-        return int(k)
+        return self.view().available_rays(index)
 
     def cache_info(self) -> dict[str, int | float]:
         """Voxel cache counters of this process: hits, misses, size, capacity, hit_rate."""
@@ -278,30 +266,31 @@ class HierarchicalVoxelRayDataset(Dataset):
 
     # -- bad files (on_error) ------------------------------------------------------------
 
-    def _record_error(self, file: str, exc: BaseException) -> None:
-        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if any(f == file for f, _ in self.errors):
-            return
-        self.errors.append((file, line))
-        warnings.warn(f"gpuloader: skipping a bad file: {line}", SkippedFileWarning, stacklevel=3)
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        """``(file, first line of its error)`` of every bad file met in this process."""
+        return self.read_log.errors
 
-    def _error_file(self, index: int, exc: BaseException) -> str:
-        path = getattr(exc, "path", None)
-        if path:
-            return str(path)
-        s = self.samples[index]
-        text = str(exc)
-        for key in ("voxel_path", "ray_path"):
-            if str(s.get(key)) in text:
-                return str(s[key])
-        return str(s.get("ray_path"))
+    @errors.setter
+    def errors(self, value: list[tuple[str, str]]) -> None:
+        self.read_log.errors = value
 
-    def _replacements(self, index: int, epoch: int, rays: int) -> Iterator[int]:
-        """Candidates for bad sample ``index``, in order (``replace.replacement_order``: samples
-        holding at least ``rays`` rays, same level first, keyed by (seed, epoch, index))."""
-        budget = ray_budget(self.transform) if self.transform is not None else None
-        known = KnownBad.of_dataset(self, {}, budget)  # levels and rows of every sample
-        return replacement_order(known.levels, known.available, index, rays, self.seed, epoch)
+    @property
+    def skipped(self) -> int:
+        """Bad samples replaced in this process (``on_error='skip'``)."""
+        return self.read_log.skipped
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self.read_log.skipped = int(value)
+
+    def error_file(self, index: int, exc: BaseException) -> str:
+        """The file bad sample ``index``'s error ``exc`` is about (``DatasetView.error_file``)."""
+        return self.view().error_file(index, exc)
+
+    def bad_entry(self, index: int, exc: BaseException) -> tuple[str, str]:
+        """``(file, first line of the error)`` of bad sample ``index``."""
+        return self.view().bad_entry(index, exc)
 
     def read_sample_checked(
         self, index: int, epoch: int | None = None, num_rays: int | None = None
@@ -311,63 +300,66 @@ class HierarchicalVoxelRayDataset(Dataset):
         With ``'skip'``, a bad sample comes back as its replacement, with ``skipped_from``
         (the bad index) and ``skip_error``. Raises the bad sample's error when no other sample
         can replace it, and every error :func:`~gpuloader.format.validate.classify` does not
-        call a bad file.
+        call a bad file. (:meth:`DatasetView.read_sample_checked`; ``epoch`` None: the
+        dataset's epoch.)
         """
-        try:
-            return self.read_sample(index, epoch, num_rays)
-        except Exception as exc:
-            if self.on_error != "skip" or classify(exc) is None:
-                raise
-            first = exc
-        i = self._normalize_index(index)
         epoch = self.epoch if epoch is None else int(epoch)
-        file = self._error_file(i, first)
-        self._record_error(file, first)
-        self._bad.add(i)
-        rays = _min_ignoring_none(
-            int(self.samples[i]["num_rays"]),
-            self.samples_per_subvolume,
-            num_rays,
-            ray_budget(self.transform) if self.transform is not None else None,
-        )
-        for j in self._replacements(i, epoch, int(rays)):
-            if j in self._bad:
-                continue
-            try:
-                sample = self.read_sample(j, epoch, rays)
-            except Exception as exc:
-                if classify(exc) is None:
-                    raise
-                self._record_error(self._error_file(j, exc), exc)
-                self._bad.add(j)
-                continue
-            self.skipped += 1
-            sample["skipped_from"] = i
-            sample["skip_error"] = str(first).splitlines()[0]
-            return sample
-        raise first
+        return self.view().read_sample_checked(index, epoch, num_rays)
 
     # -- reading -------------------------------------------------------------------------
 
-    def _normalize_index(self, index: int) -> int:
-        n = len(self.samples)
-        i = int(index)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"sample index {index} out of range for {n} samples")
-        return i
+    def view(self) -> DatasetView:
+        """The dataset as readers see it (:class:`~gpuloader.dataset.view.DatasetView`): its
+        samples, seed, ray store, ``on_error``, ``samples_per_subvolume``, transform and
+        sparse options as they are now, with this dataset's voxel cache and read log.
+
+        Cached: made again when one of those attributes has been set to another value
+        (``dataset.transform = ...``; a new ``samples`` list, or one of another length).
+        """
+        v = self.__dict__.get("_view")
+        if v is None or not self._view_current(v):
+            v = DatasetView.build(
+                self.samples,
+                seed=self.seed,
+                ray_store=self.ray_store,
+                on_error=self.on_error,
+                samples_per_subvolume=self.samples_per_subvolume,
+                transform=self.transform,
+                sparse_voxels=self.sparse_voxels,
+                sparse_mode=self.sparse_mode,
+                sparse_connectivity=self.sparse_connectivity,
+                voxel_cache=self.voxel_cache,
+                log=self.read_log,
+            )
+            self._view = v
+        return v
+
+    def _view_current(self, v: DatasetView) -> bool:
+        """``v`` shows this dataset's attributes as they are now."""
+        return (
+            v.samples is self.samples
+            and len(v.hashes) == len(self.samples)
+            and v.ray_store is self.ray_store
+            and v.transform is self.transform
+            and v.voxel_cache is self.voxel_cache
+            and v.log is self.read_log
+            and v.seed == self.seed
+            and v.on_error == self.on_error
+            and v.samples_per_subvolume == self.samples_per_subvolume
+            and v.sparse_voxels == self.sparse_voxels
+            and v.sparse_mode == self.sparse_mode
+            and v.sparse_connectivity == self.sparse_connectivity
+        )
 
     def voxels(self, index: int) -> np.ndarray:
         """Grid of sample ``index`` through the cache: (D, H, W) bool, read-only."""
-        s = self.samples[self._normalize_index(index)]
-        key = (s["level"], s["hash"])
-        return self.voxel_cache.get_or_load(key, lambda: read_voxel_file(s["voxel_path"]))
+        return self.view().voxels(index)
 
     def read_sample(
         self, index: int, epoch: int | None = None, num_rays: int | None = None
     ) -> dict[str, Any]:
-        """The raw, untransformed sample: numpy arrays with on-disk dtypes (module doc).
+        """The raw, untransformed sample: numpy arrays with on-disk dtypes (module doc;
+        :meth:`DatasetView.read_sample`).
 
         Args:
             index: sample position in ``self.samples``.
@@ -378,27 +370,8 @@ class HierarchicalVoxelRayDataset(Dataset):
             dict with ``voxels`` (1, D, H, W) bool read-only, ray arrays of k rows,
             ``view_positions`` (V, 3), ``level``, ``hash``, ``index``, ``epoch``.
         """
-        i = self._normalize_index(index)
         epoch = self.epoch if epoch is None else int(epoch)
-        s = self.samples[i]
-        n = int(s["num_rays"])
-        k = _min_ignoring_none(
-            n,
-            self.samples_per_subvolume,
-            num_rays,
-            ray_budget(self.transform) if self.transform is not None else None,
-        )
-        rows = None if k >= n else select_rows(n, k, self.seed, epoch, i)
-        rays = self.ray_store.read(s, rows)
-        sample: dict[str, Any] = {"voxels": self.voxels(i)[None]}
-        sample.update(rays)
-        sample["level"] = int(s["level"])
-        sample["hash"] = str(s["hash"])
-        if "chunk_idx" in s:
-            sample["chunk_idx"] = int(s["chunk_idx"])
-        sample["index"] = i
-        sample["epoch"] = epoch
-        return sample
+        return self.view().read_sample(index, epoch, num_rays)
 
     def __getitem__(self, idx: int | RayRequest) -> dict[str, Any]:
         if isinstance(idx, RayRequest):
@@ -407,7 +380,8 @@ class HierarchicalVoxelRayDataset(Dataset):
             index, epoch, num_rays = idx
         else:
             index, epoch, num_rays = idx, None, None
-        sample = self.read_sample_checked(index, epoch, num_rays)
+        epoch = self.epoch if epoch is None else int(epoch)
+        sample = self.view().read_sample_checked(index, epoch, num_rays)  # warns from here
         i, epoch = sample.pop("index"), sample.pop("epoch")
         skip = {k: sample.pop(k) for k in ("skipped_from", "skip_error") if k in sample}
         sample = self._to_output(sample)

@@ -8,7 +8,7 @@ be read) asked for with ``rays`` rows is replaced by the first sample of
 read with ``rays`` rows, as the epoch draws it (its own row choice and augmentation), so the
 batch keeps its shapes and ray counts and the result is the same in every process and run.
 
-The dataset applies the rule per read (``HierarchicalVoxelRayDataset.read_sample_checked``,
+The dataset applies the rule per read (``DatasetView.read_sample_checked``,
 finding bad files as it reads them). When the bad samples are known before reading (a
 resident store's fill, a pack's manifest), :class:`KnownBad` applies it to a whole epoch's
 batches at once and :class:`SkippingSampler` hands those batches to the batch builders; the
@@ -28,7 +28,7 @@ import numpy as np
 
 from gpuloader.augment.rng import Purpose, permutation
 from gpuloader.errors import DamagedFileError
-from gpuloader.plan.sampler import RayRequest
+from gpuloader.plan.sampler import RayRequest, order_only
 
 __all__ = ["KnownBad", "SkippingSampler", "available_rays", "replacement_order"]
 
@@ -94,12 +94,14 @@ class KnownBad:
     def of_dataset(
         cls, dataset: Any, errors: Mapping[int, tuple[str, str]], budget: int | None
     ) -> KnownBad:
-        """For ``dataset``'s samples, with a transform that keeps ``budget`` rows."""
+        """For the samples of ``dataset`` (a HierarchicalVoxelRayDataset or its DatasetView:
+        its ``samples``, ``samples_per_subvolume`` and ``seed``), with a transform that keeps
+        ``budget`` rows. (A view's ``known_bad(errors)`` is the same, from its columns.)"""
         samples = dataset.samples
         levels = np.array([int(s["level"]) for s in samples], dtype=np.int64)
         counts = np.array([int(s["num_rays"]) for s in samples], dtype=np.int64)
-        avail = available_rays(counts, getattr(dataset, "samples_per_subvolume", None), budget)
-        return cls(errors, levels, avail, int(getattr(dataset, "seed", 0)))
+        avail = available_rays(counts, dataset.samples_per_subvolume, budget)
+        return cls(errors, levels, avail, int(dataset.seed))
 
     def __bool__(self) -> bool:
         return bool(self.errors)
@@ -149,16 +151,11 @@ class SkippingSampler:
     replacements of each batch (``skipped``); everything else is the sampler's.
 
     Picklable (the batch readers of the pack stream run in worker processes): the wrapped
-    sampler is kept without its dataset.
+    sampler is kept without its dataset (:func:`~gpuloader.plan.sampler.order_only`).
     """
 
     def __init__(self, sampler: Any, bad: KnownBad) -> None:
-        import copy
-
-        inner = copy.copy(sampler)
-        if hasattr(inner, "dataset"):
-            inner.dataset = None
-        self._inner = inner
+        self._inner = order_only(sampler)
         self.bad = bad
         self._cache: dict[int, tuple[list[list[RayRequest]], list[list[Skip]]]] = {}
 

@@ -45,23 +45,25 @@ batches: there, save ``{"epoch": e, "batches_yielded": steps_done}`` from your o
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from gpuloader.augment.rng import Purpose, permutation
+from gpuloader.plan.resume import check_resume_state, resume_state
 
 __all__ = [
     "SHARD_MODES",
+    "IndexedSamples",
     "RayBatchSampler",
     "RayRequest",
     "allocate_rays",
-    "check_resume_state",
     "distributed_rank_world",
-    "resume_state",
+    "order_only",
     "shard_batches",
     "split_samples",
 ]
@@ -77,6 +79,26 @@ class RayRequest(NamedTuple):
     index: int
     epoch: int
     num_rays: int | None = None
+
+
+class IndexedSamples(Protocol):
+    """What :class:`RayBatchSampler` reads of its dataset (the upstream contract: any indexed
+    dataset): ``samples``, dicts with ``'level'`` and ``'num_rays'``. Optional members: ``seed``
+    (the default order seed; else 0) and ``available_rays(i)`` (the rows sample ``i`` may
+    yield after the dataset's own limits; else its ``num_rays``). A
+    HierarchicalVoxelRayDataset and its DatasetView have all three."""
+
+    samples: Sequence[dict[str, Any]]
+
+
+def order_only(sampler: Any) -> Any:
+    """A shallow copy of ``sampler`` without its dataset (``dataset`` set to None where it has
+    one): the order alone, light to pickle into reader workers, which call only
+    ``batches(epoch)`` (and read ``subvolumes_per_batch``)."""
+    order = copy.copy(sampler)
+    if hasattr(order, "dataset"):
+        order.dataset = None
+    return order
 
 
 def allocate_rays(capacities: Sequence[int], total: int) -> list[int]:
@@ -242,9 +264,9 @@ class RayBatchSampler(Sampler):
     """Batches of ``subvolumes_per_batch`` sub-volumes holding ``rays_per_batch`` rays.
 
     Args:
-        dataset: an indexed dataset: ``.samples`` (dicts with 'level' and 'num_rays'),
-            optionally ``available_rays(i)`` (rows it may read after its own limits) and
-            ``.seed``.
+        dataset: an indexed dataset (:class:`IndexedSamples`): ``.samples`` (dicts with
+            'level' and 'num_rays'), optionally ``available_rays(i)`` (rows it may read after
+            its own limits) and ``.seed``; a HierarchicalVoxelRayDataset or its DatasetView.
         rays_per_batch: rays in a batch (None: every available ray of each sub-volume).
         subvolumes_per_batch: sub-volumes in a batch (None: 8).
         shuffle: permute samples (within a level) and batches each epoch.
@@ -273,7 +295,7 @@ class RayBatchSampler(Sampler):
 
     def __init__(
         self,
-        dataset: Any,
+        dataset: IndexedSamples,
         rays_per_batch: int | None = 4096,
         subvolumes_per_batch: int | None = None,
         shuffle: bool | None = None,
@@ -300,6 +322,7 @@ class RayBatchSampler(Sampler):
         self.batch_size = self.subvolumes_per_batch  # upstream's name
         self.shuffle = shuffle
         self.drop_last = drop_last
+        # the optional members of IndexedSamples
         self.seed = int(seed if seed is not None else getattr(dataset, "seed", 0))
         self.mixed_levels = mixed_levels
         self.shard = shard
@@ -437,61 +460,3 @@ class RayBatchSampler(Sampler):
             state, len(self), self.seed, self.world_size, "RayBatchSampler", self.shard
         )
         self._pass = None
-
-
-def resume_state(
-    epoch: int, done: int, num_batches: int, seed: int, world_size: int, shard: str | None = None
-) -> dict:
-    """A resume state ``{epoch, batches_yielded, seed, world_size, num_batches[, shard]}``; a
-    finished epoch (``done >= num_batches``) becomes the next epoch at batch 0."""
-    epoch, done = int(epoch), int(done)
-    if done >= num_batches:
-        epoch, done = epoch + 1, 0
-    state = {
-        "epoch": epoch,
-        "batches_yielded": done,
-        "seed": int(seed),
-        "world_size": int(world_size),
-        "num_batches": int(num_batches),
-    }
-    if shard is not None:
-        state["shard"] = shard
-    return state
-
-
-def check_resume_state(
-    state: dict, num_batches: int, seed: int, world_size: int, owner: str, shard: str | None = None
-) -> tuple[int, int]:
-    """``(epoch, batches_yielded)`` of a resume state, after checking that it fits.
-
-    ``shard``: the shard mode to check against the state's, when both are given.
-
-    Raises:
-        ValueError: a missing key, a negative position, or a state of another seed, world
-            size, epoch length or shard mode.
-    """
-    try:
-        epoch, done = int(state["epoch"]), int(state["batches_yielded"])
-    except (KeyError, TypeError) as exc:
-        raise ValueError(
-            f"{owner}.load_state_dict: the state needs 'epoch' and 'batches_yielded'; got {state!r}"
-        ) from exc
-    if epoch < 0 or done < 0:
-        raise ValueError(f"{owner}.load_state_dict: negative epoch or position in {state!r}")
-    mine: dict[str, Any] = {
-        "seed": int(seed),
-        "world_size": int(world_size),
-        "num_batches": int(num_batches),
-    }
-    if shard is not None:
-        mine["shard"] = shard
-    for key, value in mine.items():
-        if key in state and type(value)(state[key]) != value:
-            raise ValueError(
-                f"{owner}.load_state_dict: the state was saved with {key}={state[key]}, this "
-                f"one has {key}={value}; resume with the same dataset, sampler arguments, seed "
-                "and number of processes"
-            )
-    if done >= num_batches:
-        epoch, done = epoch + 1, 0
-    return epoch, done

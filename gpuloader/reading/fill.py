@@ -11,7 +11,6 @@ against its header (a file that changed since the index was built is a named err
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from gpuloader import schema
+from gpuloader.dataset.view import ON_ERROR, DatasetView
 from gpuloader.errors import DamagedFileError, SkippedFileWarning
 from gpuloader.format.validate import classify
 from gpuloader.plan.sampler import RayRequest
@@ -30,7 +30,7 @@ from gpuloader.reading.headers import estimate_layout, find_bad
 from gpuloader.reading.pipeline import RayPipeline, dali_available
 from gpuloader.reading.reader import BAD, RayReader
 from gpuloader.reading.samples import EpochBatches, ReaderDataset, keep_batch, raw_from_samples
-from gpuloader.reading.workers import guarded_batches
+from gpuloader.reading.torch_guard import guarded_batches
 from gpuloader.stores.layout import StoreLayout, spread_layout, store_bytes, take_layout
 from gpuloader.stores.resident import STORE_KEYS, ResidentStore
 
@@ -60,7 +60,7 @@ class _AllSamples:
 
 
 def _raw_batches(
-    dataset: Any,
+    view: DatasetView,
     batch_size: int,
     num_workers: int,
     device_id: int | None,
@@ -69,9 +69,7 @@ def _raw_batches(
 ) -> Iterator[Any]:
     """The fill's source: RawBatches of consecutive samples, every row, untransformed."""
 
-    ds = copy.copy(dataset)
-    ds.transform = None
-    ds.samples_per_subvolume = None
+    ds = view.with_(transform=None, samples_per_subvolume=None)
     order = _AllSamples(len(ds.samples), batch_size)
     reader = RayReader(ds, order, first_epoch=0, batch_size=batch_size, mark_bad=True)
     if backend == "dali" or (backend == "auto" and num_workers > 0 and dali_available()):
@@ -121,7 +119,8 @@ def fill_store(
     """Read every sample of ``dataset`` (its split) into a resident store.
 
     Args:
-        dataset: a HierarchicalVoxelRayDataset (its ``ray_store`` is read: npz or pack).
+        dataset: a HierarchicalVoxelRayDataset or its DatasetView (its ``ray_store`` is
+            read: npz or pack).
         location: "host" (numpy in RAM) or "gpu" (CuPy on ``device``).
         device: the torch CUDA device for "gpu".
         num_workers: reader processes (0: read in this process).
@@ -146,19 +145,16 @@ def fill_store(
     """
     if location not in ("host", "gpu"):
         raise ValueError(f"location must be 'host' or 'gpu'; got {location!r}")
-    policy = on_error or getattr(dataset, "on_error", "raise")
-    if policy not in ("raise", "skip"):
+    view = DatasetView.of(dataset)
+    policy = on_error or view.on_error
+    if policy not in ON_ERROR:
         raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
-    if getattr(dataset, "on_error", policy) != policy:
-        dataset = copy.copy(dataset)
-        dataset.on_error = policy
+    view = view.with_(on_error=policy)
     if indices is not None:  # a compact store of the subset, then indexed as the dataset
         held = np.unique(np.asarray(indices, dtype=np.int64))
-        full = layout if layout is not None else estimate_layout(dataset, policy)
-        sub = copy.copy(dataset)
-        sub.samples = [dataset.samples[int(i)] for i in held]
+        full = layout if layout is not None else estimate_layout(view, policy)
         store = fill_store(
-            sub,
+            view.subset(held),
             location,
             device,
             num_workers,
@@ -169,11 +165,11 @@ def fill_store(
             policy,
             worker_timeout,
         )
-        store.layout = spread_layout(store.layout, held, len(dataset.samples))
+        store.layout = spread_layout(store.layout, held, len(view))
         store.held = held
         return store
     tick = time.perf_counter()
-    layout = layout if layout is not None else estimate_layout(dataset, policy)
+    layout = layout if layout is not None else estimate_layout(view, policy)
     sizes = {
         "rays": int(layout.ray_count.sum()),
         "view_positions": int(layout.view_count.sum()),
@@ -191,9 +187,9 @@ def fill_store(
         dev_ctx = _Null()
     direct = backend == "direct" or (backend == "auto" and num_workers > 0)
     if location == "host" and direct and _shm_free() >= _host_spans(sizes)["_total"][0] * 1.05:
-        arrays = _fill_host_direct(dataset, layout, sizes, num_workers, progress, worker_timeout)
+        arrays = _fill_host_direct(view, layout, sizes, num_workers, progress, worker_timeout)
         status = arrays.pop("status")
-        _record_bad(dataset, layout, np.flatnonzero(status == _BAD_SAMPLE).tolist(), policy)
+        _record_bad(view, layout, np.flatnonzero(status == _BAD_SAMPLE).tolist(), policy)
         seconds = time.perf_counter() - tick
         store = ResidentStore(arrays=arrays, layout=layout, location=location, fill_seconds=seconds)
         log.info("gpuloader: filled %r in %.2f s", store, seconds)
@@ -208,7 +204,7 @@ def fill_store(
             if k not in arrays:
                 n = sizes["rays"] if k in _RAY_KEYS else sizes[k]
                 arrays[k] = xp.empty((n, *rest), dtype=dt)
-        samples = dataset.samples
+        samples = view.samples
         from tqdm import tqdm
 
         show = sys.stderr.isatty() if progress is None else progress
@@ -220,12 +216,10 @@ def fill_store(
             disable=not show,
         )
         with bar:
-            raws = _raw_batches(
-                dataset, batch_size, num_workers, device_id, backend, worker_timeout
-            )
+            raws = _raw_batches(view, batch_size, num_workers, device_id, backend, worker_timeout)
             for raw in raws:
                 bad = _place(raw, arrays, layout, samples, xp)
-                _record_bad(dataset, layout, bad, policy)
+                _record_bad(view, layout, bad, policy)
                 bar.update(1)
         if location == "gpu":
             xp.cuda.get_current_stream().synchronize()
@@ -239,19 +233,19 @@ def fill_store(
 _WRITTEN, _BAD_SAMPLE = 1, 2
 
 
-def _record_bad(dataset: Any, layout: StoreLayout, bad: list[int], policy: str) -> None:
+def _record_bad(view: DatasetView, layout: StoreLayout, bad: list[int], policy: str) -> None:
     """Samples a worker found bad: their named error again (``raise``), or recorded in
     ``layout.bad`` (``skip``); the error is read again here, where it can be kept."""
     for i in bad:
         if i in layout.bad:
             continue
         if policy != "skip":
-            dataset.read_sample(i, 0, None)  # raises the named error, naming the file
+            view.read_sample(i, 0, None)  # raises the named error, naming the file
             raise DamagedFileError(
-                f"{dataset.samples[i].get('ray_path')}: a fill worker found this sample bad, "
+                f"{view.samples[i].get('ray_path')}: a fill worker found this sample bad, "
                 "but it reads fine here: the file is changing while it is read"
             )
-        layout.bad[i] = find_bad(dataset, i)
+        layout.bad[i] = find_bad(view, i)
 
 
 def _announce(store: ResidentStore) -> ResidentStore:
@@ -314,10 +308,8 @@ class _DirectWriter:
     """Map-style dataset for DataLoader workers: item i reads sample i (every row, checked by
     the ray store) and writes it into its place in the shared store; returns i."""
 
-    def __init__(self, dataset: Any, layout: StoreLayout, path: str, spans: dict) -> None:
-        ds = copy.copy(dataset)
-        ds.transform = None
-        ds.samples_per_subvolume = None
+    def __init__(self, view: DatasetView, layout: StoreLayout, path: str, spans: dict) -> None:
+        ds = view.with_(transform=None, samples_per_subvolume=None)
         self.dataset, self.layout, self.path, self.spans = ds, layout, path, spans
         self._arrays: dict[str, np.ndarray] | None = None
 
@@ -337,7 +329,7 @@ class _DirectWriter:
         try:
             sample = self.dataset.read_sample(i, 0, None)
         except Exception as exc:
-            if getattr(self.dataset, "on_error", "raise") != "skip" or classify(exc) is None:
+            if self.dataset.on_error != "skip" or classify(exc) is None:
                 raise
             a["status"][i] = _BAD_SAMPLE  # recorded by the main process (_record_bad)
             return i
@@ -364,7 +356,7 @@ class _DirectWriter:
 
 
 def _fill_host_direct(
-    dataset: Any,
+    view: DatasetView,
     layout: StoreLayout,
     sizes: dict[str, int],
     num_workers: int,
@@ -387,7 +379,7 @@ def _fill_host_direct(
         os.ftruncate(fd, max(spans["_total"][0], 1))
         os.close(fd)
         arrays = _map_host_arrays(path, spans)
-        writer = _DirectWriter(dataset, layout, path, spans)
+        writer = _DirectWriter(view, layout, path, spans)
         loader = torch.utils.data.DataLoader(
             writer,
             batch_size=None,

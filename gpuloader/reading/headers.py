@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from gpuloader.dataset.view import DatasetView
 from gpuloader.errors import BadGridError
 from gpuloader.format.index import npz_member_header
 from gpuloader.format.validate import classify
 from gpuloader.stores.layout import StoreLayout, packed_layout
+from gpuloader.stores.pack import PackedRayStore
 
 __all__ = ["bad_entry", "estimate_layout", "find_bad", "voxel_side"]
 
@@ -39,24 +41,29 @@ def voxel_side(path: Any) -> int:
 def estimate_layout(dataset: Any, on_error: str | None = None) -> StoreLayout:
     """Where every sample of ``dataset`` will live, from file headers only (no inflating).
 
-    Ray counts come from the index; view counts from the ray store (a pack's offsets) or the
-    npz header of ``view_positions``; grid sides from the voxel file's header. With
-    ``on_error='skip'`` (default: the dataset's policy) a sample whose headers are bad is
-    recorded in ``layout.bad`` (no views, no grid) instead of raising.
+    Ray counts come from the index; view counts from the ray store (a pack's offsets) or
+    the npz header of ``view_positions``; grid sides from the
+    voxel file's header. With ``on_error='skip'`` (default: the dataset's policy) a sample
+    whose headers are bad is recorded in ``layout.bad`` (no views, no grid) instead of
+    raising.
+
+    Args:
+        dataset: a HierarchicalVoxelRayDataset or its DatasetView.
     """
-    skip = (on_error or getattr(dataset, "on_error", "raise")) == "skip"
-    samples = dataset.samples
+    view = DatasetView.of(dataset)
+    skip = (on_error or view.on_error) == "skip"
+    samples = view.samples
     k = len(samples)
-    rays = np.array([int(s["num_rays"]) for s in samples], dtype=np.int64)
+    rays = view.num_rays.copy()
     views = np.zeros(k, dtype=np.int64)
     sides = np.zeros(k, dtype=np.int64)
     side_cache: dict[Any, int | BaseException] = {}
     bad: dict[int, tuple[str, str]] = {}
-    locate = getattr(dataset.ray_store, "locate", None)
+    pack = view.ray_store if isinstance(view.ray_store, PackedRayStore) else None
     for i, s in enumerate(samples):
         try:
-            if locate is not None:
-                views[i] = int(locate(s)[4])
+            if pack is not None:
+                views[i] = int(pack.locate(s)[4])
             else:
                 views[i] = npz_member_header(s["ray_path"], "view_positions")[0][0]
             key = s["voxel_path"]
@@ -74,24 +81,24 @@ def estimate_layout(dataset: Any, on_error: str | None = None) -> StoreLayout:
             if not skip or classify(exc) is None:
                 raise
             views[i] = sides[i] = 0
-            bad[i] = find_bad(dataset, i)  # the error a full read gives, as the CPU API's
+            bad[i] = find_bad(view, i)  # the error a full read gives, as the CPU API's
     return packed_layout(rays, views, sides, bad)
 
 
 def bad_entry(dataset: Any, index: int, exc: BaseException) -> tuple[str, str]:
-    """``(file, first line of the error)`` of bad sample ``index``."""
-    find = getattr(dataset, "_error_file", None)
-    file = str(find(index, exc)) if find is not None else str(getattr(exc, "path", "") or "")
-    text = str(exc)
-    return file, (text.splitlines()[0] if text else type(exc).__name__)
+    """``(file, first line of the error)`` of bad sample ``index`` of ``dataset`` (a
+    HierarchicalVoxelRayDataset or its DatasetView: ``DatasetView.bad_entry``)."""
+    return DatasetView.of(dataset).bad_entry(index, exc)
 
 
 def find_bad(dataset: Any, index: int) -> tuple[str, str]:
     """``(file, first line of the error)`` of a sample a worker reported bad, read again here
-    (only its error crosses no process boundary)."""
+    (only its error crosses no process boundary). ``dataset``: a HierarchicalVoxelRayDataset
+    or its DatasetView."""
+    view = DatasetView.of(dataset)
     try:
-        dataset.read_sample(index, 0, None)
+        view.read_sample(index, 0, None)
     except Exception as exc:  # noqa: BLE001 - the error is what we want
-        return bad_entry(dataset, index, exc)
-    s = dataset.samples[index]
+        return view.bad_entry(index, exc)
+    s = view.samples[index]
     return str(s.get("ray_path")), f"{s.get('ray_path')}: bad when read by a worker"

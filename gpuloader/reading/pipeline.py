@@ -17,7 +17,7 @@ rank's shard (``RayBatchSampler(rank, world_size)``), so DALI's ``shard_id``/``n
 A resumed epoch starts at the reader's ``first_start`` (a new pipeline); later DALI epochs
 start at batch 0.
 
-Worker faults: every run is waited for by a :class:`~gpuloader.reading.workers.DaliGuard`
+Worker faults: every run is waited for by a :class:`~gpuloader.reading.dali_guard.DaliGuard`
 (a worker that dies or sends nothing within ``worker_timeout`` seconds raises
 :class:`~gpuloader.errors.WorkerError`; the pipeline is then stopped for good: build a new one).
 
@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 
 from gpuloader.errors import WorkerError
+from gpuloader.reading.dali_guard import DaliGuard, stop_pipeline
+from gpuloader.reading.processes import DEFAULT_TIMEOUT
 from gpuloader.reading.reader import (
     OUTPUT_DTYPES,
     OUTPUT_NAMES,
     OUTPUT_NDIM,
     RayReader,
 )
-from gpuloader.reading.workers import DEFAULT_TIMEOUT, DaliGuard, stop_pipeline
 
 __all__ = [
     "RawBatch",

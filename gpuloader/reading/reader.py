@@ -2,10 +2,11 @@
 
 A :class:`RayReader` is the callable that DALI's parallel external source calls in sample
 mode (``reader(sample_info) -> tuple``) and that the torch-DataLoader back end calls through
-:meth:`RayReader.read`. It is picklable (spawned workers get a copy): it holds a light copy of
-the dataset (its index and arguments, without its transform and with an empty voxel cache)
-and the batch order of :class:`~gpuloader.plan.sampler.RayBatchSampler`, which is a pure function
-of ``(seed, epoch)``, so every worker computes the same batches on its own.
+:meth:`RayReader.read`. It is picklable (spawned workers get a copy): it holds the dataset's
+:class:`~gpuloader.dataset.view.DatasetView` without its transform (its index and options; the
+voxel cache travels empty) and the batch order of
+:class:`~gpuloader.plan.sampler.RayBatchSampler`, which is a pure function of ``(seed, epoch)``,
+so every worker computes the same batches on its own.
 
 Layout of one epoch: batch ``i`` of the sampler is DALI iteration ``i``; slot ``j`` of it is
 the batch's ``j``-th request, and slots past the end of a short batch (the last, partial
@@ -30,9 +31,10 @@ Outputs of one sample (:data:`OUTPUT_NAMES`, :data:`OUTPUT_DTYPES`)::
                                       (``on_error='skip'``), -1 for none, BAD (-2) for a bad
                                       sample left empty (``mark_bad``: the store fill)
 
-Only the rows the request needs are read (``dataset.read_sample``: the same rows, drawn with
-the same key, as the CPU API; with the dataset's ``on_error='skip'`` through
-``read_sample_checked``, so a bad sample comes back as its replacement, as in the CPU API).
+Only the rows the request needs are read (``DatasetView.read_sample``: the CPU API's own
+reading code, so the same rows, drawn with the same key; with the dataset's
+``on_error='skip'`` through ``read_sample_checked``, so a bad sample comes back as its
+replacement, as in the CPU API).
 Custom CPU transforms (the first part of
 ``transforms.split_for_device``) are applied here, per sample, with the sample's
 :class:`~gpuloader.augment.rng.SampleContext`. A failure raises a named error that names the files.
@@ -40,7 +42,6 @@ Custom CPU transforms (the first part of
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,9 +50,10 @@ import numpy as np
 from gpuloader import schema
 from gpuloader.augment.rng import SampleContext
 from gpuloader.augment.transforms import apply_transform
+from gpuloader.dataset.view import DatasetView, min_ignoring_none
 from gpuloader.errors import GPULoaderError, SampleReadError
 from gpuloader.format.validate import classify
-from gpuloader.plan.sampler import RayRequest
+from gpuloader.plan.sampler import RayRequest, order_only
 
 __all__ = [
     "OUTPUT_NAMES",
@@ -125,20 +127,16 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _min_ignoring_none(*values: int | None) -> int | None:
-    present = [int(v) for v in values if v is not None]
-    return min(present) if present else None
-
-
 class RayReader:
     """Reads the samples of one epoch's batches, one sample per call.
 
     Args:
-        dataset: a :class:`~gpuloader.dataset.hierarchical.HierarchicalVoxelRayDataset` (or
-            anything with ``samples``, ``seed`` and ``read_sample(index, epoch, num_rays)``). A
-            shallow copy without its transform is kept (and pickled into workers).
+        dataset: a :class:`~gpuloader.dataset.hierarchical.HierarchicalVoxelRayDataset` or
+            its :class:`~gpuloader.dataset.view.DatasetView`. Its view without the transform
+            is kept (``dataset``, pickled into workers).
         sampler: a :class:`~gpuloader.plan.sampler.RayBatchSampler` over ``dataset``; a copy
-            without its dataset is kept, only ``batches(epoch)`` is called.
+            without its dataset is kept (``plan.sampler.order_only``), only
+            ``batches(epoch)`` is called.
         first_epoch: the epoch of DALI's epoch 0.
         first_start: the batch of ``first_epoch`` that DALI's iteration 0 reads (resume).
         cpu_transforms: custom callables applied per sample, in order, after reading.
@@ -160,20 +158,15 @@ class RayReader:
         first_start: int = 0,
         mark_bad: bool = False,
     ) -> None:
-        ds = copy.copy(dataset)
-        if hasattr(ds, "transform"):
-            ds.transform = None  # the budget is passed explicitly; known transforms run later
-        self.dataset = ds
-        smp = copy.copy(sampler)
-        if hasattr(smp, "dataset"):
-            smp.dataset = None
-        self.sampler = smp
+        # the budget is passed explicitly; known transforms run later
+        self.dataset: DatasetView = DatasetView.of(dataset).with_(transform=None)
+        self.sampler = order_only(sampler)
         self.first_epoch = int(first_epoch)
         self.first_start = int(first_start)
         self.cpu_transforms = list(cpu_transforms)
         self.ray_budget = ray_budget
         self.batch_size = int(batch_size or sampler.subvolumes_per_batch)
-        self.seed = int(getattr(dataset, "seed", 0))
+        self.seed = self.dataset.seed
         self.mark_bad = bool(mark_bad)
         self._batches: dict[int, list[list[RayRequest]]] = {}
 
@@ -264,8 +257,8 @@ class RayReader:
         index, epoch, num_rays = request
         index, epoch = int(index), int(epoch)
         try:
-            k = _min_ignoring_none(num_rays, self.ray_budget)
-            checked = getattr(self.dataset, "on_error", "raise") == "skip" and not self.mark_bad
+            k = min_ignoring_none(num_rays, self.ray_budget)
+            checked = self.dataset.on_error == "skip" and not self.mark_bad
             if checked:  # a bad sample comes back as its replacement (dataset doc)
                 sample = self.dataset.read_sample_checked(index, epoch, k)
             else:

@@ -12,6 +12,7 @@ import pytest
 from gpuloader.augment import transforms as T
 from gpuloader.augment.rng import select_rows
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
+from gpuloader.dataset.view import DatasetView
 from gpuloader.errors import DamagedFileError
 from gpuloader.generate import GeneratorConfig, generate_dataset
 from gpuloader.plan.sampler import RayBatchSampler, RayRequest
@@ -125,9 +126,13 @@ def test_pickles_without_its_transform_or_cache(dirs):
     reader.read(RayRequest(0, 0, 10))  # fills the per-process caches
     clone = pickle.loads(pickle.dumps(reader))
     assert clone.dataset.transform is None and clone.sampler.dataset is None
+    assert isinstance(clone.dataset, DatasetView) and len(clone.dataset.voxel_cache) == 0
     assert ds.transform is not None  # the user's dataset is untouched
     a, b = reader(Info(0, 0)), clone(Info(0, 0))
     for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    of_view = RayReader(ds.view(), sampler)  # a view serves as well as the dataset
+    for x, y in zip(a, of_view(Info(0, 0)), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
