@@ -199,3 +199,8 @@ class SkippedFileWarning(UserWarning):
 
 class EmptySplitWarning(UserWarning):
     """A split (train, val or test) received no object."""
+
+
+class PackLayoutError(PackError, TypeError):
+    """A call a pack's layout does not serve: the row arrays of a striped pack
+    (``level_arrays``), or the stripes of an ordinary one (``striped_level``)."""

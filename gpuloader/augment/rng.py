@@ -54,6 +54,7 @@ class Purpose:
     REPLACE = 7  # on_error='skip': the order replacements of a bad sample are tried in (CPU)
     SEGMENT_STRIDE = 16  # a Compose with several fused segments offsets purposes by this
     SHARD = 8  # sampler shard="samples": the fixed split of samples over ranks (CPU, epoch 0)
+    STRIPE = 9  # striped pack: each sample's permutation of its rays (pack time, CPU)
 
 
 @dataclass(frozen=True)

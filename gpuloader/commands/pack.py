@@ -11,6 +11,12 @@ left out of the pack and recorded in its manifest, a warning names each, the sum
 with "N bad files left out: ..." and the exit code stays 0; reading such a sample from the
 pack raises the recorded error, which a dataset with on_error='skip' replaces. A later
 --on-error raise run refuses a pack that left files out (exit code 2, naming the first).
+
+--layout striped writes the striped pack (gpuloader.stores.pack.striped): each file's rays
+permuted once (--seed), cut into stripes of --stripe-rays W rows (default 512), stored
+stripe-major with the voxel grids (from --dataset-dir, default the dataset the rays were
+made from) and the views, so that an epoch reads one stripe per level sequentially. The
+summary adds each level's stripe count and record size.
 """
 
 from __future__ import annotations
@@ -41,6 +47,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="raise",
         help="a bad ray file: stop (raise, default) or leave it out and record it (skip)",
     )
+    parser.add_argument(
+        "--layout",
+        choices=("rows", "striped"),
+        default="rows",
+        help="rows (default: row arrays) or striped (stripes of W permuted rows per sample)",
+    )
+    parser.add_argument(
+        "--stripe-rays",
+        type=int,
+        default=512,
+        metavar="W",
+        help="rows per stripe of a striped pack (512)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of a striped pack's permutations (0)"
+    )
+    parser.add_argument(
+        "--dataset-dir",
+        metavar="DIR",
+        help="a striped pack's voxel side (default: the dataset the rays were made from)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -56,24 +83,43 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             force=args.force,
             on_error=args.on_error,
+            **_layout_options(args),
         )
     for w in caught:
         text = str(w.message).removeprefix("gpuloader pack: ")
         print(f"gpuloader pack: warning: {text}", file=sys.stderr)
+    striped = s.get("layout") == "striped"
     if s["up_to_date"]:
         print(f"{s['out_dir']}: up to date ({s['files']} files, {s['rays']:,} rays); nothing done")
     else:
         for level, info in s["levels"].items():
-            print(
+            line = (
                 f"  level {level}: {info['files']:6d} files {info['rays']:12,d} rays "
                 f"{info['views']:8,d} views"
             )
+            if striped:
+                line += f" {info['stripes']:6d} stripes of {s['stripe_rays']} rays"
+                line += f", {info['record_bytes']} bytes per ray"
+            print(line)
+        layout = f" as stripes of {s['stripe_rays']} rays (seed {s['seed']})" if striped else ""
         print(
             f"packed {s['files']} files, {s['rays']:,} rays ({s['bytes'] / 2**20:,.1f} MiB) "
-            f"into {s['out_dir']} in {s['seconds']:.1f} s"
+            f"into {s['out_dir']}{layout} in {s['seconds']:.1f} s"
         )
     if s["bad"]:
         print(f"{len(s['bad'])} bad files left out: " + ", ".join(b["file"] for b in s["bad"]))
         for b in s["bad"]:
             print(f"  {b['error']}: {b['message'].removeprefix(b['file'] + ': ')}")
     return 0
+
+
+def _layout_options(args: argparse.Namespace) -> dict:
+    """pack_rays' layout arguments from the command line (none for the rows layout)."""
+    if getattr(args, "layout", "rows") == "rows":
+        return {}
+    return {
+        "layout": args.layout,
+        "stripe_rays": args.stripe_rays,
+        "seed": args.seed,
+        "dataset_dir": args.dataset_dir,
+    }

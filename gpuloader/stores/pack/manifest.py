@@ -16,7 +16,13 @@ writes it, :mod:`~gpuloader.stores.pack.store` reads it). Layout of a pack folde
     level_<L>/index.npz           hashes (K,) str; offsets (K, 4) int64 =
                                   (ray start, ray count, view start, view count); pack_id
 
-A folder without ``manifest.json`` is refused (:func:`read_manifest`).
+A folder without ``manifest.json`` is refused (:func:`read_manifest`). That is the ``"rows"``
+layout (format version 1; its manifest has no ``layout`` key). A pack built with
+``layout="striped"`` (format version 2, ``"layout": "striped"``) holds the same rays as
+stripes plus the voxel grids; its files are described in :mod:`gpuloader.stores.pack.striped`.
+Its manifest also records ``stripe_rays``, ``seed``, ``dataset_dir`` (the voxel side) and
+``voxel_files`` (relative path -> size, mtime_ns, sha256), which the staleness check compares
+as it does the ray files.
 
 Staleness (:func:`check_pack`): ``check="fast"`` compares the manifest's file list, sizes and
 mtimes with the ray tree; ``"full"`` also re-hashes every source file; ``"none"`` trusts the
@@ -52,15 +58,20 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "INDEX",
+    "LAYOUTS",
     "MANIFEST",
     "PACK_KEYS",
+    "STRIPED_FORMAT_VERSION",
     "Check",
+    "Layout",
     "check_pack",
     "error_record",
     "file_stat",
     "file_stat_any",
     "is_readable",
     "level_dir",
+    "manifest_rebuild",
+    "pack_layout",
     "read_manifest",
     "rebuild_command",
     "recorded_error",
@@ -71,12 +82,18 @@ __all__ = [
 
 FORMAT_NAME = "gpuloader-ray-pack"
 FORMAT_VERSION = 1
+#: format version of a striped pack (``"layout": "striped"`` in its manifest)
+STRIPED_FORMAT_VERSION = 2
+#: the layouts of a pack: ``"rows"`` (row arrays, version 1) and ``"striped"`` (version 2)
+LAYOUTS: tuple[str, ...] = ("rows", "striped")
+_VERSION_OF = {"rows": FORMAT_VERSION, "striped": STRIPED_FORMAT_VERSION}
 MANIFEST = "manifest.json"
 INDEX = "index.npz"
 #: Arrays of a level: the per-ray fields in batch order, then ``view_positions`` (the order
 #: NpzRayStore returns them).
 PACK_KEYS: tuple[str, ...] = schema.SAMPLE_FIELDS
 Check = Literal["fast", "full", "none"]
+Layout = Literal["rows", "striped"]
 _SHOW = 5  # changed files named in a staleness message
 
 
@@ -93,12 +110,53 @@ def relative_name(root: Path, path: Path) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
-def rebuild_command(source: Any, pack_dir: Any, levels: Sequence[int] | None) -> str:
-    """The ``gpuloader pack ... --force`` command that rebuilds ``pack_dir`` from ``source``."""
+def rebuild_command(
+    source: Any,
+    pack_dir: Any,
+    levels: Sequence[int] | None,
+    layout: str = "rows",
+    stripe_rays: int | None = None,
+    seed: int | None = None,
+    dataset_dir: Any = None,
+) -> str:
+    """The ``gpuloader pack ... --force`` command that rebuilds ``pack_dir`` from ``source``
+    (a striped pack's adds ``--layout striped --stripe-rays W``, then ``--seed`` and
+    ``--dataset-dir`` where given)."""
     cmd = f"gpuloader pack {source} {pack_dir} --force"
     if levels is not None:
         cmd += " --levels " + " ".join(str(lv) for lv in levels)
+    if layout != "rows":
+        cmd += f" --layout {layout}"
+        if stripe_rays is not None:
+            cmd += f" --stripe-rays {int(stripe_rays)}"
+        if seed:
+            cmd += f" --seed {int(seed)}"
+        if dataset_dir is not None:
+            cmd += f" --dataset-dir {dataset_dir}"
     return cmd
+
+
+def pack_layout(manifest: dict[str, Any]) -> str:
+    """The layout of a pack from its manifest: ``"rows"`` (no ``layout`` key) or
+    ``"striped"``."""
+    return str(manifest.get("layout", "rows"))
+
+
+def manifest_rebuild(
+    manifest: dict[str, Any], pack_dir: Any, source: Any = None, dataset_dir: Any = None
+) -> str:
+    """:func:`rebuild_command` of the pack ``manifest`` describes (its layout and options;
+    ``source``/``dataset_dir``: where the ray tree / voxel side now are, default recorded)."""
+    striped = pack_layout(manifest) == "striped"
+    return rebuild_command(
+        manifest.get("source_root") if source is None else source,
+        pack_dir,
+        manifest.get("levels"),
+        pack_layout(manifest),
+        manifest.get("stripe_rays"),
+        manifest.get("seed"),
+        (manifest.get("dataset_dir") if dataset_dir is None else dataset_dir) if striped else None,
+    )
 
 
 def source_files(root: Path, levels: set[int] | None) -> list[tuple[int, str, Path]]:
@@ -231,11 +289,19 @@ def read_manifest(pack_dir: Path | str) -> dict[str, Any]:
             f"{path}: not a gpuloader ray pack manifest; rebuild it with "
             f"`gpuloader pack RAY_DIR {pack_dir} --force`"
         )
-    if manifest.get("format_version") != FORMAT_VERSION:
+    layout_name = pack_layout(manifest)
+    if layout_name not in _VERSION_OF:
+        raise IncompletePackError(
+            f"{path}: unknown pack layout {layout_name!r} (this gpuloader reads "
+            f"{', '.join(LAYOUTS)}); rebuild it with `gpuloader pack RAY_DIR {pack_dir} --force`"
+        )
+    readable = _VERSION_OF[layout_name]
+    if manifest.get("format_version") != readable:
         raise IncompletePackError(
             f"{path}: pack format version {manifest.get('format_version')}, this gpuloader "
-            f"reads version {FORMAT_VERSION}; rebuild it with "
-            f"`{rebuild_command(manifest.get('source_root'), pack_dir, manifest.get('levels'))}`"
+            f"reads version {readable}"
+            + ("" if layout_name == "rows" else f" for layout {layout_name!r}")
+            + f"; rebuild it with `{manifest_rebuild(manifest, pack_dir)}`"
         )
     return manifest
 
@@ -254,7 +320,7 @@ def _check_array_files(pack_dir: Path, manifest: dict[str, Any]) -> None:
                 state = "missing" if got is None else f"{got} bytes, expected {size}"
                 raise IncompletePackError(
                     f"{p}: {state}; the pack is damaged: rebuild it with "
-                    f"`{rebuild_command(manifest['source_root'], pack_dir, manifest['levels'])}`"
+                    f"`{manifest_rebuild(manifest, pack_dir)}`"
                 )
 
 
@@ -263,6 +329,7 @@ def check_pack(
     check: Check = "fast",
     ray_dataset_dir: Path | str | None = None,
     manifest: dict[str, Any] | None = None,
+    dataset_dir: Path | str | None = None,
 ) -> dict[str, list[str]]:
     """Compare a pack with its ray tree; raise :class:`StalePackError` if they differ.
 
@@ -272,13 +339,16 @@ def check_pack(
             "none" (only the pack's own files).
         ray_dataset_dir: the ray tree (default: the manifest's source root).
         manifest: the already-read manifest (read here if None).
+        dataset_dir: a striped pack's voxel side (default: the manifest's ``dataset_dir``);
+            its recorded voxel files are compared as the ray files are.
 
     Returns:
         ``{"changed": [...], "missing": [...], "new": [...]}``, all empty (else it raises).
 
     Raises:
         IncompletePackError: no manifest, or pack arrays missing or truncated.
-        StalePackError: the ray tree is gone or differs from the manifest.
+        StalePackError: the ray tree (or a striped pack's voxel side) is gone or differs
+            from the manifest.
     """
     pack_dir = Path(pack_dir)
     manifest = read_manifest(pack_dir) if manifest is None else manifest
@@ -290,12 +360,25 @@ def check_pack(
         raise ValueError(f"check must be 'fast', 'full' or 'none'; got {check!r}")
     root = Path(ray_dataset_dir if ray_dataset_dir is not None else manifest["source_root"])
     levels = manifest["levels"]
-    rebuild = rebuild_command(root, pack_dir, levels)
+    striped = pack_layout(manifest) == "striped"
+    vroot = Path(dataset_dir if dataset_dir is not None else manifest.get("dataset_dir", "."))
+    rebuild = (
+        manifest_rebuild(manifest, pack_dir, root, vroot)
+        if striped
+        else rebuild_command(root, pack_dir, levels)
+    )
     if not root.is_dir():
         reason = f"ray pack {pack_dir}: its source ray tree {root} is not there"
         raise StalePackError(
             f"{reason}; pass the folder it now lives in as the ray dataset folder, or turn "
             "the pack's staleness check off (check 'none') to use the pack alone",
+            reason,
+        )
+    if striped and not vroot.is_dir():
+        reason = f"ray pack {pack_dir}: its source voxel dataset {vroot} is not there"
+        raise StalePackError(
+            f"{reason}; pass the folder it now lives in as the dataset folder (dataset_dir), "
+            "or turn the pack's staleness check off (check 'none') to use the pack alone",
             reason,
         )
     recorded: dict[str, list] = manifest["files"]
@@ -309,20 +392,20 @@ def check_pack(
         if rec is None:
             diff["new"].append(rel)
             continue
-        size, mtime_ns = file_stat_any(path)
-        hashed = rec[2] is not None  # None: a left-out file that could not be read
-        if size != rec[0]:
-            diff["changed"].append(f"{rel} (size {rec[0]} -> {size})")
-        elif mtime_ns != rec[1]:
-            if check == "full" and hashed and sha256_file(path) == rec[2]:
-                continue  # touched, same bytes
-            diff["changed"].append(f"{rel} (modified {_fmt_ns(rec[1])} -> {_fmt_ns(mtime_ns)})")
-        elif not hashed:
-            if rel in bad and is_readable(path):  # e.g. its permissions were fixed
-                diff["changed"].append(f"{rel} (unreadable when packed, readable now)")
-        elif check == "full" and sha256_file(path) != rec[2]:
-            diff["changed"].append(f"{rel} (content differs, same size and mtime)")
+        change = _change(rel, path, rec, check, rel in bad)
+        if change is not None:
+            diff["changed"].append(change)
     diff["missing"] = sorted(set(recorded) - seen)
+    n_ray_diffs = sum(len(v) for v in diff.values())
+    if striped:  # the voxel files of the packed samples (no "new": rays make a sample)
+        for rel, rec in (manifest.get("voxel_files") or {}).items():
+            path = vroot / rel
+            if not os.path.lexists(path):
+                diff["missing"].append(rel)
+                continue
+            change = _change(rel, path, rec, check, True)
+            if change is not None:
+                diff["changed"].append(change)
     if any(diff.values()):
         parts = []
         for kind in ("changed", "missing", "new"):
@@ -330,9 +413,11 @@ def check_pack(
             if items:
                 more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
                 parts.append(f"{len(items)} {kind}: " + ", ".join(items[:_SHOW]) + more)
+        what = f"the ray files under {root}"
+        if sum(len(v) for v in diff.values()) > n_ray_diffs:
+            what = f"the ray files under {root} or the voxel files under {vroot}"
         reason = (
-            f"ray pack {pack_dir} is stale: the ray files under {root} changed since it was "
-            f"built ({'; '.join(parts)})"
+            f"ray pack {pack_dir} is stale: {what} changed since it was built ({'; '.join(parts)})"
         )
         raise StalePackError(
             f"{reason}. Rebuild it: `{rebuild}` (or, to use it as it is, turn its staleness "
@@ -340,6 +425,27 @@ def check_pack(
             reason,
         )
     return diff
+
+
+def _change(rel: str, path: Path, rec: list, check: str, was_bad: bool) -> str | None:
+    """How source file ``rel`` (at ``path``) differs from its manifest record ``rec``
+    (size, mtime_ns, sha256 or None when it was unreadable), or None when it does not.
+    ``was_bad``: the pack left it out as bad (an unreadable one turning readable counts)."""
+    size, mtime_ns = file_stat_any(path)
+    hashed = rec[2] is not None  # None: a left-out file that could not be read
+    if size != rec[0]:
+        return f"{rel} (size {rec[0]} -> {size})"
+    if mtime_ns != rec[1]:
+        if check == "full" and hashed and sha256_file(path) == rec[2]:
+            return None  # touched, same bytes
+        return f"{rel} (modified {_fmt_ns(rec[1])} -> {_fmt_ns(mtime_ns)})"
+    if not hashed:
+        if was_bad and is_readable(path):  # e.g. its permissions were fixed
+            return f"{rel} (unreadable when packed, readable now)"
+        return None
+    if check == "full" and sha256_file(path) != rec[2]:
+        return f"{rel} (content differs, same size and mtime)"
+    return None
 
 
 def _fmt_ns(ns: int) -> str:

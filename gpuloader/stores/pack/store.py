@@ -10,6 +10,13 @@ first use (:class:`PackLevel`, :meth:`PackedRayStore.level_arrays`).
 
 A sample the pack left out as bad (``on_error="skip"``) raises its recorded error class,
 which a dataset with ``on_error='skip'`` replaces like any bad file.
+
+A striped pack (``layout="striped"``, :mod:`gpuloader.stores.pack.striped`) opens the same
+way and serves the same ``read``: the rows asked for, in file order, gathered from its
+stripes through the level's ``positions`` (so a dataset over it gives exactly the samples
+it gives over the npz files). Its levels are :class:`~gpuloader.stores.pack.striped.StripedLevel`
+objects (:meth:`PackedRayStore.striped_level`), for a store that streams stripes; it has no
+row arrays (:meth:`PackedRayStore.level_arrays` raises :class:`PackLayoutError`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from gpuloader import schema
 from gpuloader.errors import (
     DamagedFileError,
     IncompletePackError,
+    PackLayoutError,
     SampleNotInPackError,
     StalePackError,
 )
@@ -34,10 +42,12 @@ from gpuloader.stores.pack.manifest import (
     Check,
     check_pack,
     level_dir,
+    manifest_rebuild,
+    pack_layout,
     read_manifest,
-    rebuild_command,
     recorded_error,
 )
+from gpuloader.stores.pack.striped import StripedLevel
 
 __all__ = ["PackLevel", "PackedRayStore", "open_ray_store"]
 
@@ -98,8 +108,10 @@ class PackedRayStore:
         check: "fast" (compare file list, sizes and mtimes with the ray tree), "full" (also
             the files' sha256) or "none".
         ray_dataset_dir: the ray tree to check against (default: the one packed).
+        dataset_dir: a striped pack's voxel side to check against (default: the one packed).
 
     Attributes:
+        layout: "rows" or "striped". stripe_rays (W) and seed: a striped pack's, else None.
         bad: ``{(level, hash): (file, message)}`` of every ray file the pack left out as bad
             (``pack_rays(..., on_error="skip")``): the source file's path (under
             ``ray_dataset_dir`` when given) and the first line of its error when packed.
@@ -116,11 +128,28 @@ class PackedRayStore:
         pack_dir: Path | str,
         check: Check = "fast",
         ray_dataset_dir: Path | str | None = None,
+        dataset_dir: Path | str | None = None,
     ) -> None:
         self.pack_dir = Path(pack_dir)
         self.check = check
         manifest = read_manifest(self.pack_dir)
-        check_pack(self.pack_dir, check, ray_dataset_dir, manifest)
+        check_pack(self.pack_dir, check, ray_dataset_dir, manifest, dataset_dir)
+        self.layout: str = pack_layout(manifest)
+        striped = self.layout == "striped"
+        self.stripe_rays: int | None = int(manifest["stripe_rays"]) if striped else None
+        self.seed: int | None = int(manifest["seed"]) if striped else None
+        #: what rebuilds the pack (manifest keys of manifest_rebuild)
+        self._rebuild = {
+            k: manifest.get(k)
+            for k in ("source_root", "levels", "layout", "stripe_rays", "seed", "dataset_dir")
+            if k in manifest
+        }
+        #: a striped level's facts its StripedLevel needs (none for rows)
+        self._striped_info: dict[int, dict[str, Any]] = {
+            int(lv): {k: info[k] for k in ("stripe_rays", "stripes", "record")}
+            for lv, info in manifest["level_info"].items()
+            if striped
+        }
         self.pack_id: str = manifest["pack_id"]
         self.source_root = Path(manifest["source_root"])
         self.levels: list[int] = sorted(int(lv) for lv in manifest["level_info"])
@@ -144,8 +173,9 @@ class PackedRayStore:
 
     def __repr__(self) -> str:
         bad = f", bad={len(self.bad)}" if self.bad else ""
+        striped = f", striped W={self.stripe_rays}" if self.layout == "striped" else ""
         return (
-            f"PackedRayStore({str(self.pack_dir)!r}, levels={self.levels}, "
+            f"PackedRayStore({str(self.pack_dir)!r}{striped}, levels={self.levels}, "
             f"files={self.totals.get('files')}, rays={self.totals.get('rays')}{bad})"
         )
 
@@ -160,28 +190,70 @@ class PackedRayStore:
             self.bad[key][0],
             rec,
             self.pack_dir,
-            "(repair or regenerate the file, then rebuild the pack: "
-            f"`{rebuild_command(self.source_root, self.pack_dir, self.packed_levels)}`)",
+            f"(repair or regenerate the file, then rebuild the pack: `{self.rebuild_command()}`)",
             str(self.source_root / rel),
         )
+
+    def rebuild_command(self, levels: Any = "packed") -> str:
+        """The ``gpuloader pack ... --force`` command that rebuilds this pack (its layout
+        options included); ``levels``: the levels to pack (None: all; default: the packed
+        ones)."""
+        keys = dict(self._rebuild)
+        if levels != "packed":
+            keys["levels"] = levels
+        return manifest_rebuild(keys, self.pack_dir)
 
     def close(self) -> None:
         """Drop the memory maps (they are reopened on the next read)."""
         self._open.clear()
 
-    def open_level(self, level: int) -> PackLevel | None:
-        """The open level (memory-mapped on first use in this process), or None if it is not
-        packed."""
+    def open_level(self, level: int) -> PackLevel | StripedLevel | None:
+        """The open level (memory-mapped on first use in this process): a
+        :class:`PackLevel`, or a :class:`~gpuloader.stores.pack.striped.StripedLevel` in a
+        striped pack; None if it is not packed."""
+        level = int(level)
         got = self._open.get(level)
         if got is None and level in self.levels:
-            got = self._open[level] = PackLevel(self.pack_dir, level, self.pack_id)
+            if self.layout == "striped":
+                info = self._striped_info[level]
+                got = StripedLevel(self.pack_dir, level, self.pack_id, info)
+            else:
+                got = PackLevel(self.pack_dir, level, self.pack_id)
+            self._open[level] = got
         return got
+
+    def striped_level(self, level: int) -> StripedLevel | None:
+        """Level ``level`` of a striped pack (record dtype, W, S_L, the per-sample index,
+        grids, views, ``stripe_path(s)``, ``read_stripe(...)``: see
+        :class:`~gpuloader.stores.pack.striped.StripedLevel`), or None when it is not packed.
+
+        Raises:
+            PackLayoutError: the pack has the rows layout (no stripes).
+        """
+        if self.layout != "striped":
+            raise PackLayoutError(
+                f"ray pack {self.pack_dir} has the rows layout: it has no stripes; build a "
+                f"striped one: `gpuloader pack {self.source_root} OUT --layout striped`"
+            )
+        lv = self.open_level(level)
+        assert lv is None or isinstance(lv, StripedLevel)
+        return lv
 
     def level_arrays(self, level: int) -> dict[str, np.ndarray] | None:
         """The level's memory-mapped arrays (:attr:`PackLevel.arrays`: ``origins`` (N_L, 3)
         float32 ... ``view_positions`` (V_L, 3) float32, read-only), or None when the pack
-        holds no such level."""
+        holds no such level.
+
+        Raises:
+            PackLayoutError: a striped pack (its rays are in stripes: :meth:`striped_level`).
+        """
+        if self.layout == "striped":
+            raise PackLayoutError(
+                f"ray pack {self.pack_dir} is striped: it has no row arrays; read its samples "
+                "with read(), or its stripes with striped_level(L)"
+            )
         lv = self.open_level(int(level))
+        assert lv is None or isinstance(lv, PackLevel)
         return None if lv is None else lv.arrays
 
     def _level(self, level: int) -> PackLevel | None:
@@ -200,12 +272,14 @@ class PackedRayStore:
             levels = sorted({*levels, level})
         return SampleNotInPackError(
             f"ray pack {self.pack_dir} has no sample level {level}, hash {hash_} ({what}); "
-            f"re-run `{rebuild_command(self.source_root, self.pack_dir, levels)}` so that it "
+            f"re-run `{self.rebuild_command(levels)}` so that it "
             "covers every ray file of the dataset"
         )
 
-    def locate(self, sample: dict[str, Any]) -> tuple[PackLevel, int, int, int, int]:
-        """``(level, ray start, ray count, view start, view count)`` of a sample."""
+    def locate(self, sample: dict[str, Any]) -> tuple[Any, int, int, int, int]:
+        """``(level, ray start, ray count, view start, view count)`` of a sample. In a
+        striped pack the level is a StripedLevel and "ray start" is the sample's row ``i``
+        of the level index (its records are slot ``i`` of every stripe)."""
         level, hash_ = int(sample["level"]), str(sample["hash"])
         if (level, hash_) in self._bad:
             raise self.bad_error(level, hash_)
@@ -213,6 +287,8 @@ class PackedRayStore:
         i = None if lv is None else lv.row.get(hash_)
         if i is None:
             raise self._missing(level, hash_)
+        if isinstance(lv, StripedLevel):
+            return lv, i, int(lv.n_rays[i]), int(lv.view_start[i]), int(lv.view_count[i])
         r0, n, v0, v = (int(x) for x in lv.offsets[i])
         return lv, r0, n, v0, v
 
@@ -225,9 +301,11 @@ class PackedRayStore:
             raise StalePackError(
                 f"ray pack {self.pack_dir}: level {sample['level']}, hash {sample['hash']} "
                 f"has {n} rays in the pack and {expected} in {sample.get('ray_path')}; rebuild "
-                f"it: `{rebuild_command(self.source_root, self.pack_dir, None)}`"
+                f"it: `{self.rebuild_command(None)}`"
             )
         off, n = chunk_span(sample, n)
+        if isinstance(lv, StripedLevel):
+            return self._read_striped(sample, lv, r0, off, n, rows, v0, v)
         r0 += off
         arrays = lv.arrays
         out: dict[str, np.ndarray] = {}
@@ -248,6 +326,34 @@ class PackedRayStore:
                 out[k] = np.take(arrays[k], idx, axis=0)
         out["view_positions"] = arrays["view_positions"][v0 : v0 + v].copy()
         file_rows = np.arange(off, off + n) if rows is None else rows + off
+        check_ray_values(sample.get("ray_path"), out, file_rows)  # the rows gathered only
+        return out
+
+    def _read_striped(
+        self,
+        sample: dict[str, Any],
+        lv: StripedLevel,
+        i: int,
+        off: int,
+        n: int,
+        rows: np.ndarray | None,
+        v0: int,
+        v: int,
+    ) -> dict[str, np.ndarray]:
+        """:meth:`read` of sample ``i`` of a striped level: the file rows ``off + rows``
+        (the chunk's ``n`` rows from ``off`` when None), gathered from the stripes."""
+        if rows is None:
+            file_rows = np.arange(off, off + n, dtype=np.int64)
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise IndexError(
+                    f"{sample.get('ray_path')}: ray rows out of range [0, {n}): "
+                    f"min {rows.min()}, max {rows.max()}"
+                )
+            file_rows = rows + off
+        out = lv.read_rows(i, file_rows)
+        out["view_positions"] = lv.view_positions[v0 : v0 + v].copy()
         check_ray_values(sample.get("ray_path"), out, file_rows)  # the rows gathered only
         return out
 
