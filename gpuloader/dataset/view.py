@@ -44,7 +44,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -55,9 +55,6 @@ from gpuloader.format.validate import classify
 from gpuloader.plan.replace import KnownBad, available_rays, replacement_order
 from gpuloader.stores.cache import LRUCache
 from gpuloader.stores.npz import RayStore, read_voxel_file
-
-if TYPE_CHECKING:
-    from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 
 __all__ = ["ON_ERROR", "DatasetView", "ReadLog", "first_line", "min_ignoring_none"]
 
@@ -193,9 +190,11 @@ class DatasetView:
         )
 
     @classmethod
-    def of(cls, data: DatasetView | HierarchicalVoxelRayDataset) -> DatasetView:
+    def of(cls, data: Any) -> DatasetView:
         """``data`` itself if it is a view, else the dataset's view
-        (``HierarchicalVoxelRayDataset.view``: its current attributes, its cache and log)."""
+        (``HierarchicalVoxelRayDataset.view``: its current attributes, its cache and log).
+        ``data``: a view, or a HierarchicalVoxelRayDataset (not imported here: the dataset
+        module imports this one)."""
         if isinstance(data, DatasetView):
             return data
         return data.view()
