@@ -42,12 +42,18 @@ import numpy as np
 
 from gpuloader import schema
 from gpuloader.augment import symmetry
+from gpuloader.fused.cuda_args import (
+    FUSED_ARGS_DTYPE,
+    OUT_DTYPES,
+    PLAN_DTYPES,
+    RAY_KEYS,
+    fused_args,
+)
 from gpuloader.fused.cuda_build import (
     BLOCK,
     MAX_BLOCKS,
     MODULE_SOURCE,
     compiled_module,
-    device_pointer,
     device_symmetry_table,
     dlpack_on_gpu,
     import_cupy,
@@ -99,26 +105,6 @@ KERNEL_NAMES = (
     "fused_select_rows",
     *EPOCH_KERNEL_NAMES,
 )
-#: Output keys of :func:`gather_rays`, in the struct's order.
-RAY_KEYS = (*schema.RAY_FIELDS, "ray_to_voxel")
-#: dtype of every output: the ray keys' batch dtypes, ``voxels``/``view_positions`` float32.
-OUT_DTYPES: dict[str, np.dtype] = {
-    **{k: np.dtype(schema.BATCH_DTYPES[k]) for k in schema.RAY_FIELDS},
-    "ray_to_voxel": np.dtype(np.int64),
-    "voxels": np.dtype(np.float32),
-    "view_positions": np.dtype(np.float32),
-}
-
-_I64, _U32, _I32, _F32 = (np.dtype(t) for t in (np.int64, np.uint32, np.int32, np.float32))
-#: dtype of every plan field as the kernels read it, in the struct's order.
-PLAN_DTYPES: dict[str, np.dtype] = {
-    **dict.fromkeys(("ray_start", "ray_count", "keep", "out_start"), _I64),
-    "select_keys": _U32,
-    **dict.fromkeys(("view_start", "view_out_start", "grid_start", "side"), _I64),
-    "symmetry": _I32,
-    **dict.fromkeys(("origin_scale", "distance_scale", "origin_std", "direction_std"), _F32),
-    **dict.fromkeys(("jitter_threshold", "epoch", "index", "purpose_offset"), _U32),
-}
 _SELECT_FIELDS = ("ray_start", "ray_count", "keep", "out_start", "select_keys")
 _STREAM_FIELDS = ("epoch", "index", "purpose_offset")
 _RAY_FIELDS = (
@@ -129,26 +115,6 @@ _RAY_FIELDS = (
 )
 _GRID_FIELDS = ("grid_start", "side", "symmetry", "jitter_threshold", *_STREAM_FIELDS)
 _VIEW_FIELDS = ("view_start", "view_out_start", "symmetry", "origin_scale")
-#: Output pointers of the struct (``out_<key>``): the ray keys, the grids and views, and the
-#: row selection's.
-_OUT_FIELDS = tuple(
-    f"out_{k}" for k in (*RAY_KEYS, "voxels", "view_positions", "rows", "owner", "j")
-)
-#: The epoch kernels' pointers.
-_EPOCH_FIELDS = ("batch_starts", "batch_rays", "batch_views", "batch_side", "cursor")
-_POINTER_FIELDS = (*schema.STORE_KEYS, *PLAN_DTYPES, "sym_table", *_OUT_FIELDS, *_EPOCH_FIELDS)
-
-#: The numpy twin of ``gpl_fused_args`` (``kernels/fused_args.cuh``), field for field: every
-#: pointer a uint64 device address (0: null), then the sizes and the key. ``align=True`` lays it
-#: out as the C compiler does (392 bytes); tests/fused/test_fused_kernels_cpu.py checks it.
-FUSED_ARGS_DTYPE = np.dtype(
-    [(f, np.uint64) for f in _POINTER_FIELDS]
-    + [("num_rays", _I64), ("num_views", _I64), ("grid_side", _I64)]
-    + [("key0", _U32), ("key1", _U32), ("num_samples", _I32)],
-    align=True,
-)
-_POINTERS = frozenset(_POINTER_FIELDS)
-
 #: Compiled modules, by (kernel folder, device id); the symmetry table, by device id.
 _module_cache: dict[tuple[str, int], Any] = {}
 _table_cache: dict[int, Any] = {}
@@ -176,20 +142,6 @@ def launch(name: str, n: int, args: np.ndarray) -> None:
 def symmetry_table():
     """``SYMMETRY_TABLE`` on the current device, (48, 6) int32 (uploaded once per device)."""
     return device_symmetry_table(cupy_module(), _table_cache)
-
-
-def fused_args(**fields: Any) -> np.ndarray:
-    """The kernels' argument struct: a (1,) :data:`FUSED_ARGS_DTYPE` array, zero but for
-    ``fields``.
-
-    Pointer fields take device arrays (CuPy arrays: their address) or None (null); the sizes
-    (``num_rays``, ``num_views``, ``grid_side``, ``num_samples``) and the key (``key0``,
-    ``key1``) take integers. The arrays must outlive the launches (CUDA graphs: the graphs).
-    """
-    args = np.zeros(1, FUSED_ARGS_DTYPE)
-    for name, value in fields.items():
-        args[name] = device_pointer(value) if name in _POINTERS else value
-    return args
 
 
 # --- argument plumbing -----------------------------------------------------------------------
