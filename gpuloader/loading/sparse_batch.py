@@ -21,17 +21,20 @@ That is, the concatenation of :func:`~gpuloader.format.sparse.voxels_to_sparse_c
 :func:`~gpuloader.format.sparse.voxels_to_sparse_index` of every grid cropped to its shape,
 bit for bit, computed with batched torch ops (``torch.nonzero``, neighbour look-ups through a
 dense index grid, one stable sort) instead of a loop over grids or voxels.
+:func:`sparse_batches` does it to every batch of an epoch (a dataset with
+``sparse_voxels=True``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from gpuloader.format.sparse import neighbour_offsets
 
-__all__ = ["SPARSE_KEYS", "dense_batch_to_sparse"]
+__all__ = ["SPARSE_KEYS", "dense_batch_to_sparse", "sparse_batches"]
 
 #: keys of a sparse batch, in ``collate_ray_batch``'s order (graph mode adds the last).
 SPARSE_KEYS = (
@@ -133,3 +136,20 @@ def _edges(
     # grid-major, keeping (group, source) order within a grid: each grid's own edge list
     order = torch.sort(batch[src], stable=True).indices
     return torch.stack([src[order], tgt[order]])
+
+
+def sparse_batches(
+    it: Iterator[dict[str, Any]], mode: str = "coo", connectivity: int = 6
+) -> Iterator[dict[str, Any]]:
+    """``it``'s dense batches as the sparse batches of ``collate_ray_batch`` (a dataset with
+    ``sparse_voxels=True``): ``voxels`` replaced by the sparse keys, on the device; the other
+    keys follow in their order. Closing this closes ``it``."""
+    try:
+        for batch in it:
+            sp = dense_batch_to_sparse(batch["voxels"], batch["voxel_shapes"], mode, connectivity)
+            sp.update((k, v) for k, v in batch.items() if k not in ("voxels", *sp))
+            yield sp
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()

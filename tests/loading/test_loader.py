@@ -144,6 +144,49 @@ def test_no_transform_and_dataset_transform_default(data_dirs):
         assert_batches_equal(list(ld), cpu_api(ds_t, 1))
 
 
+def several_runs() -> T.Compose:
+    """A custom step, then three fused runs (``ToDevice`` cuts the known transforms)."""
+    return T.Compose(
+        [
+            drop_every_third_ray,
+            T.RandomFlip(axes=[0, 1, 2], p=0.5),
+            T.RandomRaySubsample(num_rays=60),
+            T.ToDevice("cpu"),
+            T.RandomRotation90(p=0.9),
+            T.NormalizeRayOrigins(voxel_size=1.0, scale_distances=True),
+            T.RandomRaySubsample(num_rays=25),
+            T.ToDevice("cpu"),
+            T.AddNoise(origin_std=0.02, direction_std=0.03),
+            T.VoxelOccupancyJitter(flip_prob=0.1),
+        ]
+    )
+
+
+def test_several_fused_runs_equal_cpu_api(data_dirs):
+    """The sample stream chains one fused pass per run (the output of run j is the
+    batch-sized store of run j + 1), each drawing as ``Compose`` does with ``segment=j``."""
+    ds = make_dataset(data_dirs, several_runs())
+    with GPURayLoader(ds, RAYS, SPB, backend="torch", num_workers=0, device="cpu") as ld:
+        assert ld.store == "stream" and ld.setup.source == "samples"
+        assert len(ld.setup.segments) == 3
+        for epoch in (0, 1):
+            assert_batches_equal(list(ld), cpu_api(ds, epoch))
+
+
+@pytest.mark.parametrize("transform", [full_transform, several_runs], ids=["one-run", "runs"])
+def test_sample_stream_mixed_levels_equal_cpu_api(data_dirs, transform):
+    """Grids of several sizes in one read batch: the batch-sized store holds each grid's own
+    cube, the fused pass pads to the largest, as collate pads."""
+    ds = make_dataset(data_dirs, transform())
+    with GPURayLoader(ds, RAYS, SPB, backend="torch", num_workers=0, device="cpu",
+                      store="stream") as ld:  # fmt: skip
+        ld.source.sampler = RayBatchSampler(ld.sampler.dataset, RAYS, SPB, mixed_levels=True)
+        ld.set_epoch(3)
+        got = list(ld)
+    assert any(len(set(b["levels"].tolist())) > 1 for b in got)
+    assert_batches_equal(got, cpu_api(ds, 3, mixed_levels=True))
+
+
 def test_custom_transform_after_known_is_rejected(data_dirs):
     bad = T.Compose([T.RandomFlip(), drop_every_third_ray])
     with pytest.raises(UnsupportedTransformError, match="drop_every_third_ray"):

@@ -206,15 +206,13 @@ class _nothing:
 def test_cuda_skip_equals_the_cpu_fallback(case, store, tmp_path) -> None:
     """On a GPU: the GPU store (fill by DALI, CUDA fused kernels) and the pack stream
     (CUDA fused pass) under skip give the CPU fallback's batches and skipped lists
-    (integers exactly, floats within 1e-5: tests/test_stores_gpu.py's comparison)."""
-    from gpuloader.loading.loader import _cuda_usable
+    (integers exactly, floats within 1e-5: ``support.gpu_helpers.assert_close``)."""
+    from gpuloader.loading.setup import cuda_usable
 
-    if not _cuda_usable():
+    if not cuda_usable():
         pytest.skip("needs a CUDA GPU with CuPy")
-    try:
-        from tests.test_stores_gpu import assert_close
-    except ImportError:
-        from test_stores_gpu import assert_close
+    from support.gpu_helpers import assert_close
+
     kind, _, dirs, bad, key = case
     ray_store = None
     if store == "stream":

@@ -209,7 +209,7 @@ def test_loader_resumes_exactly(data_dirs, pack_dir, store, ray_store, backend, 
 def test_resume_reads_nothing_before_the_place(data_dirs, pack_dir, monkeypatch):
     """In process: the per-sample reader and the pack's batch reader start at the restored
     batch; they do not read and discard the batches before it."""
-    from gpuloader.loading.sources.pack_stream import PackBatchReader
+    from gpuloader.reading.pack_reader import PackBatchReader
     from gpuloader.reading.reader import RayReader
 
     reads: list = []

@@ -23,7 +23,7 @@ from gpuloader.dataset.collate import collate_ray_batch
 from gpuloader.format.sparse import voxels_to_sparse_coo, voxels_to_sparse_index
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.loading.sources.resident import FusedBatches
-from gpuloader.loading.sparse_batch import dense_batch_to_sparse
+from gpuloader.loading.sparse_batch import dense_batch_to_sparse, sparse_batches
 from gpuloader.plan.sampler import RayBatchSampler
 from gpuloader.reading.pipeline import dali_available
 from support import loading_helpers as _loading
@@ -209,7 +209,7 @@ def test_loader_sparse_mixed_levels_no_transform_and_resume(data_dirs, mode, con
         sampler = RayBatchSampler(fused, RAYS, SPB, mixed_levels=True)
         segment = _loading.full_transform().segments[0]
         batches = FusedBatches(ld.resident, fused, sampler, segment, torch.device("cpu"))
-        got = list(ld._sparse(batches(2)))
+        got = list(sparse_batches(batches.batches(2), mode, conn))
     assert any(len(set(b["levels"].tolist())) > 1 for b in got)
     assert_batches_equal(got, cpu_api(fused, 2, mixed_levels=True))
 

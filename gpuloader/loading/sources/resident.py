@@ -9,18 +9,18 @@ sampler's order into the dicts of ``collate_ray_batch``:
 * per batch on the CPU: :mod:`gpuloader.fused.cpu` (row selection, gather,
   symmetry, normalization, noise, ``ray_to_voxel``; grids; views), batches built ahead by a
   small thread pool (numpy releases the GIL in its gathers);
-* per batch on CUDA: the three kernels of ``kernels/fused.cu`` (``augment.fused_cupy``) on a
-  side stream, writing into a ring of preallocated torch tensors (CuPy views of them made
+* per batch on CUDA: the three kernels of ``kernels/fused.cu`` (:mod:`gpuloader.fused.cuda`)
+  on a side stream, writing into a ring of preallocated torch tensors (CuPy views of them made
   once); torch's current stream waits on an event, and a slot is overwritten only after
   the work the consumer queued while it held that slot's batch. **Reuse:** a batch's
   tensors are valid until ``ring`` (default 3) further batches have been taken; ``clone()``
   what you keep longer.
 * per batch on CUDA with ``cuda_graphs=True`` (opt-in, not yet validated on hardware): the
   epoch plan goes into a persistent device arena once per epoch and each batch is one replay
-  of a captured CUDA graph (``augment.fused_cupy.EpochGraphs``: one graph per ring slot, the
-  epoch-indexed kernels of ``kernels/fused.cu`` walking the epoch with a device cursor), on the
-  same side stream and ring. Graphs have static sizes: captured for the ring's capacities
-  (the largest batch seen), captured again when the ring grows.
+  of a captured CUDA graph (:class:`gpuloader.fused.graphs.EpochGraphs`: one graph per ring
+  slot, the epoch-indexed kernels of ``kernels/fused.cu`` walking the epoch with a device
+  cursor), on the same side stream and ring. Graphs have static sizes: captured for the
+  ring's capacities (the largest batch seen), captured again when the ring grows.
 """
 
 from __future__ import annotations
@@ -30,23 +30,31 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
 from gpuloader.augment.transforms import Transform
-from gpuloader.fused import cpu as fused_numpy
+from gpuloader.dataset.view import DatasetView
+from gpuloader.loading.sources.base import BatchSource
+from gpuloader.loading.sources.batch_dict import (
+    RAY_KEYS,
+    batch_dict,
+    fused_dict,
+    fused_pass,
+    to_device,
+)
 from gpuloader.plan.epoch import EpochPlan, build_epoch_plan
 from gpuloader.stores.resident import ResidentStore
 
-__all__ = ["FusedBatches", "assemble_host", "batch_dict", "to_device"]
+__all__ = ["FusedBatches"]
 
 
-class FusedBatches:
-    """Batches of a resident store (module doc).
+class FusedBatches(BatchSource):
+    """Batches of a resident store (module doc): a :class:`BatchSource`.
 
     Args:
         store: the resident store (host or gpu).
-        dataset: the dataset it was filled from (samples, seed, samples_per_subvolume).
+        dataset: the dataset it was filled from, or its DatasetView (samples, seed,
+            samples_per_subvolume).
         sampler: the RayBatchSampler that decides order and ray counts.
         segment: the known transforms (one fused run).
         device: torch device of the batches.
@@ -74,10 +82,11 @@ class FusedBatches:
         self.sampler = sampler
         self.segment = list(segment)
         self.device = device
-        self.seed = int(getattr(dataset, "seed", 0))
-        self.samples_per_subvolume = getattr(dataset, "samples_per_subvolume", None)
-        self.levels = np.array([int(s["level"]) for s in dataset.samples], dtype=np.int64)
-        self.hashes = [str(s["hash"]) for s in dataset.samples]
+        view = DatasetView.of(dataset)
+        self.seed = view.seed
+        self.samples_per_subvolume = view.samples_per_subvolume
+        self.levels = view.levels
+        self.hashes = list(view.hashes)
         self.threads = max(0, int(threads))
         self.prefetch = max(1, int(prefetch))
         self.ring = max(2, int(ring))
@@ -96,18 +105,24 @@ class FusedBatches:
             self.samples_per_subvolume,
         )
 
-    def __call__(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
+    def batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         """The batches of ``epoch`` from plan batch ``start`` on (a resumed epoch)."""
         plan = self.plan(epoch)
         if self.store.location == "gpu":
             return self._iter_gpu(plan, start)
         return self._iter_host(plan, start)
 
+    def close(self) -> None:
+        """Drop the CUDA ring and graphs (the store stays: it may be shared)."""
+        self._gpu = None
+
     # -- CPU ---------------------------------------------------------------------------------
 
     def build_host(self, plan: EpochPlan, i: int) -> dict[str, Any]:
         """Batch ``i`` of ``plan`` from a host store: collate_ray_batch's dict (CPU tensors)."""
-        return assemble_host(self.store.arrays, plan.batch(i), plan, i, self.hashes)
+        bp = plan.batch(i)
+        out = fused_pass(self.store.arrays, bp)
+        return fused_dict(out, bp, plan.levels[plan.slots(i)], self.hashes)
 
     def _iter_host(self, plan: EpochPlan, start: int = 0) -> Iterator[dict[str, Any]]:
         n = len(plan)
@@ -142,60 +157,6 @@ class FusedBatches:
         yield from self._gpu.iterate(plan, start)
 
 
-def assemble_host(
-    arrays: dict[str, Any], bp: Any, plan: EpochPlan, i: int, hashes: list[str]
-) -> dict[str, Any]:
-    """One batch by the numpy fused pass over ``arrays`` (a store, or a batch-sized one with
-    ``bp`` from ``stream.local_plan``): the dict of ``collate_ray_batch`` as CPU tensors."""
-    rays = fused_numpy.gather_rays(arrays, bp)
-    vox = fused_numpy.gather_grids(arrays["grids"], bp)
-    vp = fused_numpy.gather_views(arrays["view_positions"], bp)
-    return batch_dict(rays, vox, vp, bp, plan.levels[plan.slots(i)], hashes, torch.from_numpy)
-
-
-def batch_dict(
-    rays: dict[str, Any],
-    vox: Any,
-    vp: Any,
-    bp: Any,
-    levels: np.ndarray,
-    hashes: list[str],
-    tensor: Any,
-    device: Any = None,
-) -> dict[str, Any]:
-    """The dict of ``collate_ray_batch`` from a fused pass's outputs (numpy or CuPy):
-    ``tensor`` makes a torch tensor of one without a copy (``torch.from_numpy``,
-    ``torch.from_dlpack``); the small per-slot arrays of ``bp`` and ``levels`` are copied to
-    ``device``."""
-    out: dict[str, Any] = {
-        "voxels": tensor(vox),
-        "voxel_shapes": torch.tensor(np.repeat(bp.side[:, None], 3, axis=1), device=device),
-    }
-    for k in ("origins", "directions", "distances", "hits", "view_ids", "face_ids"):
-        out[k] = tensor(rays[k])
-    out["ray_to_voxel"] = tensor(rays["ray_to_voxel"])
-    out["num_rays"] = torch.tensor(np.asarray(bp.keep, dtype=np.int64), device=device)
-    out["levels"] = torch.tensor(levels, device=device)
-    out["hashes"] = [hashes[int(j)] for j in bp.index]
-    out["view_positions"] = list(torch.split(tensor(vp), bp.view_count.tolist()))
-    return out
-
-
-def to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
-    """A CPU batch on ``dev``: one copy per tensor (pinning each fresh batch would cost a
-    page-locked allocation per tensor, more than the copy it saves)."""
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(dev)
-        elif k == "view_positions":
-            flat = torch.cat(v).to(dev) if v else torch.zeros((0, 3), device=dev)
-            out[k] = list(torch.split(flat, [int(t.shape[0]) for t in v]))
-        else:
-            out[k] = v
-    return out
-
-
 class _GPUState:
     """Device-side state of the CUDA path: side stream, the ring of outputs, the kernels."""
 
@@ -203,15 +164,17 @@ class _GPUState:
         import cupy
 
         from gpuloader.fused import cuda as fused_cupy
+        from gpuloader.fused import graphs
 
         self.owner = owner
         self.cupy = cupy
         self.kernels = fused_cupy
+        self.epoch_graphs = graphs
         self.device = owner.device
         self.stream = torch.cuda.Stream(self.device)
         self.slots: list[dict[str, torch.Tensor]] = []
         self.capacity = (0, 0, 0)  # rays, voxels, views per slot
-        self.graphs: Any = None  # fused_cupy.EpochGraphs over the ring (cuda_graphs)
+        self.graphs: Any = None  # graphs.EpochGraphs over the ring (cuda_graphs)
 
     def _ensure_ring(self, rays: int, voxels: int, views: int, b: int) -> None:
         if (
@@ -252,7 +215,7 @@ class _GPUState:
         if n <= start:
             return
         keep = plan.arrays["keep"]
-        totals = self.kernels.epoch_batch_totals(plan)  # per batch: rays, views, B, S, B*S^3
+        totals = self.epoch_graphs.epoch_batch_totals(plan)  # per batch: rays, views, B, S, B*S^3
         tot, vtot, bsz = totals["rays"], totals["views"], totals["size"]
         side_max, vox = totals["side"], totals["voxels"]
         self._ensure_ring(int(tot.max()), int(vox.max()), int(vtot.max()), int(bsz.max()))
@@ -262,7 +225,7 @@ class _GPUState:
             if owner.cuda_graphs:
                 side_stream = cp.cuda.ExternalStream(self.stream.cuda_stream)
                 if self.graphs is None:
-                    self.graphs = self.kernels.EpochGraphs(owner.store.arrays, self.views)
+                    self.graphs = self.epoch_graphs.EpochGraphs(owner.store.arrays, self.views)
                 # the epoch's one upload, on the side stream: after last epoch's replays
                 self.graphs.load(plan, start, stream=side_stream)
             else:
@@ -293,7 +256,7 @@ class _GPUState:
                     bp = dplan.batch(i)
                     t, v, b, sm = int(tot[i]), int(vtot[i]), int(bsz[i]), int(side_max[i])
                     views = self.views[s]
-                    out = {k: views[k][:t] for k in fused_numpy._RAY_OUT_DTYPES}
+                    out = {k: views[k][:t] for k in RAY_KEYS}
                     self.kernels.gather_rays(owner.store.arrays, bp, out=out)
                     grid = views["voxels"][: b * sm**3].reshape(b, 1, sm, sm, sm)
                     self.kernels.gather_grids(owner.store.arrays["grids"], bp, out=grid)
@@ -313,14 +276,14 @@ class _GPUState:
                 sl = plan.slots(i)
                 t, v, b, sm = int(tot[i]), int(vtot[i]), int(bsz[i]), int(side_max[i])
                 slot = self.slots[s]
-                batch = {
-                    "voxels": slot["voxels"][: b * sm**3].view(b, 1, sm, sm, sm),
-                    "voxel_shapes": shapes_t[sl],
-                    **{k: slot[k][:t] for k in fused_numpy._RAY_OUT_DTYPES},
-                    "num_rays": keep_t[sl],
-                    "levels": levels_t[sl],
-                    "hashes": [owner.hashes[int(j)] for j in plan.arrays["index"][sl]],
-                    "view_positions": list(torch.split(slot["view_positions"][:v], counts_host[i])),
-                }
-                yield batch
+                yield batch_dict(
+                    {k: slot[k][:t] for k in RAY_KEYS},
+                    slot["voxels"][: b * sm**3].view(b, 1, sm, sm, sm),
+                    slot["view_positions"][:v],
+                    counts_host[i],
+                    shapes_t[sl],
+                    keep_t[sl],
+                    levels_t[sl],
+                    [owner.hashes[int(j)] for j in plan.arrays["index"][sl]],
+                )
                 free[s].record(consumer)  # what the consumer queued with this batch is before it
