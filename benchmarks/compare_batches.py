@@ -81,8 +81,22 @@ def ensure_data(root: Path) -> dict[str, tuple[Path, Path, Path]]:
     out = {}
     specs = {
         "demo": ["--preset", "demo"],
-        "gen": ["--shapes", "sphere", "torus", "asym", "--resolution", "32", "--min-resolution",
-                "8", "--divisions", "3", "--samples-per-view", "200", "--seed", "3"],
+        "gen": [
+            "--shapes",
+            "sphere",
+            "torus",
+            "asym",
+            "--resolution",
+            "32",
+            "--min-resolution",
+            "8",
+            "--divisions",
+            "3",
+            "--samples-per-view",
+            "200",
+            "--seed",
+            "3",
+        ],
     }
     for name, args in specs.items():
         d = root / name
@@ -180,7 +194,12 @@ def cases(data: dict[str, tuple[Path, Path, Path]]) -> dict[str, Callable[[], li
             n, known(), pack=True, store="stream", backend="dali", num_workers=2
         )
         got[f"{name}/pack_stream_levels"] = lambda n=name: loader(
-            n, known(), pack=True, store="stream", backend="torch", num_workers=0,
+            n,
+            known(),
+            pack=True,
+            store="stream",
+            backend="torch",
+            num_workers=0,
             ds_kw={"levels": [1, 2]},
         )
     return got
@@ -243,8 +262,10 @@ def compare(old: Path, new: Path) -> int:
                 if w:
                     why = f"batch {i} key {k}: {w}"
                     break
-        print(f"{name[:-3].replace('__', '/')}: {'EQUAL' if not why else 'DIFFERENT: ' + why}"
-              f" ({len(a)} batches)")
+        print(
+            f"{name[:-3].replace('__', '/')}: {'EQUAL' if not why else 'DIFFERENT: ' + why}"
+            f" ({len(a)} batches)"
+        )
         bad += why is not None
     print(f"{len(names) - bad} of {len(names)} cases equal bit for bit")
     return 1 if bad else 0

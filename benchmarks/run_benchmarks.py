@@ -283,7 +283,7 @@ class Runner:
             threads=1,
         )
         tick = time.perf_counter()
-        loader._fused.plan(0)
+        loader.source.plan(0)
         info = {
             "backend": f"{location} store",
             "device": str(loader.device),

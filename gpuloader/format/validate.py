@@ -60,7 +60,7 @@ from gpuloader.errors import (
     WrongShapeError,
 )
 from gpuloader.format.layout import RAY_DTYPES, RAY_ROW_KEYS
-from gpuloader.format.npz_files import FIX, load_npz, make_error, npz_error, unreadable_error
+from gpuloader.format.npz_files import FIX, make_error
 
 __all__ = [
     "FIX",
@@ -72,10 +72,7 @@ __all__ = [
     "check_ray_values",
     "classify",
     "first_bad_row",
-    "load_npz",
-    "npz_error",
     "ray_problems",
-    "unreadable_error",
     "validate_rays",
     "validate_voxels",
     "voxel_problems",

@@ -74,10 +74,10 @@ from gpuloader.loading.setup import (
 from gpuloader.loading.skips import SkipLedger
 from gpuloader.loading.sources.base import BatchSource
 from gpuloader.loading.sources.make import make_source
-from gpuloader.loading.sources.pack_stream import StreamBatches
 from gpuloader.loading.sources.resident import FusedBatches
 from gpuloader.loading.sparse_batch import sparse_batches
-from gpuloader.plan.sampler import RayBatchSampler, check_resume_state, resume_state
+from gpuloader.plan.resume import check_resume_state, resume_state
+from gpuloader.plan.sampler import RayBatchSampler
 from gpuloader.stores.resident import ResidentStore
 
 __all__ = ["GPURayLoader", "known_segments"]
@@ -263,16 +263,6 @@ class GPURayLoader:
     def skipped(self) -> int:
         """Samples replaced so far (``on_error='skip'``)."""
         return self._skips.skipped
-
-    @property
-    def _fused(self) -> FusedBatches | None:
-        """:attr:`source` if it is a resident store's (the name benchmarks and tests use)."""
-        return self.source if isinstance(self.source, FusedBatches) else None
-
-    @property
-    def _stream(self) -> StreamBatches | None:
-        """:attr:`source` if it is the pack stream (the name tests use)."""
-        return self.source if isinstance(self.source, StreamBatches) else None
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -306,7 +306,7 @@ def choose_setup(
     )
     if name in ("host", "gpu"):
         source = "resident"
-    elif fusable and isinstance(DatasetView.of(dataset).ray_store, PackedRayStore):
+    elif fusable and _rows_pack(DatasetView.of(dataset).ray_store):
         source = "pack"
         reason += "; whole batches from the pack"
     else:
@@ -322,3 +322,9 @@ def choose_setup(
         segments=tuple(tuple(s) for s in segments),
         cpu_transforms=tuple(cpu),
     )
+
+
+def _rows_pack(store: object) -> bool:
+    """A pack of the ordinary (rows) layout: the pack stream gathers whole batches from it. A
+    striped pack is read per sample here (its streaming store is its own source)."""
+    return isinstance(store, PackedRayStore) and store.layout == "rows"

@@ -1,8 +1,10 @@
 """``BatchPlan``: one batch's per-sample decisions and store places, as a struct of arrays.
 
 What the fused pass (:mod:`gpuloader.fused`) reads for a batch: made by the epoch plan
-(:meth:`gpuloader.plan.epoch.EpochPlan.batch`) or, for a batch read per sample, by
-``local_plan`` over a batch-sized store.
+(:meth:`gpuloader.plan.epoch.EpochPlan.batch`); for a batch already gathered (the pack
+stream, the sample stream) its starts are made local to a batch-sized store
+(:func:`gpuloader.reading.pack_reader.local_plan`,
+:meth:`gpuloader.loading.sources.sample_stream.SampleStream.assemble`).
 """
 
 from __future__ import annotations

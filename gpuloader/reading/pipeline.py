@@ -244,6 +244,11 @@ class RayPipeline:
         if not self._closed and self._guard is not None:
             self._guard.reset()
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (or a worker fault closed the pipeline)."""
+        return self._closed
+
     def close(self) -> None:
         """Stop the workers (joined; shared memory freed) and the pipeline. Idempotent."""
         if self._closed:

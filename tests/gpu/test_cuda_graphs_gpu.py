@@ -26,6 +26,7 @@ from gpuloader.fused import cuda as fused_cuda
 from gpuloader.fused import graphs as fused_graphs
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.loading.setup import cuda_usable
+from gpuloader.loading.sources.resident import FusedBatches
 from support.fused_kernels import check_batch, epoch_caps, make_epoch
 from support.gpu_helpers import (
     RAYS,
@@ -193,15 +194,15 @@ def test_loader_graphs_equal_eager_and_cpu(dirs):
     ds = HierarchicalVoxelRayDataset(dirs[0], dirs[1])
     want_cpu = [cpu_batches(ds, e) for e in (0, 1)]
     with _loader(ds, False) as eager_ld, _loader(ds, True) as graph_ld:
-        assert graph_ld._fused is not None and graph_ld._fused.cuda_graphs
-        assert eager_ld._fused is not None and not eager_ld._fused.cuda_graphs
+        assert isinstance(graph_ld.source, FusedBatches) and graph_ld.source.cuda_graphs
+        assert isinstance(eager_ld.source, FusedBatches) and not eager_ld.source.cuda_graphs
         for e in (0, 1):
             eager_ld.set_epoch(e)
             graph_ld.set_epoch(e)
             eager, graphs = _cloned(eager_ld), _cloned(graph_ld)
             _assert_identical(graphs, eager)
             assert_close(graphs, want_cpu[e])
-        assert graph_ld._fused._gpu is not None and graph_ld._fused._gpu.graphs is not None
+        assert graph_ld.source._gpu is not None and graph_ld.source._gpu.graphs is not None
 
 
 def test_loader_graphs_resume(dirs):

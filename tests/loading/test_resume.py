@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from gpuloader import PackedRayStore, pack_rays
 from gpuloader.dataset.collate import collate_ray_batch
 from gpuloader.loading.loader import GPURayLoader
+from gpuloader.loading.sources.pack_stream import StreamBatches
 from gpuloader.plan.sampler import RayBatchSampler
 from gpuloader.reading.pipeline import dali_available
 from support import loading_helpers as _loading
@@ -173,7 +174,7 @@ def test_loader_resumes_exactly(data_dirs, pack_dir, store, ray_store, backend, 
     with new_loader() as ld:
         assert ld.store == store and ld.backend == backend
         if ray_store == "pack":
-            assert ld._stream is not None
+            assert isinstance(ld.source, StreamBatches)
         ld.set_epoch(2)
         want2 = list(ld)
         want3 = list(ld)

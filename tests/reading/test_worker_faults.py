@@ -26,6 +26,7 @@ import pytest
 from gpuloader import GPURayLoader, PackedRayStore, pack_rays
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 from gpuloader.errors import DatasetLayoutError, WorkerError
+from gpuloader.loading.sources.pack_stream import StreamBatches
 from gpuloader.reading.pipeline import dali_available
 from support.loading_helpers import assert_batches_equal, full_transform
 
@@ -109,7 +110,7 @@ def _loader(datasets, path: str, workers: int = 2, **kw) -> GPURayLoader:
     ld = GPURayLoader(ds, RAYS, SPB, transform=full_transform(num_rays=32), device="cpu",
                       store="stream", backend=path.split("-")[-1], num_workers=workers,
                       prefetch=1, **kw)  # fmt: skip
-    assert (ld._stream is not None) == path.startswith("pack")
+    assert isinstance(ld.source, StreamBatches) == path.startswith("pack")
     return ld
 
 

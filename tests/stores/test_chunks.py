@@ -22,6 +22,7 @@ from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 from gpuloader.errors import DamagedFileError
 from gpuloader.format.index import chunk_samples
 from gpuloader.loading.loader import GPURayLoader
+from gpuloader.loading.sources.pack_stream import StreamBatches
 from gpuloader.plan.sampler import RayBatchSampler
 from gpuloader.stores.npz import NpzRayStore
 from support import loading_helpers as _loading
@@ -153,7 +154,7 @@ def test_stream_from_pack_on_chunks_equals_cpu_api(tiny_dataset3, packed, worker
         backend="torch",
         num_workers=workers,
     ) as ld:
-        assert ld._stream is not None and "whole batches" in ld.store_reason
+        assert isinstance(ld.source, StreamBatches) and "whole batches" in ld.store_reason
         ld.set_epoch(2)
         got = list(ld)
     ds = HierarchicalVoxelRayDataset(*tiny_dataset3, transform=transform(), **kw)

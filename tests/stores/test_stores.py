@@ -25,6 +25,7 @@ from gpuloader.augment.plan import to_batch_params
 from gpuloader.errors import UnsupportedTransformError
 from gpuloader.fused import cpu as fused_numpy
 from gpuloader.loading.loader import GPURayLoader
+from gpuloader.loading.sources.pack_stream import StreamBatches
 from gpuloader.plan.epoch import build_epoch_plan
 from gpuloader.plan.sampler import RayBatchSampler
 from gpuloader.reading.fill import fill_store
@@ -200,7 +201,7 @@ def test_stream_from_pack_equals_cpu_api(data_dirs, tmp_path, backend, workers):
     packed = make_dataset(data_dirs, ray_store=PackedRayStore(tmp_path / "pack"))
     with GPURayLoader(packed, RAYS, SPB, transform=full_transform(), device="cpu",
                       store="stream", backend=backend, num_workers=workers) as ld:  # fmt: skip
-        assert ld._stream is not None and "whole batches" in ld.store_reason
+        assert isinstance(ld.source, StreamBatches) and "whole batches" in ld.store_reason
         ld.set_epoch(3)
         first = list(ld)
         second = list(ld)  # epoch 4, the same pipeline

@@ -595,3 +595,31 @@ def test_cli_striped_end_to_end(copy3, tmp_path, capsys) -> None:
     assert main([*args, "--stripe-rays", "50", "--seed", "3", "--dataset-dir", str(ds)]) == 0
     assert "up to date" in capsys.readouterr().out
     _assert_reads_like_npz(_all_samples(ds, rays)[:6], store)
+
+
+@pytest.mark.parametrize("store", ["stream", "host"])
+def test_loader_on_a_striped_pack_equals_npz(tiny_dataset3, tiny3_packs, store) -> None:
+    """GPURayLoader over a striped pack gives the batches it gives over the npz files (the
+    stream reads it per sample: the pack stream gathers from ordinary packs only)."""
+    from gpuloader.loading.loader import GPURayLoader
+
+    tf = T.Compose([T.RandomFlip(axes=[0, 1, 2], p=0.5), T.RandomRaySubsample(num_rays=40)])
+
+    def batches(ray_store):
+        ds = HierarchicalVoxelRayDataset(
+            *tiny_dataset3, "train", transform=tf, ray_store=ray_store, cache_size=0
+        )
+        with GPURayLoader(
+            ds, 160, 4, device="cpu", store=store, backend="torch", num_workers=0
+        ) as ld:
+            assert "whole batches from the pack" not in ld.store_reason
+            return [b for _ in range(2) for b in ld]
+
+    want = batches(None)
+    got = batches(PackedRayStore(tiny3_packs[64]))
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            if hasattr(v, "dtype"):
+                assert v.dtype == b[k].dtype and v.equal(b[k]), k

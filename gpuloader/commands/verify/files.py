@@ -34,7 +34,7 @@ from gpuloader.errors import (
     MissingKeyError,
     UnreadableFileError,
 )
-from gpuloader.format import layout, validate
+from gpuloader.format import layout, npz_files, validate
 
 __all__ = ["UNIT_TOL", "npz_problem", "check_voxel_file", "check_ray_file", "check_sample"]
 
@@ -70,7 +70,7 @@ def _first(mask: np.ndarray) -> int:
 
 def _load_all(path: Path) -> dict[str, np.ndarray]:
     """Every member of an npz (decompressing all, so CRC and zlib errors surface)."""
-    return validate.load_npz(path)
+    return npz_files.load_npz(path)
 
 
 def _problem(res: UnitResult, exc: FileCheckError) -> None:

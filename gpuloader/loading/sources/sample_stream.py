@@ -318,7 +318,7 @@ class SampleStream(BatchSource):
                 self._pipe = None  # closed on the error: the next pass starts new workers
             raise
         finally:
-            if done and pipe is self._pipe and not pipe._closed:
+            if done and pipe is self._pipe and not pipe.closed:
                 pipe.reset()
                 self._pipe_epoch = epoch + 1
                 self._pipe_fresh = True

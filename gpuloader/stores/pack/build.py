@@ -51,7 +51,7 @@ from gpuloader.errors import (
 )
 from gpuloader.format import layout as layout_io
 from gpuloader.format.index import npz_member_header
-from gpuloader.format.validate import npz_error
+from gpuloader.format.npz_files import npz_error
 from gpuloader.stores.pack.build_steps import (
     fsync_tree,
     refuse_or_warn_left_out,

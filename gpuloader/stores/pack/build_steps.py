@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from gpuloader.errors import DamagedFileError, SkippedFileWarning, StalePackError
-from gpuloader.format.validate import as_ray_dtypes, classify, load_npz, npz_error, validate_rays
+from gpuloader.format.npz_files import load_npz, npz_error
+from gpuloader.format.validate import as_ray_dtypes, classify, validate_rays
 from gpuloader.stores.pack.manifest import (
     MANIFEST,
     PACK_KEYS,
