@@ -12,7 +12,10 @@ dtypes and shapes), on the device:
   (:mod:`gpuloader.loading.sources.pack_stream`);
 * ``"stream"`` otherwise (npz files, custom CPU transforms, several fused runs): the
   per-sample reader in workers, then the fused pass over the read batch
-  (:mod:`gpuloader.loading.sources.sample_stream`).
+  (:mod:`gpuloader.loading.sources.sample_stream`);
+* ``"striped"``: a striped pack (``gpuloader pack --layout striped``), the epoch's stripes
+  resident, the next epoch's read in the background
+  (:mod:`gpuloader.loading.sources.striped`).
 
 The decisions (order, rows, symmetries, noise) are those of the CPU API for the same dataset
 seed, sampler arguments and transform, whatever the back end, device or number of workers.
@@ -104,9 +107,9 @@ class GPURayLoader:
             the store's fill, or of every sample when streaming.
         start_method: how DALI starts its workers ("spawn" or "fork").
         store: where the split lives while batches are made: "auto" (GPU when the split
-            takes under ``gpu_budget``, else host RAM under ``host_budget``, else streaming),
-            "gpu", "host", "stream" (the per-sample reader over the dataset's ray store, npz
-            or pack), or a :class:`~gpuloader.stores.resident.ResidentStore` already filled
+            takes under ``gpu_budget``, else host RAM under ``host_budget``, else the striped
+            store on a striped pack, else streaming), "gpu", "host", "stream" (the
+            per-sample reader over the dataset's ray store, npz or pack), "striped", or a :class:`~gpuloader.stores.resident.ResidentStore` already filled
             (shared by several loaders of one dataset). Custom callables in the transform
             need "stream".
         gpu_budget, host_budget: bytes, or a fraction of the free memory (default 0.5).
@@ -130,7 +133,7 @@ class GPURayLoader:
     Attributes:
         backend: "dali" or "torch". device: the torch device of the batches.
         sampler: the RayBatchSampler that decides order and ray counts.
-        store: "gpu", "host" or "stream"; store_reason: why; resident: the ResidentStore.
+        store: "gpu", "host", "stream" or "striped"; store_reason: why; resident: the ResidentStore.
         errors: ``(file, first line of its error)`` of every bad file met (``on_error=
             'skip'``), in the order met; skipped: samples replaced so far.
         setup: all of these choices as one :class:`~gpuloader.loading.setup.LoaderSetup`;

@@ -12,11 +12,13 @@ its own to a sampler and a collate):
   the caller asked for ``"auto"``);
 * the store and why (:func:`choose_store`): a store the caller filled, ``"gpu"``/``"host"``
   when the split fits the budget (``gpuloader.stores.budget.choose_store``), else
-  ``"stream"``; a transform a resident store cannot take (custom callables, several fused
-  runs) streams;
+  ``"striped"`` over a striped pack, else ``"stream"``; a transform a resident store cannot
+  take (custom callables, several fused runs) streams; ``"striped"`` asked for over anything
+  but a striped pack is refused;
 * the source that follows: ``"resident"`` (a store), ``"pack"`` (whole batches from a pack:
-  ``store="stream"`` over a PackedRayStore with one fused run) or ``"samples"`` (the
-  per-sample reader).
+  ``store="stream"`` over a PackedRayStore with one fused run), ``"striped"`` (each epoch's
+  stripes of a striped pack resident: :mod:`gpuloader.loading.sources.striped`) or
+  ``"samples"`` (the per-sample reader).
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ class LoaderSetup:
     Attributes:
         device: the torch device of the batches.
         backend: "dali" or "torch".
-        store: "gpu", "host" or "stream"; reason: why (``GPURayLoader.store_reason``).
-        source: "resident", "pack" or "samples".
+        store: "gpu", "host", "striped" or "stream"; reason: why
+            (``GPURayLoader.store_reason``).
+        source: "resident", "pack", "striped" or "samples".
         layout: the split's layout estimated from headers while choosing (None when not).
         fusable: the transform is one fused run of known transforms (a store can take it).
         segments: the known segments (one tuple of transforms per fused run).
@@ -209,8 +212,8 @@ def choose_store(
     """Where the split lives and why (module doc): ``(store, reason, layout, fusable)``.
 
     Args:
-        store: the loader's ``store`` argument ("auto", "gpu", "host", "stream" or a
-            ResidentStore).
+        store: the loader's ``store`` argument ("auto", "gpu", "host", "striped", "stream"
+            or a ResidentStore).
         dataset: the dataset (sized from its headers when a budget decides).
         sampler: the loader's sampler (the samples its rank uses).
         cpu, segments: :func:`known_segments`' custom callables and known segments.
@@ -219,7 +222,7 @@ def choose_store(
     Raises:
         UnsupportedTransformError: a resident store asked for with a transform it cannot take.
         ValueError: a bad ``store``; a GPU store without CUDA; a caller's store that lacks
-            samples this rank uses.
+            samples this rank uses; "striped" over anything but a striped pack.
     """
     fusable = not cpu and len(segments) <= 1
     why_not = (
@@ -243,12 +246,27 @@ def choose_store(
                 "indices=loader.sampler.shard_indices() of the same rank and world size"
             )
         return store.location, "a store filled by the caller", None, fusable
-    if store not in ("auto", "gpu", "host", "stream"):
+    if store not in ("auto", "gpu", "host", "stream", "striped"):
         raise ValueError(
-            f"store must be 'auto', 'gpu', 'host', 'stream' or a ResidentStore; got {store!r}"
+            "store must be 'auto', 'gpu', 'host', 'stream', 'striped' or a ResidentStore; "
+            f"got {store!r}"
         )
     if store == "stream":
         return "stream", "asked for", None, fusable
+    striped = _striped_pack(DatasetView.of(dataset).ray_store)
+    if store == "striped":
+        if not striped:
+            raise ValueError(
+                "store='striped' needs a striped ray pack as the dataset's ray_store; build "
+                "one with `gpuloader pack RAY_DIR OUT --layout striped` and pass "
+                "ray_store=PackedRayStore(OUT) (or use store='stream')"
+            )
+        if not fusable:
+            raise UnsupportedTransformError(
+                f"store='striped' builds whole batches from known transforms, but {why_not}"
+                "; use store='stream', or move the custom step out"
+            )
+        return "striped", "asked for", None, fusable
     if not fusable:
         if store != "auto":
             raise UnsupportedTransformError(
@@ -262,7 +280,11 @@ def choose_store(
     nbytes = store_bytes(layout if held is None else take_layout(layout, held))
     if store != "auto":
         return store, f"asked for ({nbytes / 2**20:.1f} MiB)", layout, fusable
-    return (*choose_by_budget(nbytes, device, gpu_budget, host_budget), layout, fusable)
+    name, reason = choose_by_budget(nbytes, device, gpu_budget, host_budget)
+    if name == "stream" and striped:
+        more = ": streaming the striped pack's stripes (one sequential read per level and epoch)"
+        name, reason = "striped", reason.replace(": streaming", more)
+    return name, reason, layout, fusable
 
 
 def choose_setup(
@@ -306,6 +328,8 @@ def choose_setup(
     )
     if name in ("host", "gpu"):
         source = "resident"
+    elif name == "striped":
+        source = "striped"
     elif fusable and _rows_pack(DatasetView.of(dataset).ray_store):
         source = "pack"
         reason += "; whole batches from the pack"
@@ -322,6 +346,11 @@ def choose_setup(
         segments=tuple(tuple(s) for s in segments),
         cpu_transforms=tuple(cpu),
     )
+
+
+def _striped_pack(store: object) -> bool:
+    """A pack of the striped layout (``store="striped"`` streams its stripes)."""
+    return isinstance(store, PackedRayStore) and store.layout == "striped"
 
 
 def _rows_pack(store: object) -> bool:

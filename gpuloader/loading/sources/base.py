@@ -14,7 +14,8 @@ A source turns the sampler's order into the dicts of ``collate_ray_batch`` (buil
 
 The sources: :class:`~gpuloader.loading.sources.resident.FusedBatches` (a resident store),
 :class:`~gpuloader.loading.sources.pack_stream.StreamBatches` (whole batches from a pack),
-:class:`~gpuloader.loading.sources.sample_stream.SampleStream` (the per-sample reader).
+:class:`~gpuloader.loading.sources.sample_stream.SampleStream` (the per-sample reader),
+:class:`~gpuloader.loading.sources.striped.StripedBatches` (a striped pack's stripes).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@
 * ``"pack"``: each sample's place in the pack (:func:`~gpuloader.reading.pack_reader.pack_layout`,
   from the headers read once), the batch reader, then
   :class:`~gpuloader.loading.sources.pack_stream.StreamBatches`;
+* ``"striped"``: each sample's row in its striped level
+  (:func:`~gpuloader.loading.sources.striped.striped_places`), then
+  :class:`~gpuloader.loading.sources.striped.StripedBatches` (the epoch's stripes resident);
 * ``"samples"``: :class:`~gpuloader.loading.sources.sample_stream.SampleStream`.
 
 Bad samples known before reading (the fill's, the pack's, the headers') go to the skip
@@ -28,6 +31,7 @@ from gpuloader.loading.sources.base import BatchSource
 from gpuloader.loading.sources.pack_stream import StreamBatches
 from gpuloader.loading.sources.resident import FusedBatches
 from gpuloader.loading.sources.sample_stream import SampleStream
+from gpuloader.loading.sources.striped import StripedBatches, striped_places
 from gpuloader.reading.fill import fill_store
 from gpuloader.reading.headers import estimate_layout
 from gpuloader.reading.pack_reader import PackBatchReader, pack_layout
@@ -111,6 +115,22 @@ def make_source(
             backend=setup.backend,
             prefetch=prefetch,
             worker_timeout=worker_timeout,
+        )
+    if setup.source == "striped":
+        levels, rows, bad = striped_places(view)
+        return StripedBatches(
+            view,
+            skips.known_bad(sampler, bad),
+            segment,
+            setup.device,
+            levels,
+            rows,
+            sampler.seed,
+            timeout=worker_timeout,
+            threads=threads,
+            prefetch=max(2, prefetch),
+            cuda_graphs=cuda_graphs,
+            bad=bad,
         )
     return SampleStream(
         sampler,
