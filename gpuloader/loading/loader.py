@@ -109,9 +109,9 @@ class GPURayLoader:
         store: where the split lives while batches are made: "auto" (GPU when the split
             takes under ``gpu_budget``, else host RAM under ``host_budget``, else the striped
             store on a striped pack, else streaming), "gpu", "host", "stream" (the
-            per-sample reader over the dataset's ray store, npz or pack), "striped", or a :class:`~gpuloader.stores.resident.ResidentStore` already filled
-            (shared by several loaders of one dataset). Custom callables in the transform
-            need "stream".
+            per-sample reader over the dataset's ray store, npz or pack), "striped", or a
+            :class:`~gpuloader.stores.resident.ResidentStore` already filled (shared by
+            several loaders of one dataset). Custom callables in the transform need "stream".
         gpu_budget, host_budget: bytes, or a fraction of the free memory (default 0.5).
         threads: background threads building a host store's batches ahead (1; 0 builds
             each batch on demand; more helps only with cores to spare).
