@@ -193,10 +193,8 @@ class StripeReader:
                 raise PackError(f"{path}: reading stripe {s} failed: {exc}") from exc
             sel = np.flatnonzero((rows >= a) & (rows < b))
             got = raw[rows[sel] - a]  # (m, W) packed records
-            wide = np.zeros(got.shape, dtype=schema.RAY_RECORD)
-            for name in schema.RAY_FIELDS:
-                wide[name] = got[name]
-            out[mine[sel], t] = wide
+            for name in schema.RAY_FIELDS:  # widened field by field straight into place
+                out[name][mine[sel], t] = got[name]
 
     # -- the double buffer -------------------------------------------------------------------
 

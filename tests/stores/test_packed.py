@@ -205,7 +205,7 @@ def test_level_arrays(data, tmp_path: Path) -> None:
     arrays = store.level_arrays(2)
     assert arrays is not None and tuple(arrays) == PACK_KEYS
     lv = store.open_level(2)
-    assert lv is not None and lv.arrays is arrays and store._level(2) is lv
+    assert lv is not None and lv.arrays is arrays
     n_rays, n_views = int(lv.offsets[:, 1].sum()), int(lv.offsets[:, 3].sum())
     assert arrays["origins"].shape == (n_rays, 3) and arrays["hits"].dtype == np.uint8
     assert arrays["view_positions"].shape == (n_views, 3)

@@ -256,11 +256,6 @@ class PackedRayStore:
         assert lv is None or isinstance(lv, PackLevel)
         return None if lv is None else lv.arrays
 
-    def _level(self, level: int) -> PackLevel | None:
-        """:meth:`open_level` under its old name (kept until every caller uses
-        :meth:`level_arrays` or :meth:`open_level`)."""
-        return self.open_level(level)
-
     def _missing(self, level: int, hash_: str) -> SampleNotInPackError:
         what = (
             f"level {level} is not packed (levels {self.levels})"
