@@ -25,12 +25,13 @@ batches (as ``DistributedSampler`` pads), with ``drop_last=True`` the last
 That shard changes a rank's samples every epoch. With ``shard="samples"`` each rank owns a
 fixed subset of the samples instead, the same every epoch (:meth:`RayBatchSampler.shard_indices`),
 so it may keep only those in memory: per level (or over all samples with ``mixed_levels``),
-a permutation keyed by the seed alone (:data:`~gpuloader.augment.rng.Purpose.SHARD`) is cut
-into ``world_size`` contiguous parts of near-equal size (sizes differ by at most one per level
-and in total; which ranks get the larger parts rotates over the levels). Each epoch a rank
-batches only its own samples, with the same machinery as the global order (its samples of a
-level permuted by ``(seed, epoch)``, the same ray allocation, its batches permuted by
-``(seed, epoch)``). The ranks' subsets are disjoint and cover every sample once; their batch
+a permutation keyed by the seed alone (:data:`~gpuloader.augment.rng.Purpose.SHARD`), or the
+samples sorted by ``shard_keys``, is cut into ``world_size`` contiguous parts of near-equal
+size (sizes differ by at most one per level and in total; which ranks get the larger parts
+rotates over the levels; :mod:`gpuloader.plan.shard`). Each epoch a rank batches only its own
+samples, with the same machinery as the global order (its samples of a level permuted by
+``(seed, epoch)``, the same ray allocation, its batches permuted by ``(seed, epoch)``). The
+ranks' subsets are disjoint and cover every sample once; their batch
 counts may differ by a few, so every rank yields as many batches as the rank with the most,
 repeating its own first batches (``drop_last=False``), or as many as the rank with the fewest,
 dropping its last ones (``drop_last=True``; each level's incomplete batch is dropped per rank
@@ -55,6 +56,7 @@ from torch.utils.data import Sampler
 
 from gpuloader.augment.rng import Purpose, permutation
 from gpuloader.plan.resume import check_resume_state, resume_state
+from gpuloader.plan.shard import fit_batches, shard_batches, split_ranges, split_samples
 
 __all__ = [
     "SHARD_MODES",
@@ -164,54 +166,6 @@ def distributed_rank_world(rank: int | None, world_size: int | None) -> tuple[in
     return rank, world_size
 
 
-def _fit(batches: list, n: int) -> list:
-    """``batches`` cut to ``n``, or padded to ``n`` by repeating them from the start."""
-    if n <= len(batches) or not batches:
-        return batches[:n]
-    pad = n - len(batches)
-    return batches + (batches * (pad // len(batches) + 1))[:pad]
-
-
-def shard_batches(batches: list, rank: int, world_size: int, drop_last: bool) -> list:
-    """Rank ``rank``'s share of ``batches``: every ``world_size``-th from ``rank``, equal in
-    length on every rank (padded by repeating the first batches, or the remainder dropped
-    when ``drop_last``)."""
-    if world_size == 1:
-        return batches
-    n = len(batches)
-    total = n - n % world_size if drop_last else -(-n // world_size) * world_size
-    return _fit(batches, total)[rank::world_size]
-
-
-def split_samples(
-    groups: Sequence[tuple[int, np.ndarray]], world_size: int, seed: int
-) -> list[list[tuple[int, np.ndarray]]]:
-    """Each rank's fixed part of every group ``(stream, sample indices)`` (``shard="samples"``).
-
-    A group is permuted by ``(seed, stream)`` (:data:`Purpose.SHARD`, no epoch) and cut into
-    ``world_size`` contiguous parts; part sizes differ by at most one, and the ranks that get
-    the larger parts rotate from group to group, so rank totals differ by at most one too.
-
-    Returns:
-        ``[rank][group] -> (stream, sorted int64 indices)``, every group on every rank (empty
-        where a rank owns none of it).
-    """
-    out: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(world_size)]
-    first = 0  # the rank that gets the first larger part of this group
-    for stream, idx in groups:
-        n = len(idx)
-        perm = np.asarray(idx, dtype=np.int64)[
-            np.asarray(permutation(n, seed, 0, Purpose.SHARD, index=stream), dtype=np.int64)
-        ]
-        base, extra = divmod(n, world_size)
-        sizes = [base + ((r - first) % world_size < extra) for r in range(world_size)]
-        ends = np.cumsum(sizes)
-        for r in range(world_size):
-            out[r].append((stream, np.sort(perm[ends[r] - sizes[r] : ends[r]])))
-        first = (first + extra) % world_size
-    return out
-
-
 def _resolve_batch_arguments(
     rays_per_batch: Any,
     subvolumes_per_batch: Any,
@@ -278,6 +232,12 @@ class RayBatchSampler(Sampler):
         shard: what is split over ranks (module doc): ``"batches"`` (default), each epoch's
             batches, so a rank's samples change every epoch; ``"samples"``, a fixed subset of
             the samples per rank (:meth:`shard_indices`), batched each epoch on its own.
+        shard_keys: with ``shard="samples"``, ``(K,)`` int64 per dataset sample: each level's
+            samples are sorted by it and cut into contiguous ranges
+            (:func:`~gpuloader.plan.shard.split_ranges`) instead of a seeded permutation.
+            Default: the dataset's ray store's ``shard_keys(samples)`` where it has one (a
+            striped pack: a sample's place in it, so a rank reads one contiguous byte range
+            of each stripe), else the permutation.
         batch_size: the newer upstream's argument: ``batch_size`` sub-volumes per batch,
             every ray of each (``subvolumes_per_batch=batch_size, rays_per_batch=None``).
             Upstream's positional order ``(dataset, batch_size, shuffle, drop_last)`` works
@@ -306,6 +266,7 @@ class RayBatchSampler(Sampler):
         world_size: int | None = None,
         batch_size: int | None = None,
         shard: str = "batches",
+        shard_keys: Any = None,
     ) -> None:
         rays_per_batch, subvolumes_per_batch, shuffle, drop_last = _resolve_batch_arguments(
             rays_per_batch, subvolumes_per_batch, shuffle, drop_last, batch_size
@@ -345,7 +306,14 @@ class RayBatchSampler(Sampler):
             self._groups = [(int(lv) + 1, np.flatnonzero(levels == lv)) for lv in np.unique(levels)]
         self._owned = None
         if shard == "samples":
-            self._owned = split_samples(self._groups, self.world_size, self.seed)
+            if shard_keys is None:  # a striped pack: ranks own contiguous ranges of it
+                keys_of = getattr(getattr(dataset, "ray_store", None), "shard_keys", None)
+                shard_keys = keys_of(samples) if callable(keys_of) else None
+            self._owned = (
+                split_samples(self._groups, self.world_size, self.seed)
+                if shard_keys is None
+                else split_ranges(self._groups, self.world_size, np.asarray(shard_keys))
+            )
             counts = [self._num_batches(groups) for groups in self._owned]
             self._per_rank = min(counts) if drop_last else max(counts)
             if self._per_rank and not min(counts):
@@ -390,7 +358,7 @@ class RayBatchSampler(Sampler):
     def _rank_batches(self, rank: int, epoch: int) -> list[list[RayRequest]]:
         if self._owned is None:
             return shard_batches(self.global_batches(epoch), rank, self.world_size, self.drop_last)
-        return _fit(self._order(self._owned[rank], epoch), self._per_rank)
+        return fit_batches(self._order(self._owned[rank], epoch), self._per_rank)
 
     def global_batches(self, epoch: int) -> list[list[RayRequest]]:
         """Every batch of ``epoch`` over all ranks, in order (a pure function of seed, epoch).

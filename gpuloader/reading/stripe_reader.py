@@ -2,18 +2,24 @@
 reader side (:mod:`gpuloader.loading.sources.striped` uses it).
 
 An epoch ``e`` uses, at each level L, the ``k`` stripes ``(e + offset_L + t) mod S_L``,
-``t = 0 .. k-1`` (:meth:`StripeReader.stripes_of`). :meth:`StripeReader.read` reads them with
-sequential reads of the stripe files (``StripedLevel.read_stripe`` over consecutive sample
-ranges of at most ``chunk_bytes``; one read when a level's stripe fits) and writes them,
-widened to the resident store's records, into one buffer in dataset order::
+``t = 0 .. k-1`` (:meth:`StripeReader.stripes_of`). :meth:`StripeReader.read` reads them in
+one pass forward through each stripe file: the runs of consecutive samples the buffer holds
+(``StripedLevel.read_stripe_ranges``, at most ``chunk_bytes`` per call) and nothing between
+them (another split's or another rank's samples are not read). It writes them, widened to
+the resident store's records, into one buffer in dataset order::
 
-    records   (K * k * W,) schema.RAY_RECORD   dataset sample d: rows [d*k*W, (d+1)*k*W),
-                                               stripe t of its k at [d*k*W + t*W, ...)
+    records   (M * k * W,) schema.RAY_RECORD   the M samples read (row >= 0), in dataset
+                                               order: sample d in slot m = slots[d], rows
+                                               [m*k*W, (m+1)*k*W), stripe t of its k at
+                                               [m*k*W + t*W, ...)
+    slots     (K,) int64                       each dataset sample's slot (-1: not read)
     distinct  (K,) int64                       leading rows of sample d that are distinct
                                                (the rows an epoch may keep; module doc of
                                                gpuloader.loading.sources.striped)
 
-A sample the dataset does not use is not copied; a bad sample (row -1) keeps zero rows.
+A sample with row -1 (bad, or held by another rank) has no slot and keeps zero rows; the
+samples of a rank's contiguous range of the pack order (``RayBatchSampler(shard_keys=...)``)
+lie in one byte range of each stripe file.
 
 Double buffer (:meth:`StripeReader.prefetch`, :meth:`StripeReader.get`): one background
 thread reads the next epoch while this one trains; the reader keeps at most two epochs'
@@ -38,7 +44,14 @@ from gpuloader.augment import rng
 from gpuloader.errors import GPULoaderError, PackError
 from gpuloader.stores.pack.striped import StripedLevel
 
-__all__ = ["EpochStripes", "StripeReader", "distinct_rows", "stripe_offset"]
+__all__ = [
+    "EpochStripes",
+    "StripeReader",
+    "chunk_runs",
+    "distinct_rows",
+    "row_runs",
+    "stripe_offset",
+]
 
 #: counter index of the stripe offset draw (Purpose.STRIPE, epoch = level): far from any
 #: pack-time file index, so the offset never shares a stream with a sample's permutation
@@ -73,12 +86,39 @@ def distinct_rows(n: np.ndarray, w: int, stripes: int, first: int, k: int) -> np
     return np.where(r1 >= n, full, np.minimum(full, wrapped)).astype(np.int64)
 
 
+def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """The runs ``(first, num)`` of consecutive values in sorted unique ``rows``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], cut])
+    ends = np.concatenate([cut, [rows.size]])
+    return [(int(rows[a]), int(b - a)) for a, b in zip(starts, ends, strict=True)]
+
+
+def chunk_runs(runs: list[tuple[int, int]], per_chunk: int) -> list[list[tuple[int, int]]]:
+    """``runs`` grouped, in order, into reads of at most ``per_chunk`` rows (a longer run is
+    cut)."""
+    out: list[list[tuple[int, int]]] = [[]]
+    room = per_chunk
+    for first, num in runs:
+        while num:
+            if room == 0:
+                out.append([])
+                room = per_chunk
+            take = min(num, room)
+            out[-1].append((first, take))
+            first, num, room = first + take, num - take, room - take
+    return [c for c in out if c]
+
+
 @dataclass
 class EpochStripes:
     """One epoch's stripes in a resident buffer (module doc).
 
     Attributes:
-        epoch: the epoch. records: (K * k * W,) RAY_RECORD. distinct: (K,) int64.
+        epoch: the epoch. records: (M * k * W,) RAY_RECORD. distinct: (K,) int64.
         stripes: level -> the stripes read, in buffer order.
     """
 
@@ -94,7 +134,8 @@ class StripeReader:
     Args:
         levels: level -> its StripedLevel (one pack, one W).
         sample_levels: (K,) int64 level of each dataset sample.
-        rows: (K,) int64 each sample's row in its level's index (-1: bad, not read).
+        rows: (K,) int64 each sample's row in its level's index (-1: bad or another rank's,
+            not read).
         per_epoch: k, the stripes an epoch uses at each level (beyond S_L they repeat, and
             only the distinct rows count: :func:`distinct_rows` of ``min(k, S_L)``).
         seed: the loader's seed (the stripe offsets, :func:`stripe_offset`).
@@ -115,6 +156,10 @@ class StripeReader:
         self.levels = dict(levels)
         self.sample_levels = np.asarray(sample_levels, dtype=np.int64)
         self.rows = np.asarray(rows, dtype=np.int64)
+        read = self.rows >= 0
+        #: (K,) int64 each sample's slot in the buffer (-1: not read)
+        self.slots = np.where(read, np.cumsum(read) - 1, -1).astype(np.int64)
+        self.num_slots = int(read.sum())
         widths = {lv.stripe_rays for lv in self.levels.values()}
         if len(widths) != 1:
             raise ValueError(f"the levels of one pack have one stripe width; got {widths}")
@@ -148,8 +193,8 @@ class StripeReader:
         :class:`PackError` naming the stripe file."""
         where = where if where is not None else [""]
         kw = self.row_stride
-        records = np.zeros(len(self.rows) * kw, dtype=schema.RAY_RECORD)
-        out = records.reshape(len(self.rows), self.k, self.w)
+        records = np.zeros(self.num_slots * kw, dtype=schema.RAY_RECORD)
+        out = records.reshape(self.num_slots, self.k, self.w)
         distinct = np.zeros(len(self.rows), dtype=np.int64)
         stripes = self.stripes_of(epoch)
         for L, lv in self.levels.items():
@@ -165,7 +210,7 @@ class StripeReader:
             per_chunk = max(1, self.chunk_bytes // (self.w * lv.record_bytes))
             for t, s in enumerate(stripes[L]):
                 where[0] = str(lv.stripe_path(s))
-                self._read_level(lv, s, t, rows, mine, per_chunk, out, where[0])
+                self._read_level(lv, s, t, rows, self.slots[mine], per_chunk, out, where[0])
         return EpochStripes(int(epoch), records, distinct, stripes)
 
     def _read_level(
@@ -174,27 +219,29 @@ class StripeReader:
         s: int,
         t: int,
         rows: np.ndarray,
-        mine: np.ndarray,
+        slots: np.ndarray,
         per_chunk: int,
         out: np.ndarray,
         path: str,
     ) -> None:
-        """Stripe ``s`` of the level's samples ``rows`` (sorted; dataset indices ``mine``)
-        into ``out[mine, t]``: sequential reads of index rows ``rows[0] .. rows[-1]``."""
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        scratch = np.empty(min(per_chunk, hi - lo) * self.w * lv.record_bytes, np.uint8)
-        for a in range(lo, hi, per_chunk):
-            b = min(hi, a + per_chunk)
+        """Stripe ``s`` of the level's samples ``rows`` (sorted; buffer slots ``slots``)
+        into ``out[slots, t]``: one pass forward through the stripe file, reading the runs
+        of consecutive rows (:func:`row_runs`) and nothing between them, at most
+        ``per_chunk`` rows per call."""
+        want = np.unique(rows)
+        scratch = np.empty(min(per_chunk, want.size) * self.w * lv.record_bytes, np.uint8)
+        for chunk in chunk_runs(row_runs(want), per_chunk):
             try:
-                raw = lv.read_stripe(s, a, b - a, out=scratch)
+                raw = lv.read_stripe_ranges(s, chunk, out=scratch)
             except GPULoaderError:
                 raise
             except OSError as exc:
                 raise PackError(f"{path}: reading stripe {s} failed: {exc}") from exc
-            sel = np.flatnonzero((rows >= a) & (rows < b))
-            got = raw[rows[sel] - a]  # (m, W) packed records
+            got_rows = np.concatenate([np.arange(a, a + n) for a, n in chunk])
+            sel = np.flatnonzero((rows >= got_rows[0]) & (rows <= got_rows[-1]))
+            got = raw[np.searchsorted(got_rows, rows[sel])]  # (m, W) packed records
             for name in schema.RAY_FIELDS:  # widened field by field straight into place
-                out[name][mine[sel], t] = got[name]
+                out[name][slots[sel], t] = got[name]
 
     # -- the double buffer -------------------------------------------------------------------
 

@@ -230,16 +230,16 @@ class _Gate:
     def __init__(self, monkeypatch) -> None:
         self.open = threading.Event()
         self.started = threading.Event()
-        real = StripedLevel.read_stripe
+        real = StripedLevel.read_stripe_ranges
         gate = self
 
-        def read_stripe(level, *args, **kw):
+        def read_stripe_ranges(level, *args, **kw):
             if threading.current_thread() is not threading.main_thread():
                 gate.started.set()
                 gate.open.wait(30)
             return real(level, *args, **kw)
 
-        monkeypatch.setattr(StripedLevel, "read_stripe", read_stripe)
+        monkeypatch.setattr(StripedLevel, "read_stripe_ranges", read_stripe_ranges)
 
 
 def test_resume_mid_epoch_with_the_background_read_in_flight(striped, monkeypatch):
@@ -356,31 +356,39 @@ def test_on_error_skip_replaces_a_sample_the_pack_left_out(tiny_dataset, tmp_pat
         _loader(strict, 500)
 
 
-def test_one_sequential_read_per_level_and_stripe_or_chunks(striped, monkeypatch):
-    """An epoch reads each stripe of each level with one read_stripe call (a consecutive
-    sample range); with small chunks, consecutive ranges in order, and the same batches."""
-    calls: list[tuple[int, int, int, int]] = []
-    real = StripedLevel.read_stripe
+def test_one_forward_pass_per_stripe_reading_only_the_dataset_rows(striped, monkeypatch):
+    """An epoch reads each stripe of each level in one forward pass: ascending ranges that
+    are exactly the runs of the split's rows (another split's samples are not read); with
+    small chunks, several calls continuing in order, and the same records."""
+    calls: list[tuple[int, int, list[tuple[int, int]]]] = []
+    real = StripedLevel.read_stripe_ranges
 
-    def read_stripe(level, s, first=0, num=None, out=None):
-        calls.append((level.level, s, first, num))
-        return real(level, s, first, num, out)
+    def read_stripe_ranges(level, s, ranges, out=None):
+        calls.append((level.level, s, list(ranges)))
+        return real(level, s, ranges, out)
 
-    monkeypatch.setattr(StripedLevel, "read_stripe", read_stripe)
+    monkeypatch.setattr(StripedLevel, "read_stripe_ranges", read_stripe_ranges)
     ds = _dataset(striped, _full(2 * W))
+    pack = ds.ray_store
     with _loader(ds, 500) as ld:
         reader = ld.source.reader
         whole = reader.read(0)
         assert sorted((c[0], c[1]) for c in calls) == sorted(
             (L, s) for L, ss in reader.stripes_of(0).items() for s in ss
         )
+        for L, _, ranges in calls:
+            mine = {pack.locate(s)[1] for s in ds.samples if s["level"] == L}
+            got = [a + j for a, n in ranges for j in range(n)]
+            assert got == sorted(mine)  # these rows, ascending, nothing else
+            assert all(a + n < b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False))
         calls.clear()
         reader.chunk_bytes = 2 * W * 34  # two samples per read
         chunked = reader.read(0)
         assert np.array_equal(whole.records, chunked.records)
-        for (L, s, first, num), nxt in zip(calls, calls[1:], strict=False):
+        for (L, s, ranges), nxt in zip(calls, calls[1:], strict=False):
+            assert sum(n for _, n in ranges) <= 2
             if (nxt[0], nxt[1]) == (L, s):
-                assert nxt[2] == first + num  # the next range starts where this one ended
+                assert nxt[2][0][0] >= ranges[-1][0] + ranges[-1][1]  # onward, in order
 
 
 def test_striped_refuses_custom_callables(striped):

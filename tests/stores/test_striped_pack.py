@@ -623,3 +623,17 @@ def test_loader_on_a_striped_pack_equals_npz(tiny_dataset3, tiny3_packs, store) 
         for k, v in a.items():
             if hasattr(v, "dtype"):
                 assert v.dtype == b[k].dtype and v.equal(b[k]), k
+
+
+def test_read_stripe_ranges_reads_the_ranges_one_after_another(tiny3_packs) -> None:
+    """Several ascending ranges in one call: the records of each range, in order, equal to
+    reading each on its own; overlapping or descending ranges are refused."""
+    lv = PackedRayStore(tiny3_packs[64]).striped_level(2)
+    k = lv.num_samples
+    ranges = [(0, 2), (3, 1), (k - 2, 2)]
+    got = lv.read_stripe_ranges(1, ranges)
+    want = np.concatenate([lv.read_stripe(1, a, n) for a, n in ranges])
+    assert got.shape == (5, lv.stripe_rays)
+    assert got.tobytes() == want.tobytes()
+    with pytest.raises(IndexError):
+        lv.read_stripe_ranges(1, [(3, 2), (4, 1)])

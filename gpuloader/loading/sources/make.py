@@ -131,6 +131,7 @@ def make_source(
             prefetch=max(2, prefetch),
             cuda_graphs=cuda_graphs,
             bad=bad,
+            held=held,
         )
     return SampleStream(
         sampler,

@@ -164,6 +164,8 @@ class StripedBatches(BatchSource):
         timeout: seconds any wait for a stripe read may take.
         threads, prefetch, cuda_graphs: as FusedBatches'.
         bad: samples known bad (their places are never read).
+        held: the samples this rank reads (``shard_store``: its contiguous range of the pack
+            order, ``sampler.shard_indices()``), or None for all.
 
     Raises:
         ValueError: ``RandomRaySubsample(num_rays=K)`` with K not a multiple of W.
@@ -184,6 +186,7 @@ class StripedBatches(BatchSource):
         prefetch: int = 4,
         cuda_graphs: bool = False,
         bad: dict[int, tuple[str, str]] | None = None,
+        held: np.ndarray | None = None,
     ) -> None:
         self.view = view
         self.sampler = sampler
@@ -195,6 +198,11 @@ class StripedBatches(BatchSource):
         self.stripe_rays = w
         self.per_epoch = stripes_per_epoch(self.segment, w)
         sample_levels = np.asarray(view.levels, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64)
+        if held is not None:  # another rank's samples are not read
+            mask = np.zeros(len(rows), dtype=bool)
+            mask[np.asarray(held, dtype=np.int64)] = True
+            rows = np.where(mask, rows, -1)
         self.reader = StripeReader(levels, sample_levels, rows, self.per_epoch, seed, timeout)
         self.grids, self.view_positions, self.layout = self._static_layout(
             levels, sample_levels, rows
@@ -226,7 +234,7 @@ class StripedBatches(BatchSource):
             z["side"][d] = lv.side[i]
         stride = self.reader.row_stride
         layout = StoreLayout(
-            ray_start=np.arange(k, dtype=np.int64) * stride,
+            ray_start=np.maximum(self.reader.slots, 0) * stride,
             ray_count=np.zeros(k, np.int64),
             bad=self.bad,
             **z,

@@ -287,6 +287,22 @@ class PackedRayStore:
         r0, n, v0, v = (int(x) for x in lv.offsets[i])
         return lv, r0, n, v0, v
 
+    def shard_keys(self, samples: list[dict[str, Any]]) -> np.ndarray | None:
+        """Each sample's place in a striped pack, for ``RayBatchSampler(shard="samples")``:
+        (K,) int64 ``level << 40 | row`` (-1 where the pack lacks the sample; it is named
+        when read), or None for the rows layout. Sorted by it a level's samples are in pack
+        order, so a rank's contiguous range of them is one byte range of every stripe."""
+        if self.layout != "striped":
+            return None
+        keys = np.full(len(samples), -1, dtype=np.int64)
+        for d, s in enumerate(samples):
+            try:
+                _, i, _, _, _ = self.locate(s)
+            except Exception:  # noqa: BLE001 - a sample the pack lacks: named when read
+                continue
+            keys[d] = (int(s["level"]) << 40) | int(i)
+        return keys
+
     def read(self, sample: dict[str, Any], rows: np.ndarray | None) -> dict[str, np.ndarray]:
         """Rays of ``sample`` (``rows``: (k,) int indices into its N rays, None: all; a chunk's
         rows count from its ``ray_offset``)."""

@@ -324,15 +324,37 @@ class StripedLevel:
         Returns:
             (num, W) records of :attr:`record` (a view of ``out`` when given).
         """
+        first = int(first_sample)
+        num = self.num_samples - first if num_samples is None else int(num_samples)
+        return self.read_stripe_ranges(s, [(first, num)], out)
+
+    def read_stripe_ranges(
+        self, s: int, ranges: Sequence[tuple[int, int]], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Stripe ``s`` of several sample ranges ``(first, num)`` (ascending, not
+        overlapping), one after the other: one pass forward through the stripe file, one
+        read per range and nothing between them (with several ranges the file is read
+        without the kernel's read-ahead, ``POSIX_FADV_RANDOM``, so the gaps stay unread).
+
+        Args:
+            out: as :meth:`read_stripe`'s, of at least ``sum(num)*W*R`` bytes.
+
+        Returns:
+            (sum(num), W) records of :attr:`record`, the ranges in order.
+        """
         self._check_stripe(s)
         k, w, r = self.num_samples, self.stripe_rays, self.record_bytes
-        first = int(first_sample)
-        num = k - first if num_samples is None else int(num_samples)
-        if first < 0 or num < 0 or first + num > k:
-            raise IndexError(
-                f"samples [{first}, {first + num}) outside the {k} samples of level {self.level}"
-            )
-        nbytes = num * w * r
+        ranges = [(int(a), int(n)) for a, n in ranges]
+        end = 0
+        for first, num in ranges:
+            if first < end or num < 0 or first + num > k:
+                raise IndexError(
+                    f"samples [{first}, {first + num}) outside the {k} samples of level "
+                    f"{self.level}, or not after the range before"
+                )
+            end = first + num
+        total = sum(n for _, n in ranges)
+        nbytes = total * w * r
         if out is None:
             raw = np.empty(nbytes, dtype=np.uint8)
         else:
@@ -343,18 +365,23 @@ class StripedLevel:
             raw = out.reshape(-1).view(np.uint8)[:nbytes]
         path = self.dir / stripe_name(s)
         view = memoryview(raw)
-        got = 0
+        at = 0
         with open(path, "rb", buffering=0) as f:
-            f.seek(first * w * r)
-            while got < nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise IncompletePackError(
-                        f"{path}: ends after {first * w * r + got} bytes, expected "
-                        f"{self.stripe_bytes}; the pack is damaged: rebuild it"
-                    )
-                got += n
-        return raw.view(self.record).reshape(num, w)
+            if len(ranges) > 1 and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            for first, num in ranges:
+                f.seek(first * w * r)
+                stop, got = at + num * w * r, at
+                while got < stop:
+                    n = f.readinto(view[got:stop])
+                    if not n:
+                        raise IncompletePackError(
+                            f"{path}: ends after {first * w * r + got - at} bytes, expected "
+                            f"{self.stripe_bytes}; the pack is damaged: rebuild it"
+                        )
+                    got += n
+                at = stop
+        return raw.view(self.record).reshape(total, w)
 
     def stripe_rows(self, i: int, s: int) -> np.ndarray:
         """File rows of sample ``i``'s stripe ``s``: (W,) int64 (:func:`stripe_rows`)."""
