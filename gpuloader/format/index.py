@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
-import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +46,7 @@ import numpy as np
 
 from gpuloader.errors import DamagedFileError, DatasetLayoutError, EmptyRayFileError, NoSamplesError
 from gpuloader.format import layout
-from gpuloader.format.npz_files import load_npz, unreadable_error
+from gpuloader.format.npz_files import NPZ_DECODE_ERRORS, load_npz, unreadable_error
 
 __all__ = [
     "SPLITS",
@@ -61,8 +60,6 @@ __all__ = [
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 Isolation = Literal["shared", "strict"]
-
-_NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError)
 
 
 def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -84,7 +81,7 @@ def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
     except FileNotFoundError as exc:
         raise DatasetLayoutError(f"{path}: file not found") from exc
-    except _NPZ_ERRORS as exc:
+    except NPZ_DECODE_ERRORS as exc:
         unreadable = unreadable_error(path, exc)
         if unreadable is not None:
             raise unreadable from exc

@@ -29,7 +29,7 @@ from gpuloader.errors import (
     UnreadableFileError,
 )
 
-__all__ = ["FIX", "load_npz", "make_error", "npz_error", "unreadable_error"]
+__all__ = ["FIX", "NPZ_DECODE_ERRORS", "load_npz", "make_error", "npz_error", "unreadable_error"]
 
 #: The fix named by damage errors.
 FIX = "regenerate it (gpuloader generate) or delete it and rebuild the index"
@@ -82,6 +82,24 @@ def unreadable_error(path: Any, exc: BaseException) -> FileCheckError | None:
             fix="check the disk or file system, then restore the file",
         )
     return None
+
+
+# What numpy's npz reader can raise on a damaged file: zip and zlib errors, a bad ``.npy``
+# header (ValueError wraps a SyntaxError; CPython's parser can also fail with SystemError,
+# RecursionError or TypeError on garbage), or a short read.
+NPZ_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    ValueError,
+    OSError,
+    KeyError,
+    SyntaxError,
+    SystemError,
+    RecursionError,
+    TypeError,
+    OverflowError,
+)
 
 
 def npz_error(path: Any, exc: BaseException, key: str | None = None) -> FileCheckError:
@@ -147,7 +165,7 @@ def load_npz(
         raise
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as exc:
+    except NPZ_DECODE_ERRORS as exc:
         raise npz_error(path, exc, key) from exc
     for k, a in out.items():
         if a.dtype.hasobject:

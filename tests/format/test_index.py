@@ -303,3 +303,30 @@ def test_listed_all_full_hash_is_an_ordinary_sample(tiny_copy):
     assert full in train and not train[full]["is_trivial"]
     for split in ("val", "test"):
         assert full not in {s["hash"] for s in build_index(ds, rays, split)}
+
+
+@pytest.mark.parametrize("exc", [SystemError("AST constructor"), RecursionError(), TypeError()])
+def test_any_decoder_failure_is_the_named_error(tmp_path, monkeypatch, exc):
+    """A damaged ``.npy`` header can make CPython's parser fail in odd ways (CI met a
+    ``SystemError`` from ``ast.literal_eval``): every one is the named error, naming the file."""
+    from gpuloader.errors import CorruptArchiveError
+    from gpuloader.format.npz_files import load_npz
+
+    path = tmp_path / "x_rays.npz"
+    np.savez_compressed(path, origins=np.zeros((4, 3), np.float32))
+
+    class Failing:
+        files = ["origins"]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def __getitem__(self, key):
+            raise exc
+
+    monkeypatch.setattr(np, "load", lambda *a, **k: Failing())
+    with pytest.raises(CorruptArchiveError, match=str(path)):
+        load_npz(path, ("origins",))
