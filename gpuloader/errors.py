@@ -204,3 +204,40 @@ class EmptySplitWarning(UserWarning):
 class PackLayoutError(PackError, TypeError):
     """A call a pack's layout does not serve: the row arrays of a striped pack
     (``level_arrays``), or the stripes of an ordinary one (``striped_level``)."""
+
+
+class RemoteStoreError(PackError, OSError):
+    """Object storage (an fsspec URL such as ``s3://bucket/prefix``) cannot serve a pack
+    file; the message names the URL and what to check (base class)."""
+
+    def __init__(self, message: str, url: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
+
+
+class RemoteUnreachableError(RemoteStoreError, ConnectionError):
+    """The endpoint does not answer (connection refused, DNS, timeouts after the retries)."""
+
+
+class RemoteNotFoundError(RemoteStoreError, FileNotFoundError):
+    """The bucket or the key does not exist."""
+
+
+class RemoteAccessDeniedError(RemoteStoreError, PermissionError):
+    """The credentials are missing, wrong or not allowed to read (or write) the key."""
+
+
+class RemoteTruncatedError(RemoteStoreError, IncompletePackError):
+    """An object is shorter than the pack's manifest says (or a range read came back short,
+    every retry)."""
+
+
+class RemoteRetriesExhaustedError(RemoteStoreError, TimeoutError):
+    """Transient errors (timeouts, 5xx, connection resets) went on past the bounded retries."""
+
+
+class MissingExtraError(GPULoaderError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""

@@ -1,0 +1,14 @@
+"""Packs on object storage: fsspec URLs (``s3://bucket/prefix``, ``gs://...``) as pack paths.
+
+Needs the ``s3`` extra (``pip install "gpuloader[s3]"``: fsspec + s3fs; gcsfs for ``gs://``).
+Credentials and the endpoint come from fsspec's usual configuration (the environment,
+``~/.aws``, or ``storage_options=``); nothing of them is stored in a pack.
+
+Modules:
+    urls.py     is_url, the filesystem of a URL (the extra's absence is a named error)
+    faults.py   what fsspec/botocore/aiohttp raise, as gpuloader's named remote errors;
+                which errors are transient; the bounded retry loop
+    files.py    RemotePackFiles: PackFiles over a URL, concurrent range requests, retries
+    cache.py    StripeCache: a local folder of fetched spans, bounded in bytes, LRU
+    upload.py   upload_pack: a local pack to a URL, the manifest last
+"""
