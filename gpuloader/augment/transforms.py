@@ -26,6 +26,7 @@ import numpy as np
 from gpuloader import schema
 from gpuloader.augment import rng, symmetry
 from gpuloader.augment.apply import apply_plan
+from gpuloader.augment.arguments import AXES, axes_arg, probability_arg, real_arg
 from gpuloader.augment.plan import SamplePlan
 from gpuloader.errors import UnsupportedTransformError
 
@@ -69,19 +70,14 @@ class Transform:
 
 
 class RandomRotation90(Transform):
-    """With probability ``p``, rotate by ``k * 90`` degrees (k in 1..3) about a world axis
-    drawn uniformly from ``axes`` (default: x, y and z). Rays, view positions and the grid
-    turn together."""
+    """With probability ``p`` (in [0, 1]), rotate by ``k * 90`` degrees (k in 1..3) about a
+    world axis drawn uniformly from ``axes`` (distinct 'x', 'y', 'z' or 0, 1, 2; default all
+    three). Rays, view positions and the grid turn together. Bad arguments raise
+    ValueError/TypeError naming them."""
 
     def __init__(self, p: float = 0.5, axes: Sequence[str | int] = ("x", "y", "z")):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomRotation90: p must be in [0, 1]; got {p}")
-        if not axes:
-            raise ValueError("RandomRotation90: axes must not be empty")
-        self.p = float(p)
-        self.axes = tuple(axes)
-        for a in self.axes:
-            symmetry.rotation(a, 1)  # validates the axis name
+        self.p = probability_arg("RandomRotation90", "p", p)
+        self.axes = axes_arg("RandomRotation90", axes)
 
     def draw(self, words: np.ndarray) -> int:
         """Four Philox words -> symmetry index."""
@@ -104,16 +100,12 @@ class RandomRotation90(Transform):
 
 
 class RandomFlip(Transform):
-    """Flip each world axis in ``axes`` (0 = x, 1 = y, 2 = z) independently with prob. ``p``."""
+    """Flip each world axis in ``axes`` (distinct 0 = x, 1 = y, 2 = z; the names work too,
+    kept as numbers) independently with probability ``p`` (in [0, 1])."""
 
-    def __init__(self, axes: Sequence[int] = (0, 1, 2), p: float = 0.5):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomFlip: p must be in [0, 1]; got {p}")
-        axes = tuple(int(a) for a in axes)
-        if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
-            raise ValueError(f"RandomFlip: axes must be distinct values of 0, 1, 2; got {axes}")
-        self.axes = axes
-        self.p = float(p)
+    def __init__(self, axes: Sequence[int | str] = (0, 1, 2), p: float = 0.5):
+        self.axes = tuple(AXES[a] for a in axes_arg("RandomFlip", axes))
+        self.p = probability_arg("RandomFlip", "p", p)
 
     def draw(self, words: np.ndarray) -> int:
         s = symmetry.IDENTITY
@@ -139,9 +131,9 @@ class NormalizeRayOrigins(Transform):
     default, as the seed)."""
 
     def __init__(self, voxel_size: float = 1.0, scale_distances: bool = False):
-        if voxel_size <= 0:
-            raise ValueError(f"NormalizeRayOrigins: voxel_size must be > 0; got {voxel_size}")
-        self.voxel_size = float(voxel_size)
+        self.voxel_size = real_arg(
+            "NormalizeRayOrigins", "voxel_size", voxel_size, "a finite number > 0", lambda v: v > 0
+        )
         self.scale_distances = bool(scale_distances)
 
     def factor(self, grid_side: int) -> float:
@@ -160,8 +152,10 @@ class NormalizeDistances(Transform):
     MODES = ("diagonal", "upstream-new")
 
     def __init__(self, mode: str = "diagonal"):
-        if mode not in self.MODES:
-            raise ValueError(f"NormalizeDistances: mode must be one of {self.MODES}; got {mode!r}")
+        if not isinstance(mode, str) or mode not in self.MODES:
+            raise ValueError(
+                f"NormalizeDistances: mode must be one of {self.MODES}; got mode={mode!r}"
+            )
         self.mode = mode
 
     def factor(self, grid_side: int, level: int | None = None) -> float:
@@ -189,37 +183,55 @@ class NormalizeDistances(Transform):
 
 
 class RandomRaySubsample(Transform):
-    """Keep ``num_rays`` rays drawn without replacement (all of them when there are fewer)."""
+    """Keep ``num_rays`` (an int >= 1) rays drawn without replacement (all of them when
+    there are fewer)."""
 
     def __init__(self, num_rays: int = 1024):
-        if int(num_rays) < 1:
-            raise ValueError(f"RandomRaySubsample: num_rays must be >= 1; got {num_rays}")
+        allowed = "an int >= 1"
+        if isinstance(num_rays, bool) or not isinstance(num_rays, (int, np.integer)):
+            raise TypeError(
+                f"RandomRaySubsample: num_rays must be {allowed}; got num_rays={num_rays!r} "
+                f"({type(num_rays).__name__})"
+            )
+        if num_rays < 1:
+            raise ValueError(f"RandomRaySubsample: num_rays must be {allowed}; got {num_rays=}")
         self.num_rays = int(num_rays)
 
 
 class AddNoise(Transform):
-    """Gaussian noise on origins (std in world units) and directions (renormalized)."""
+    """Gaussian noise on origins (std in world units) and directions (renormalized); each
+    std a finite number >= 0."""
 
     def __init__(self, origin_std: float = 0.01, direction_std: float = 0.001):
-        if origin_std < 0 or direction_std < 0:
-            raise ValueError("AddNoise: standard deviations must be >= 0")
-        self.origin_std = float(origin_std)
-        self.direction_std = float(direction_std)
+        allowed = "a finite number >= 0"
+        self.origin_std = real_arg("AddNoise", "origin_std", origin_std, allowed, lambda v: v >= 0)
+        self.direction_std = real_arg(
+            "AddNoise", "direction_std", direction_std, allowed, lambda v: v >= 0
+        )
 
 
 class VoxelOccupancyJitter(Transform):
-    """Flip each voxel's occupancy with probability ``flip_prob`` (labels unchanged)."""
+    """Flip each voxel's occupancy with probability ``flip_prob`` (in [0, 1]; labels
+    unchanged)."""
 
     def __init__(self, flip_prob: float = 0.01):
-        if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"VoxelOccupancyJitter: flip_prob must be in [0, 1]; got {flip_prob}")
-        self.flip_prob = float(flip_prob)
+        self.flip_prob = probability_arg("VoxelOccupancyJitter", "flip_prob", flip_prob)
 
 
 class ToDevice(Transform):
-    """Turn every array of the sample into a torch tensor on ``device``."""
+    """Turn every array of the sample into a torch tensor on ``device`` (anything
+    ``torch.device`` takes; a malformed one raises ValueError here)."""
 
     def __init__(self, device: Any = "cpu"):
+        import torch
+
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"ToDevice: device={device!r} is not a torch device ({exc}); use e.g. 'cpu', "
+                "'cuda' or 'cuda:0'"
+            ) from exc
         self.device = device
 
     def __call__(self, sample: dict, context: rng.SampleContext | None = None) -> dict:
@@ -250,6 +262,15 @@ class Compose:
     """Chain transforms. Runs of known transforms are fused into one plan each."""
 
     def __init__(self, transforms: Sequence[Callable]):
+        if (
+            callable(transforms)
+            or isinstance(transforms, str)
+            or not hasattr(transforms, "__iter__")
+        ):
+            raise TypeError(
+                f"Compose: transforms must be a list (or tuple) of transforms; got "
+                f"{transforms!r}; write Compose([t]) for a single one"
+            )
         self.transforms = list(transforms)
         self.segments: list[list[Transform] | Callable] = []
         for t in self.transforms:

@@ -107,6 +107,67 @@ def _to_torch(value: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def _levels_argument(levels: Any) -> list[int] | None:
+    """The ``levels`` argument as sorted distinct ints >= 0 (one int means ``[it]``).
+
+    Raises:
+        TypeError: not None, an int or a sequence of ints. ValueError: empty, or negative.
+    """
+    allowed = "None, an int >= 0 or a sequence of them"
+    if levels is None:
+        return None
+    if isinstance(levels, (int, np.integer)) and not isinstance(levels, bool):
+        levels = [levels]
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
+        raise TypeError(f"HierarchicalVoxelRayDataset: levels must be {allowed}; got {levels=}")
+    entries = list(levels)
+    bad = [lv for lv in entries if isinstance(lv, bool) or not isinstance(lv, (int, np.integer))]
+    if bad:
+        raise TypeError(
+            f"HierarchicalVoxelRayDataset: levels must be {allowed}; got levels={levels!r} "
+            f"({bad[0]!r} is a {type(bad[0]).__name__})"
+        )
+    if not entries or min(entries) < 0:
+        raise ValueError(
+            f"HierarchicalVoxelRayDataset: levels must be {allowed} (not empty; None means "
+            f"every level); got levels={levels!r}"
+        )
+    return sorted({int(lv) for lv in entries})
+
+
+def _check_levels_exist(
+    given: Any,
+    levels: list[int],
+    samples: list[dict[str, Any]],
+    ray_dir: Path,
+    split: str,
+    listing: Sequence[tuple[Any, ...]] | None = None,
+) -> None:
+    """Refuse levels asked for that the ray dataset has no folder ``level_<L>/`` of (no
+    file of, in a pack's ``listing`` where there is one).
+
+    Raises:
+        ValueError: names the missing levels, those the dataset and the split have.
+    """
+    in_split = {int(s["level"]) for s in samples}
+    missing = [lv for lv in levels if lv not in in_split]
+    if not missing:
+        return
+    if listing is not None:
+        present = sorted({int(entry[0]) for entry in listing})
+    else:
+        present = sorted(
+            int(p.name[6:]) for p in ray_dir.glob("level_*") if p.is_dir() and p.name[6:].isdigit()
+        )
+    absent = [lv for lv in missing if lv not in present]
+    if absent:
+        raise ValueError(
+            f"HierarchicalVoxelRayDataset: levels={given!r}: level(s) {absent} not in the "
+            f"dataset; {ray_dir} has levels {present} (split {split!r}: {sorted(in_split)}); "
+            "choose levels among those"
+        )
+
+
 class HierarchicalVoxelRayDataset(Dataset):
     """Voxel grids with their rays, one sample per (level, sub-volume) of a split.
 
@@ -114,7 +175,9 @@ class HierarchicalVoxelRayDataset(Dataset):
         dataset_dir: voxel dataset root (metadata.json, splits.json, objects/, subvolumes/).
         ray_dataset_dir: ray dataset root (level_<L>/<hh>/<hash>_rays.npz).
         split: "train", "val" or "test".
-        levels: keep only these octree levels (None: all).
+        levels: keep only these octree levels: ints >= 0, or one int (``2`` means ``[2]``);
+            None: all. A level the ray dataset does not have raises ValueError naming it
+            and the levels it has; entries that are not ints raise TypeError.
         samples_per_subvolume: most rays read per sample (None: all).
         cache_size: voxel grids kept in the per-process LRU cache (0 disables).
         include_empty: keep all-empty sub-volumes (skipped by default).
@@ -169,7 +232,7 @@ class HierarchicalVoxelRayDataset(Dataset):
         self.dataset_dir = Path(dataset_dir)
         self.ray_dataset_dir = Path(ray_dataset_dir)
         self.split = split
-        self.levels = None if levels is None else sorted({int(lv) for lv in levels})
+        self.levels = _levels_argument(levels)
         self.samples_per_subvolume = samples_per_subvolume
         self.include_empty = include_empty
         self.transform = transform
@@ -182,6 +245,9 @@ class HierarchicalVoxelRayDataset(Dataset):
         #: what reads met in this process (``errors``, ``skipped``; shared with the view)
         self.read_log = ReadLog()
         index_errors: list[tuple[str, BaseException]] = []
+        # a pack lists the tree's files with their ray counts: no scan, no header reads
+        listing = getattr(ray_store, "ray_listing", None)
+        listing = listing(self.ray_dataset_dir, self.levels) if listing is not None else None
         self.samples: list[dict[str, Any]] = build_index(
             self.dataset_dir,
             self.ray_dataset_dir,
@@ -190,7 +256,12 @@ class HierarchicalVoxelRayDataset(Dataset):
             include_empty=include_empty,
             isolation=isolation,
             errors=index_errors if on_error == "skip" else None,
+            ray_files=listing,
         )
+        if self.levels is not None:
+            _check_levels_exist(
+                levels, self.levels, self.samples, self.ray_dataset_dir, split, listing
+            )
         if self.rays_per_chunk is not None:
             self.samples = chunk_samples(self.samples, self.rays_per_chunk)
         self.voxel_cache: LRUCache[np.ndarray] = LRUCache(cache_size)

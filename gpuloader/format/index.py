@@ -284,6 +284,7 @@ def build_index(
     include_empty: bool = False,
     isolation: Isolation = "shared",
     errors: list[tuple[str, BaseException]] | None = None,
+    ray_files: Sequence[tuple[int, str, Path, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Samples of one split, sorted by (level, hash).
 
@@ -297,6 +298,11 @@ def build_index(
         errors: None: a file whose npz header cannot be read raises (as below). A list: the
             sample is left out and ``(file, error)`` appended (the ``on_error='skip'``
             policy; a ray file with no rays is left out the same way).
+        ray_files: the ray tree's files as ``(level, hash, path, count)``, e.g. from a pack
+            (``PackedRayStore.ray_listing``), instead of scanning ``ray_dataset_dir`` and
+            reading every ray file's header: ``count`` is the file's rays (int), None (read
+            its header, as without a listing) or an exception (a file known bad: raised, or
+            under ``errors`` recorded and left out).
 
     Raises:
         DatasetLayoutError: a required file is missing (named, with the fix).
@@ -314,7 +320,12 @@ def build_index(
     usage: dict[str, Any] = dict(splits.get("hash_object_usage") or {})
     trivial: set[str] = set(splits.get("trivial_hashes") or ())
 
-    ray_files = scan_ray_tree(ray_dataset_dir)
+    counts: dict[tuple[int, str], Any] = {}
+    if ray_files is None:
+        ray_files = scan_ray_tree(ray_dataset_dir)
+    else:
+        counts = {(int(lv), str(h)): n for lv, h, _, n in ray_files}
+        ray_files = sorted(((int(lv), str(h), Path(p)) for lv, h, p, _ in ray_files))
     if not ray_files:
         raise NoSamplesError(
             f"{ray_dataset_dir}: no *_rays.npz files under level_<L>/<hh>/; generate the rays "
@@ -415,6 +426,16 @@ def build_index(
         )
 
     for s in kept:
+        known = counts.get((s["level"], s["hash"]))
+        if isinstance(known, BaseException):
+            if errors is None:
+                raise known
+            errors.append((str(s["ray_path"]), known))
+            s["num_rays"] = -1
+            continue
+        if known is not None and (int(known) > 0 or errors is None):
+            s["num_rays"] = int(known)
+            continue
         try:
             shape, _ = npz_member_header(s["ray_path"], "origins")
             if len(shape) != 2 or shape[1] != 3:

@@ -80,7 +80,7 @@ from gpuloader.loading.sources.make import make_source
 from gpuloader.loading.sources.resident import FusedBatches
 from gpuloader.loading.sparse_batch import sparse_batches
 from gpuloader.plan.resume import check_resume_state, resume_state
-from gpuloader.plan.sampler import RayBatchSampler
+from gpuloader.plan.sampler import ALL_RAYS, RayBatchSampler, check_count
 from gpuloader.stores.resident import ResidentStore
 
 __all__ = ["GPURayLoader", "known_segments"]
@@ -102,7 +102,8 @@ class GPURayLoader:
         num_workers: reader processes (DALI: >= 1; torch: 0 reads in this process).
         prefetch: batches read ahead.
         device: "auto" (ToDevice's target if the transform has one, else CUDA when torch
-            and CuPy can use it, else CPU), "cpu", "cuda" or "cuda:N".
+            and CuPy can use it, else CPU), "cpu", "cuda" or "cuda:N" (a malformed one, or
+            CUDA on a machine without it, raises ValueError here).
         backend: "auto" (DALI if importable, else torch), "dali" or "torch": the reader of
             the store's fill, or of every sample when streaming.
         start_method: how DALI starts its workers ("spawn" or "fork").
@@ -172,6 +173,8 @@ class GPURayLoader:
         self.resident: ResidentStore | None = None
         if backend not in ("auto", "dali", "torch"):
             raise ValueError(f"backend must be 'auto', 'dali' or 'torch'; got {backend!r}")
+        check_count("GPURayLoader", "rays_per_batch", rays_per_batch, ALL_RAYS)
+        check_count("GPURayLoader", "subvolumes_per_batch", subvolumes_per_batch, "the default, 8")
         self.dataset = dataset
         data = DatasetView.of(dataset)
         self.transform = data.transform if transform is None else transform
@@ -284,7 +287,13 @@ class GPURayLoader:
         with ``seed``, ``world_size``, ``num_batches`` and the dataset's state to check it."""
         epoch, done = self._pass if self._pass is not None else (self.epoch, self._resume_at)
         state = resume_state(
-            epoch, done, len(self), self.seed, self.sampler.world_size, self.sampler.shard
+            epoch,
+            done,
+            len(self),
+            self.seed,
+            self.sampler.world_size,
+            self.sampler.shard,
+            self.sampler.identity(),
         )
         state["rank"] = self.sampler.rank
         ds_state = getattr(self.dataset, "state_dict", None)
@@ -298,7 +307,8 @@ class GPURayLoader:
         uninterrupted run would yield.
 
         Raises:
-            ValueError: the state belongs to another dataset, seed, world size or batching.
+            ValueError: the state belongs to another dataset, seed, world size or batching
+                (the message names what differs), or its position is beyond the epoch.
         """
         epoch, start = check_resume_state(
             state,
@@ -307,6 +317,7 @@ class GPURayLoader:
             self.sampler.world_size,
             "GPURayLoader",
             self.sampler.shard,
+            self.sampler.identity(),
         )
         ds_load = getattr(self.dataset, "load_state_dict", None)
         if "dataset" in state and ds_load is not None:

@@ -113,23 +113,50 @@ def cuda_usable() -> bool:
         return False
 
 
-def resolve_device(device: Any, target: Any) -> torch.device:
+def resolve_device(device: Any, target: Any, owner: str = "GPURayLoader") -> torch.device:
     """The torch device of ``device`` ("auto", "cpu", "cuda" or "cuda:N"; ``target``: the
     transform's ToDevice target, which "auto" takes); a bare "cuda" gets torch's current one.
 
     Raises:
-        ValueError: not a CPU or CUDA device.
+        ValueError: a malformed device, not a CPU or CUDA device, or a CUDA device this
+            machine does not have; the first line names ``owner``, the argument and value.
+        TypeError: not a string, int or torch.device.
     """
+    what = f"device={device!r}"
+    fix = "use device='cpu' or 'auto'"
     if isinstance(device, str) and device == "auto":
         if target is not None:
-            device = target
+            what = f"device='auto' (the transform's ToDevice({target!r}))"
+            device, fix = target, "change the ToDevice target, or pass device='cpu'"
         else:
             device = "cuda" if cuda_usable() else "cpu"
-    dev = torch.device(device)
+    allowed = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{owner}: {what} is not a device; use {allowed}")
+    if isinstance(device, int):
+        device = f"cuda:{device}"  # torch's meaning of a bare index
+    if isinstance(device, str) and device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"{owner}: {what} is not a CPU or CUDA device; use {allowed}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{owner}: {what} is a malformed device ({exc}); use {allowed}") from exc
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or a CUDA device; got {device!r}")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+        raise ValueError(f"{owner}: {what} is not a CPU or CUDA device; use {allowed}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"{owner}: {what} needs CUDA, but this machine has none (torch "
+                f"{torch.__version__}: torch.cuda.is_available() is False); {fix}"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"{owner}: {what}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}; use one of them, 'cuda' or 'auto'"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

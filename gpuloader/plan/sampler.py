@@ -42,6 +42,9 @@ progress; after :meth:`RayBatchSampler.load_state_dict` the next pass starts tha
 that batch, so the next batch is the one an uninterrupted run would yield. (Behind a
 ``DataLoader`` with workers the sampler runs ahead of the training loop by the prefetched
 batches: there, save ``{"epoch": e, "batches_yielded": steps_done}`` from your own count.)
+The state also holds the batching arguments and the sample list's size and fingerprint
+(:func:`~gpuloader.plan.resume.batching_identity`): a state of other arguments or data is
+refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -55,15 +58,22 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from gpuloader.augment.rng import Purpose, permutation
-from gpuloader.plan.resume import check_resume_state, resume_state
+from gpuloader.plan.resume import (
+    batching_identity,
+    check_resume_state,
+    resume_state,
+    samples_fingerprint,
+)
 from gpuloader.plan.shard import fit_batches, shard_batches, split_ranges, split_samples
 
 __all__ = [
+    "ALL_RAYS",
     "SHARD_MODES",
     "IndexedSamples",
     "RayBatchSampler",
     "RayRequest",
     "allocate_rays",
+    "check_count",
     "distributed_rank_world",
     "order_only",
     "shard_batches",
@@ -131,6 +141,9 @@ def allocate_rays(capacities: Sequence[int], total: int) -> list[int]:
     return alloc
 
 
+#: what ``rays_per_batch=None`` means (error messages)
+ALL_RAYS = "every ray of each sub-volume"
+
 #: stream index of the batch-order permutation (per-level orders use ``level + 1``).
 _BATCH_ORDER_STREAM = 0xFFFFFFFF
 
@@ -166,6 +179,25 @@ def distributed_rank_world(rank: int | None, world_size: int | None) -> tuple[in
     return rank, world_size
 
 
+def check_count(owner: str, name: str, value: Any, none_means: str | None = None) -> int | None:
+    """``value`` as an int >= 1: a count argument ``name`` of ``owner``; None is kept where
+    ``none_means`` says what it means (else refused).
+
+    Raises:
+        TypeError: not an int (a bool, a float, a string). ValueError: below 1.
+    """
+    allowed = "an int >= 1" + (f" or None ({none_means})" if none_means else "")
+    if value is None and none_means:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{owner}: {name} must be {allowed}; got {name}={value!r} ({type(value).__name__})"
+        )
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be {allowed}; got {name}={value!r}")
+    return int(value)
+
+
 def _resolve_batch_arguments(
     rays_per_batch: Any,
     subvolumes_per_batch: Any,
@@ -181,12 +213,13 @@ def _resolve_batch_arguments(
     upstream order; ``batch_size=`` by keyword means upstream's meaning. ``subvolumes_per_batch``
     None means the default, 8.
     """
+    owner = "RayBatchSampler"
     if isinstance(subvolumes_per_batch, bool):  # (dataset, batch_size, shuffle[, drop_last])
         if batch_size is not None:
             raise TypeError("RayBatchSampler got batch_size twice (by position and keyword)")
         if shuffle is not None and drop_last is not None:
             raise TypeError("RayBatchSampler got drop_last twice (by position and keyword)")
-        batch_size = rays_per_batch
+        batch_size = check_count(owner, "batch_size", rays_per_batch)
         shuffle, drop_last = subvolumes_per_batch, shuffle if shuffle is not None else drop_last
         rays_per_batch, subvolumes_per_batch = None, batch_size
     elif batch_size is not None:
@@ -196,8 +229,12 @@ def _resolve_batch_arguments(
                 "sub-volumes, every ray of each) or rays_per_batch/subvolumes_per_batch (the "
                 "seed's), not both"
             )
-        rays_per_batch, subvolumes_per_batch = None, batch_size
-    elif subvolumes_per_batch is None and rays_per_batch is not None and rays_per_batch <= 8:
+        rays_per_batch, subvolumes_per_batch = None, check_count(owner, "batch_size", batch_size)
+    rays_per_batch = check_count(owner, "rays_per_batch", rays_per_batch, ALL_RAYS)
+    subvolumes_per_batch = check_count(
+        owner, "subvolumes_per_batch", subvolumes_per_batch, "the default, 8"
+    )
+    if subvolumes_per_batch is None and rays_per_batch is not None and rays_per_batch <= 8:
         warnings.warn(
             f"RayBatchSampler(dataset, {rays_per_batch}) reads {rays_per_batch} as "
             "rays_per_batch (the seed's order): at most one ray per sub-volume of 8. For the "
@@ -221,8 +258,10 @@ class RayBatchSampler(Sampler):
         dataset: an indexed dataset (:class:`IndexedSamples`): ``.samples`` (dicts with
             'level' and 'num_rays'), optionally ``available_rays(i)`` (rows it may read after
             its own limits) and ``.seed``; a HierarchicalVoxelRayDataset or its DatasetView.
-        rays_per_batch: rays in a batch (None: every available ray of each sub-volume).
-        subvolumes_per_batch: sub-volumes in a batch (None: 8).
+        rays_per_batch: rays in a batch, an int >= 1 (None: every available ray of each
+            sub-volume).
+        subvolumes_per_batch: sub-volumes in a batch, an int >= 1 (None: 8). A count below 1
+            or not an int raises ValueError / TypeError naming the argument.
         shuffle: permute samples (within a level) and batches each epoch.
         drop_last: drop each level's last, incomplete batch.
         seed: order seed (default: ``dataset.seed``).
@@ -271,10 +310,6 @@ class RayBatchSampler(Sampler):
         rays_per_batch, subvolumes_per_batch, shuffle, drop_last = _resolve_batch_arguments(
             rays_per_batch, subvolumes_per_batch, shuffle, drop_last, batch_size
         )
-        if subvolumes_per_batch < 1:
-            raise ValueError(f"subvolumes_per_batch must be >= 1; got {subvolumes_per_batch}")
-        if rays_per_batch is not None and rays_per_batch < 0:
-            raise ValueError(f"rays_per_batch must be >= 0 or None; got {rays_per_batch}")
         if shard not in SHARD_MODES:
             raise ValueError(f"shard must be one of {SHARD_MODES}; got {shard!r}")
         self.dataset = dataset
@@ -305,6 +340,7 @@ class RayBatchSampler(Sampler):
             levels = np.array([s["level"] for s in samples], dtype=np.int64)
             self._groups = [(int(lv) + 1, np.flatnonzero(levels == lv)) for lv in np.unique(levels)]
         self._owned = None
+        self._fingerprint: str | None = None  # of the sample list, made by the first state
         if shard == "samples":
             if shard_keys is None:  # a striped pack: ranks own contiguous ranges of it
                 keys_of = getattr(getattr(dataset, "ray_store", None), "shard_keys", None)
@@ -414,17 +450,42 @@ class RayBatchSampler(Sampler):
         ``seed``, ``world_size``, ``num_batches`` and ``shard`` are there to check the state on
         load."""
         epoch, done = self._pass if self._pass is not None else (self.epoch, self._resume_at)
-        return resume_state(epoch, done, len(self), self.seed, self.world_size, self.shard)
+        return resume_state(
+            epoch, done, len(self), self.seed, self.world_size, self.shard, self.identity()
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What a resume state must match besides its place (``batching_identity``): the
+        batching arguments, the number of samples and a fingerprint of the sample list (made
+        once, on the first call)."""
+        if self._fingerprint is None and self.dataset is not None:
+            self._fingerprint = samples_fingerprint(self.dataset.samples)
+        return batching_identity(
+            num_samples=len(self._capacity),
+            fingerprint=self._fingerprint,
+            rays_per_batch=self.rays_per_batch,
+            subvolumes_per_batch=self.subvolumes_per_batch,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            mixed_levels=self.mixed_levels,
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (:meth:`state_dict`'s): the next pass starts its epoch at
         its batch. Only ``epoch`` and ``batches_yielded`` are required.
 
         Raises:
-            ValueError: the state was saved with another seed, world size, epoch length or
-                shard mode.
+            ValueError: the state was saved with other batching arguments or samples, another
+                seed, world size, epoch length or shard mode (named), or its
+                ``batches_yielded`` is beyond the epoch.
         """
         self.epoch, self._resume_at = check_resume_state(
-            state, len(self), self.seed, self.world_size, "RayBatchSampler", self.shard
+            state,
+            len(self),
+            self.seed,
+            self.world_size,
+            "RayBatchSampler",
+            self.shard,
+            self.identity(),
         )
         self._pass = None

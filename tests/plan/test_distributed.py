@@ -380,3 +380,55 @@ def test_sample_shards_processes_with_gloo(data_dirs, tmp_path, world_size):
             assert res["rays"][epoch] == [[q[2] for q in b] for b in batches[r]]
         full = [sum(k) == RAYS for res in results for k in res["rays"][epoch]]
         assert sum(full) > len(full) // 2  # most batches' sub-volumes hold RAYS rays or more
+
+
+@pytest.mark.parametrize("new_world", [1, 3, 4])
+def test_resume_with_another_world_size_skips_nothing(new_world):
+    """shard="batches": a state of 2 ranks after 3 batches each (6 global batches taken)
+    resumes each of ``new_world`` ranks at floor(6 / new_world): no global batch skipped,
+    fewer than new_world taken twice, none when it divides."""
+    from gpuloader.plan.resume import ResumeWorldSizeWarning
+
+    ds = _fake_dataset(60)
+    old = [RayBatchSampler(ds, RAYS, SPB, rank=r, world_size=2, seed=1) for r in range(2)]
+    for s in old:
+        s.set_epoch(1)
+        it = iter(s)
+        for _ in range(3):
+            next(it)
+    state = old[0].state_dict()
+    total = len(RayBatchSampler(ds, RAYS, SPB, rank=0, world_size=1, seed=1))
+    positions = set()  # the global batches the new ranks yield (padding left out)
+    for r in range(new_world):
+        s = RayBatchSampler(ds, RAYS, SPB, rank=r, world_size=new_world, seed=1)
+        with pytest.warns(ResumeWorldSizeWarning, match="world_size=2"):
+            s.load_state_dict(state)
+        got = list(s)
+        assert got == s.batches(1)[len(s) - len(got) :]
+        first = len(s) - len(got)
+        positions |= {(first + j) * new_world + r for j in range(len(got))}
+    positions = {p for p in positions if p < total}
+    assert set(range(6, total)) <= positions  # nothing skipped
+    again = {p for p in positions if p < 6}  # taken before the stop, taken again
+    assert len(again) == 6 - (6 // new_world) * new_world < new_world
+
+
+def test_resume_shard_samples_with_another_world_size_keeps_the_fraction():
+    from gpuloader.plan.resume import ResumeWorldSizeWarning
+
+    ds = _fake_dataset(80)
+    a = RayBatchSampler(ds, RAYS, SPB, rank=0, world_size=2, shard="samples")
+    a.set_epoch(0)
+    it = iter(a)
+    half = len(a) // 2
+    for _ in range(half):
+        next(it)
+    state = a.state_dict()
+    b = RayBatchSampler(ds, RAYS, SPB, rank=0, world_size=4, shard="samples")
+    with pytest.warns(ResumeWorldSizeWarning, match="same fraction"):
+        b.load_state_dict(state)
+    assert len(list(b)) == len(b) - (half * len(b)) // len(a)
+    done = dict(state, batches_yielded=len(a))  # a finished epoch: the next one, exactly
+    c = RayBatchSampler(ds, RAYS, SPB, rank=0, world_size=4, shard="samples")
+    c.load_state_dict(done)
+    assert c.state_dict()["epoch"] == 1 and list(c) == c.batches(1)
