@@ -21,9 +21,12 @@ from gpuloader.format.sparse import (
     voxels_to_sparse_coo,
     voxels_to_sparse_index,
 )
+from gpuloader.plan.resume import ResumeWorldSizeWarning
 from gpuloader.plan.sampler import RayBatchSampler, RayRequest
 from gpuloader.stores.npz import NpzRayStore
 from gpuloader.stores.pack import PackedRayStore, open_ray_store, pack_rays
+from gpuloader.stores.pack.publish import pack_to_url
+from gpuloader.stores.resident import ResidentStore
 from gpuloader.tracer import trace
 
 __version__ = "0.1.0"
@@ -38,11 +41,15 @@ __all__ = [
     "PackedRayStore",
     "RayBatchSampler",
     "RayRequest",
+    "ResidentStore",
+    "ResumeWorldSizeWarning",
     "SampleContext",
     "collate_ray_batch",
     "compute_sparse_statistics",
+    "fill_store",
     "open_ray_store",
     "pack_rays",
+    "pack_to_url",
     "sparse_coo_to_dense",
     "trace",
     "transforms",
@@ -56,4 +63,8 @@ def __getattr__(name: str) -> Any:
         from gpuloader.loading.loader import GPURayLoader
 
         return GPURayLoader
+    if name == "fill_store":
+        from gpuloader.reading.fill import fill_store
+
+        return fill_store
     raise AttributeError(f"module 'gpuloader' has no attribute {name!r}")

@@ -17,15 +17,25 @@ permuted once (--seed), cut into stripes of --stripe-rays W rows (default 512), 
 stripe-major with the voxel grids (from --dataset-dir, default the dataset the rays were
 made from) and the views, so that an epoch reads one stripe per level sequentially. The
 summary adds each level's stripe count and record size.
+
+OUT may be an object-storage URL (``s3://bucket/prefix``, any fsspec URL; the ``s3`` extra):
+the striped pack (the default layout there) is built in a local staging folder (--staging,
+default the temporary folder; it must hold the whole pack), then uploaded, the manifest last
+(gpuloader.stores.pack.publish). Credentials and the endpoint come from fsspec's usual
+configuration (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws) or
+--storage-options JSON; nothing of them is written into the pack.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 
 from gpuloader.stores.pack import pack_rays
+from gpuloader.stores.pack.publish import pack_to_url
+from gpuloader.stores.remote.urls import is_url
 
 __all__ = ["add_arguments", "run"]
 
@@ -33,7 +43,9 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``gpuloader pack``."""
     parser.add_argument("ray_dir", metavar="RAY_DIR", help="ray side (ray_dataset_hierarchical/)")
-    parser.add_argument("out", metavar="OUT", help="pack folder to write")
+    parser.add_argument(
+        "out", metavar="OUT", help="pack folder to write, or a URL (s3://bucket/prefix)"
+    )
     parser.add_argument(
         "--levels", type=int, nargs="+", metavar="L", help="pack only these levels (all)"
     )
@@ -50,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layout",
         choices=("rows", "striped"),
-        default="rows",
-        help="rows (default: row arrays) or striped (stripes of W permuted rows per sample)",
+        default=None,
+        help="rows (default for a folder: row arrays) or striped (stripes of W permuted rows "
+        "per sample; the default, and the only layout, for a URL)",
     )
     parser.add_argument(
         "--stripe-rays",
@@ -68,23 +81,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a striped pack's voxel side (default: the dataset the rays were made from)",
     )
+    parser.add_argument(
+        "--staging",
+        metavar="DIR",
+        help="for a URL: the local folder the pack is built in before the upload (temp)",
+    )
+    parser.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help='for a URL: fsspec options, e.g. \'{"client_kwargs": {"endpoint_url": "..."}}\'',
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gpuloader pack``; 0 on success (also when --on-error skip left files out)."""
+    remote = is_url(args.out)
+    try:
+        options = _storage_options(args.storage_options)
+        if not remote and (args.staging is not None or options is not None):
+            raise ValueError(
+                "--staging and --storage-options are for a URL OUT (s3://...); "
+                f"{args.out} is a folder"
+            )
+    except ValueError as exc:
+        print(f"gpuloader pack: error: {exc}", file=sys.stderr)
+        return 2
+    if args.layout is None:
+        args.layout = "striped" if remote else "rows"
+    common = {
+        "levels": args.levels,
+        "progress": not args.quiet,
+        "workers": args.workers,
+        "force": args.force,
+        "on_error": args.on_error,
+    }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        s = pack_rays(
-            args.ray_dir,
-            args.out,
-            levels=args.levels,
-            progress=not args.quiet,
-            workers=args.workers,
-            force=args.force,
-            on_error=args.on_error,
-            **_layout_options(args),
-        )
+        if remote:
+            s = pack_to_url(
+                args.ray_dir,
+                args.out,
+                storage_options=options,
+                staging=args.staging,
+                **common,
+                **(_layout_options(args) or {"layout": args.layout}),
+            )
+        else:
+            s = pack_rays(args.ray_dir, args.out, **common, **_layout_options(args))
     for w in caught:
         text = str(w.message).removeprefix("gpuloader pack: ")
         print(f"gpuloader pack: warning: {text}", file=sys.stderr)
@@ -111,6 +155,19 @@ def run(args: argparse.Namespace) -> int:
         for b in s["bad"]:
             print(f"  {b['error']}: {b['message'].removeprefix(b['file'] + ': ')}")
     return 0
+
+
+def _storage_options(text: str | None) -> dict | None:
+    """``--storage-options`` parsed: a JSON object, or None."""
+    if text is None:
+        return None
+    try:
+        got = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--storage-options is not JSON ({exc}): {text!r}") from exc
+    if not isinstance(got, dict):
+        raise ValueError(f"--storage-options must be a JSON object; got {text!r}")
+    return got
 
 
 def _layout_options(args: argparse.Namespace) -> dict:

@@ -96,6 +96,14 @@ class LocalPackFiles:
     def size(self, name: str) -> int:
         return os.stat(self.path / name).st_size
 
+    def sizes(self, folder: str) -> dict[str, int]:
+        """``{file name: bytes}`` of the files in ``folder`` (empty if it is missing)."""
+        try:
+            with os.scandir(self.path / folder) as it:
+                return {e.name: e.stat().st_size for e in it if e.is_file()}
+        except FileNotFoundError:
+            return {}
+
     def read_bytes(self, name: str) -> bytes:
         return (self.path / name).read_bytes()
 

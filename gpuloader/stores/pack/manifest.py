@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,7 @@ from gpuloader.errors import (
 )
 from gpuloader.format import layout
 from gpuloader.format.index import scan_ray_tree
+from gpuloader.stores.files import LocalPackFiles, PackFiles
 
 __all__ = [
     "FORMAT_NAME",
@@ -261,29 +263,48 @@ def recorded_error(
 # ------------------------------------------------------------------------------ manifest, staleness
 
 
-def read_manifest(pack_dir: Path | str) -> dict[str, Any]:
-    """``pack_dir/manifest.json``, checked for format and version.
+def read_manifest(pack_dir: Path | str, files: PackFiles | None = None) -> dict[str, Any]:
+    """``pack_dir/manifest.json``, checked for format and version (``files``: how to read the
+    pack's files, e.g. a remote pack's; default: the folder on disk).
 
     Raises:
         IncompletePackError: no manifest (not a pack, or an interrupted build), unreadable,
             or another format version.
+        RemoteStoreError: a remote pack that cannot be read (named by its URL).
     """
-    pack_dir = Path(pack_dir)
-    path = pack_dir / MANIFEST
-    if not path.is_file():
-        what = "does not exist" if not pack_dir.exists() else "has no manifest.json"
-        raise IncompletePackError(
-            f"{pack_dir}: {what}; it is not a complete ray pack (an interrupted "
-            "`gpuloader pack`?): build it with `gpuloader pack RAY_DIR "
-            f"{pack_dir} --force`"
-        )
-    try:
-        manifest = layout.read_json(path)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise IncompletePackError(
-            f"{path}: unreadable ({type(exc).__name__}: {exc}); rebuild the pack with "
-            f"`gpuloader pack RAY_DIR {pack_dir} --force`"
-        ) from exc
+    if files is not None and files.remote:
+        path: Any = files.where(MANIFEST)
+        try:
+            raw = files.read_bytes(MANIFEST)
+        except FileNotFoundError as exc:
+            raise IncompletePackError(
+                f"{pack_dir}: has no manifest.json; it is not a complete ray pack (an "
+                "interrupted upload?): upload it with `gpuloader pack RAY_DIR "
+                f"{pack_dir} --force`"
+            ) from exc
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise IncompletePackError(
+                f"{path}: unreadable ({type(exc).__name__}: {exc}); upload the pack again"
+            ) from exc
+    else:
+        pack_dir = Path(pack_dir)
+        path = pack_dir / MANIFEST
+        if not path.is_file():
+            what = "does not exist" if not pack_dir.exists() else "has no manifest.json"
+            raise IncompletePackError(
+                f"{pack_dir}: {what}; it is not a complete ray pack (an interrupted "
+                "`gpuloader pack`?): build it with `gpuloader pack RAY_DIR "
+                f"{pack_dir} --force`"
+            )
+        try:
+            manifest = layout.read_json(path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise IncompletePackError(
+                f"{path}: unreadable ({type(exc).__name__}: {exc}); rebuild the pack with "
+                f"`gpuloader pack RAY_DIR {pack_dir} --force`"
+            ) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise IncompletePackError(
             f"{path}: not a gpuloader ray pack manifest; rebuild it with "
@@ -306,20 +327,27 @@ def read_manifest(pack_dir: Path | str) -> dict[str, Any]:
     return manifest
 
 
-def _check_array_files(pack_dir: Path, manifest: dict[str, Any]) -> None:
+def _check_array_files(
+    pack_dir: Any, manifest: dict[str, Any], files: PackFiles | None = None
+) -> None:
     """Every array and index file of the manifest exists with the size it was written with."""
+    files = LocalPackFiles(pack_dir) if files is None else files
     for level, info in manifest["level_info"].items():
-        ldir = level_dir(pack_dir, int(level))
+        folder = level_dir(Path("."), int(level)).name
+        listed = files.sizes(folder) if hasattr(files, "sizes") else None
         for name, size in info["file_bytes"].items():
-            p = ldir / name
-            try:
-                got = p.stat().st_size
-            except FileNotFoundError:
-                got = None
+            rel = f"{folder}/{name}"
+            if listed is not None:
+                got = listed.get(name)
+            else:
+                try:
+                    got = files.size(rel)
+                except FileNotFoundError:
+                    got = None
             if got != size:
                 state = "missing" if got is None else f"{got} bytes, expected {size}"
                 raise IncompletePackError(
-                    f"{p}: {state}; the pack is damaged: rebuild it with "
+                    f"{files.where(rel)}: {state}; the pack is damaged: rebuild it with "
                     f"`{manifest_rebuild(manifest, pack_dir)}`"
                 )
 
@@ -330,6 +358,7 @@ def check_pack(
     ray_dataset_dir: Path | str | None = None,
     manifest: dict[str, Any] | None = None,
     dataset_dir: Path | str | None = None,
+    files: PackFiles | None = None,
 ) -> dict[str, list[str]]:
     """Compare a pack with its ray tree; raise :class:`StalePackError` if they differ.
 
@@ -341,6 +370,8 @@ def check_pack(
         manifest: the already-read manifest (read here if None).
         dataset_dir: a striped pack's voxel side (default: the manifest's ``dataset_dir``);
             its recorded voxel files are compared as the ray files are.
+        files: how the pack's files are read (default: the folder on disk; a remote
+            pack's :class:`~gpuloader.stores.files.PackFiles`).
 
     Returns:
         ``{"changed": [...], "missing": [...], "new": [...]}``, all empty (else it raises).
@@ -350,9 +381,10 @@ def check_pack(
         StalePackError: the ray tree (or a striped pack's voxel side) is gone or differs
             from the manifest.
     """
-    pack_dir = Path(pack_dir)
-    manifest = read_manifest(pack_dir) if manifest is None else manifest
-    _check_array_files(pack_dir, manifest)
+    if files is None or not files.remote:
+        pack_dir = Path(pack_dir)
+    manifest = read_manifest(pack_dir, files) if manifest is None else manifest
+    _check_array_files(pack_dir, manifest, files)
     diff: dict[str, list[str]] = {"changed": [], "missing": [], "new": []}
     if check == "none":
         return diff

@@ -21,6 +21,7 @@ row arrays (:meth:`PackedRayStore.level_arrays` raises :class:`PackLayoutError`)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ from gpuloader.errors import (
     SampleNotInPackError,
     StalePackError,
 )
+from gpuloader.format import layout
 from gpuloader.format.validate import check_ray_values
+from gpuloader.stores.files import LocalPackFiles, PackFiles
 from gpuloader.stores.npz import NpzRayStore, RayStore, chunk_span
 from gpuloader.stores.pack.manifest import (
     INDEX,
@@ -104,9 +107,17 @@ class PackedRayStore:
     into DataLoader and DALI worker processes.
 
     Args:
-        pack_dir: the pack folder.
+        pack_dir: the pack folder, or the URL of a pack on object storage
+            (``s3://bucket/prefix``, any fsspec URL; needs the ``s3`` extra): a striped pack
+            there streams through :class:`~gpuloader.stores.remote.RemotePackFiles`.
         check: "fast" (compare file list, sizes and mtimes with the ray tree), "full" (also
-            the files' sha256) or "none".
+            the files' sha256) or "none"; None (default): "fast" for a folder, "none" for a
+            URL (the ray tree is rarely where the job runs; the pack's own files are still
+            checked against its manifest, and its pack id at every epoch's stripe read).
+        storage_options: a URL's fsspec options (credentials, ``client_kwargs``'s
+            ``endpoint_url``, ...; default: fsspec's configuration, e.g. the environment).
+        cache_dir, cache_bytes: a URL's local stripe cache (a folder, bounded in bytes,
+            least recently used evicted; default: none).
         ray_dataset_dir: the ray tree to check against (default: the one packed).
         dataset_dir: a striped pack's voxel side to check against (default: the one packed).
 
@@ -126,14 +137,20 @@ class PackedRayStore:
     def __init__(
         self,
         pack_dir: Path | str,
-        check: Check = "fast",
+        check: Check | None = None,
         ray_dataset_dir: Path | str | None = None,
         dataset_dir: Path | str | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: Path | str | None = None,
+        cache_bytes: int | None = None,
     ) -> None:
-        self.pack_dir = Path(pack_dir)
+        self.files: PackFiles = open_pack_files(pack_dir, storage_options, cache_dir, cache_bytes)
+        self.pack_dir: Any = self.files.root if self.files.remote else Path(pack_dir)
+        check = ("none" if self.files.remote else "fast") if check is None else check
         self.check = check
-        manifest = read_manifest(self.pack_dir)
-        check_pack(self.pack_dir, check, ray_dataset_dir, manifest, dataset_dir)
+        manifest = read_manifest(self.pack_dir, self.files)
+        check_pack(self.pack_dir, check, ray_dataset_dir, manifest, dataset_dir, self.files)
         self.layout: str = pack_layout(manifest)
         striped = self.layout == "striped"
         self.stripe_rays: int | None = int(manifest["stripe_rays"]) if striped else None
@@ -151,12 +168,16 @@ class PackedRayStore:
             if striped
         }
         self.pack_id: str = manifest["pack_id"]
+        if self.files.remote:
+            self.files.pack_id = self.pack_id  # keys its cache, checked at every stripe read
         self.source_root = Path(manifest["source_root"])
         self.levels: list[int] = sorted(int(lv) for lv in manifest["level_info"])
         self.packed_levels: list[int] | None = manifest["levels"]
         self.totals: dict[str, int] = dict(manifest["totals"])
         self._open: dict[int, PackLevel] = {}
         root = Path(ray_dataset_dir) if ray_dataset_dir is not None else self.source_root
+        #: the ray tree the staleness check compared the pack with (None: not checked)
+        self._checked: Path | None = root if check != "none" else None
         #: (level, hash) -> (relative path, manifest record) of the files left out as bad
         self._bad: dict[tuple[int, str], tuple[str, dict[str, Any]]] = {
             (int(rec["level"]), str(rec["hash"])): (rel, rec)
@@ -216,8 +237,14 @@ class PackedRayStore:
         if got is None and level in self.levels:
             if self.layout == "striped":
                 info = self._striped_info[level]
-                got = StripedLevel(self.pack_dir, level, self.pack_id, info)
+                got = StripedLevel(self.pack_dir, level, self.pack_id, info, self.files)
             else:
+                if self.files.remote:
+                    raise PackLayoutError(
+                        f"ray pack {self.pack_dir} has the rows layout, which is read from "
+                        "a local folder only; build a striped pack for object storage "
+                        "(gpuloader pack RAY_DIR OUT --layout striped)"
+                    )
                 got = PackLevel(self.pack_dir, level, self.pack_id)
             self._open[level] = got
         return got
@@ -286,6 +313,36 @@ class PackedRayStore:
             return lv, i, int(lv.n_rays[i]), int(lv.view_start[i]), int(lv.view_count[i])
         r0, n, v0, v = (int(x) for x in lv.offsets[i])
         return lv, r0, n, v0, v
+
+    def ray_listing(
+        self, ray_dataset_dir: Path | str | None = None, levels: Any = None
+    ) -> list[tuple[int, str, Path, Any]] | None:
+        """The ray files this pack was built from, as ``build_index(ray_files=...)`` takes
+        them: ``(level, hash, path, count)``, ``path`` under ``ray_dataset_dir`` (default:
+        the source root), ``count`` the file's rays, or for a file left out as bad None when
+        the file is there (its header is read, as without a pack) else its recorded error.
+        None (the caller scans the tree) when the pack does not hold every level asked for
+        (``levels``; None: all the tree's levels), so that a missing level is named on read,
+        or when ``ray_dataset_dir`` exists and is not the tree the pack was checked against
+        (its staleness check off, or another folder). So the listing is used where it
+        equals the scan: the checked tree, or no tree at all (a remote pack's node)."""
+        root = Path(ray_dataset_dir) if ray_dataset_dir is not None else self.source_root
+        if root.exists() and not (self._checked is not None and _same_dir(root, self._checked)):
+            return None  # a tree the pack was not checked against: scan it
+        if self.packed_levels is not None:
+            if levels is None or not {int(lv) for lv in levels} <= set(self.packed_levels):
+                return None
+        out: list[tuple[int, str, Path, Any]] = []
+        for level in self.levels:
+            lv = self.open_level(level)
+            counts = lv.n_rays if isinstance(lv, StripedLevel) else lv.offsets[:, 1]
+            for h, i in lv.row.items():
+                out.append((level, h, layout.ray_path(root, level, h), int(counts[i])))
+        for (level, h), (rel, _) in self._bad.items():
+            path = root / rel
+            known = None if path.exists() else self.bad_error(level, h)
+            out.append((level, h, path, known))
+        return out
 
     def shard_keys(self, samples: list[dict[str, Any]]) -> np.ndarray | None:
         """Each sample's place in a striped pack, for ``RayBatchSampler(shard="samples")``:
@@ -367,6 +424,42 @@ class PackedRayStore:
         out["view_positions"] = lv.view_positions[v0 : v0 + v].copy()
         check_ray_values(sample.get("ray_path"), out, file_rows)  # the rows gathered only
         return out
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def open_pack_files(
+    pack_dir: Path | str,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: Path | str | None = None,
+    cache_bytes: int | None = None,
+) -> PackFiles:
+    """The files of a pack: a folder (:class:`LocalPackFiles`), or a URL
+    (:class:`~gpuloader.stores.remote.RemotePackFiles`, with a :class:`StripeCache` in
+    ``cache_dir`` of ``cache_bytes`` when given)."""
+    from gpuloader.stores.remote.urls import is_url
+
+    if not is_url(pack_dir):
+        if storage_options or cache_dir is not None:
+            raise ValueError(
+                f"storage_options and cache_dir are for a pack URL (s3://...); {pack_dir} is "
+                "a local folder"
+            )
+        return LocalPackFiles(pack_dir)
+    from gpuloader.stores.remote.cache import StripeCache
+    from gpuloader.stores.remote.files import RemotePackFiles
+
+    cache = None
+    if cache_dir is not None:
+        if cache_bytes is None:
+            raise ValueError("cache_dir needs cache_bytes (the cache's bound in bytes)")
+        cache = StripeCache(cache_dir, int(cache_bytes))
+    return RemotePackFiles(str(pack_dir), storage_options, cache=cache)
 
 
 def open_ray_store(

@@ -85,7 +85,7 @@ sample is used at least once.
 
 from __future__ import annotations
 
-import os
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,8 +100,9 @@ from gpuloader.augment.rng import (
     feistel_permute,
     random_words,
 )
-from gpuloader.errors import IncompletePackError, StalePackError
-from gpuloader.stores.pack.manifest import INDEX, level_dir
+from gpuloader.errors import IncompletePackError, PackLayoutError, StalePackError
+from gpuloader.stores.files import LocalPackFiles, PackFiles, load_npy, load_npz
+from gpuloader.stores.pack.manifest import INDEX, MANIFEST, level_dir
 
 __all__ = [
     "GRIDS",
@@ -244,27 +245,36 @@ class StripedLevel:
         StalePackError: the level was written by another build (``pack_id``).
     """
 
-    def __init__(self, pack_dir: Path, level: int, pack_id: str, info: dict[str, Any]) -> None:
-        self.pack_dir = Path(pack_dir)
+    def __init__(
+        self,
+        pack_dir: Path | str,
+        level: int,
+        pack_id: str,
+        info: dict[str, Any],
+        files: PackFiles | None = None,
+    ) -> None:
+        self.files: PackFiles = LocalPackFiles(pack_dir) if files is None else files
+        self.pack_dir = pack_dir if self.files.remote else Path(pack_dir)
         self.level = int(level)
-        self.dir = level_dir(pack_dir, level)
+        self.dir = level_dir(Path("."), level).name  # "level_<L>", the files' folder
+        where = self.files.where(self.dir)
         try:
-            with np.load(self.dir / INDEX, allow_pickle=False) as idx:
-                got_id = str(idx["pack_id"])
-                arrays = {k: idx[k] for k in INDEX_KEYS}
+            arrays = load_npz(self.files, self._name(INDEX), ("pack_id", *INDEX_KEYS))
+            got_id = str(arrays.pop("pack_id"))
             if got_id != pack_id:
                 raise StalePackError(
                     f"ray pack {pack_dir} was rebuilt while in use (pack id {got_id}, opened "
                     f"as {pack_id}); open the store again"
                 )
-            self.grids: np.ndarray = _mapped(self.dir / GRIDS)
-            self.view_positions: np.ndarray = _mapped(self.dir / VIEWS)
-            self.positions: np.ndarray = _mapped(self.dir / POSITIONS)
+            self.grids: np.ndarray = load_npy(self.files, self._name(GRIDS))
+            self.view_positions: np.ndarray = load_npy(self.files, self._name(VIEWS))
         except FileNotFoundError as exc:
             raise IncompletePackError(
-                f"{self.dir}: {exc.filename} is missing; the pack is damaged: rebuild it "
+                f"{where}: {exc.filename or exc} is missing; the pack is damaged: rebuild it "
                 f"(gpuloader pack RAY_DIR {pack_dir} --force --layout striped)"
             ) from exc
+        self._positions: np.ndarray | None = None
+        self.pack_id = str(pack_id)
         self.stripe_rays = int(info["stripe_rays"])
         self.stripes = int(info["stripes"])
         self.record: np.dtype = record_from_descr(info["record"])
@@ -281,6 +291,31 @@ class StripedLevel:
         self.row: dict[str, int] = {str(h): i for i, h in enumerate(self.hashes.tolist())}
         self._stripes: dict[int, np.ndarray] = {}
 
+    def _name(self, name: str) -> str:
+        """``level_<L>/<name>``, a file of the level in the pack."""
+        return f"{self.dir}/{name}"
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(N_L,) uint16/uint32 ``positions.npy`` (file row -> place): memory-mapped on
+        disk, fetched whole on first use from object storage (only the CPU API's ``read``
+        needs it)."""
+        if self._positions is None:
+            try:
+                self._positions = load_npy(self.files, self._name(POSITIONS))
+            except FileNotFoundError as exc:
+                raise IncompletePackError(
+                    f"{self.files.where(self._name(POSITIONS))} is missing; the pack is "
+                    f"damaged: rebuild it (gpuloader pack RAY_DIR {self.pack_dir} --force "
+                    "--layout striped)"
+                ) from exc
+        return self._positions
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_stripes"] = {}  # memory maps are reopened in the receiving process
+        return state
+
     @property
     def num_samples(self) -> int:
         """K_L, the samples of the level."""
@@ -291,17 +326,26 @@ class StripedLevel:
         """Bytes of one stripe file: K_L * W * R."""
         return self.num_samples * self.stripe_rays * self.record_bytes
 
-    def stripe_path(self, s: int) -> Path:
-        """``level_<L>/stripe_<s>.bin`` (IndexError outside 0 .. S_L-1)."""
+    def stripe_name(self, s: int) -> str:
+        """``level_<L>/stripe_<s>.bin``, the file's name in the pack (IndexError outside
+        0 .. S_L-1)."""
         self._check_stripe(s)
-        return self.dir / stripe_name(s)
+        return self._name(stripe_name(s))
+
+    def stripe_path(self, s: int) -> Path | str:
+        """Stripe ``s``'s file: its Path in a local pack, its URL in a remote one
+        (IndexError outside 0 .. S_L-1)."""
+        where = self.files.where(self.stripe_name(s))
+        return where if self.files.remote else Path(where)
 
     def stripe(self, s: int) -> np.ndarray:
-        """Stripe ``s`` memory-mapped, read-only: (K_L, W) records (mapped once per process)."""
+        """Stripe ``s`` memory-mapped, read-only: (K_L, W) records (mapped once per process;
+        a local pack only)."""
         got = self._stripes.get(int(s))
         if got is None:
-            path = self.stripe_path(s)
-            got = np.memmap(path, dtype=self.record, mode="r")
+            if not isinstance(self.files, LocalPackFiles):
+                raise PackLayoutError(f"{self.stripe_path(s)}: a remote stripe is not mapped")
+            got = np.memmap(self.stripe_path(s), dtype=self.record, mode="r")
             got = got.view(np.ndarray).reshape(self.num_samples, self.stripe_rays)
             self._stripes[int(s)] = got
         return got
@@ -333,8 +377,9 @@ class StripedLevel:
     ) -> np.ndarray:
         """Stripe ``s`` of several sample ranges ``(first, num)`` (ascending, not
         overlapping), one after the other: one pass forward through the stripe file, one
-        read per range and nothing between them (with several ranges the file is read
-        without the kernel's read-ahead, ``POSIX_FADV_RANDOM``, so the gaps stay unread).
+        read per range and nothing between them (with several ranges a local file is read
+        without the kernel's read-ahead, ``POSIX_FADV_RANDOM``, so the gaps stay unread; a
+        remote one with concurrent range requests: :class:`PackFiles`).
 
         Args:
             out: as :meth:`read_stripe`'s, of at least ``sum(num)*W*R`` bytes.
@@ -363,24 +408,10 @@ class StripedLevel:
             if out.nbytes < nbytes:
                 raise ValueError(f"out holds {out.nbytes} bytes; stripe range needs {nbytes}")
             raw = out.reshape(-1).view(np.uint8)[:nbytes]
-        path = self.dir / stripe_name(s)
-        view = memoryview(raw)
-        at = 0
-        with open(path, "rb", buffering=0) as f:
-            if len(ranges) > 1 and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-            for first, num in ranges:
-                f.seek(first * w * r)
-                stop, got = at + num * w * r, at
-                while got < stop:
-                    n = f.readinto(view[got:stop])
-                    if not n:
-                        raise IncompletePackError(
-                            f"{path}: ends after {first * w * r + got - at} bytes, expected "
-                            f"{self.stripe_bytes}; the pack is damaged: rebuild it"
-                        )
-                    got += n
-                at = stop
+        if self.files.remote:
+            self._check_current()
+        spans = [(first * w * r, num * w * r) for first, num in ranges if num]
+        self.files.read_spans(self.stripe_name(s), spans, memoryview(raw))
         return raw.view(self.record).reshape(total, w)
 
     def stripe_rows(self, i: int, s: int) -> np.ndarray:
@@ -413,19 +444,41 @@ class StripedLevel:
             sorted_s = stripe_of[order]
             cuts = np.flatnonzero(np.diff(sorted_s)) + 1
             for part in np.split(order, cuts):
-                flat = self.stripe(int(stripe_of[part[0]])).reshape(-1)
-                recs[part] = flat[slot[part]]
+                st = int(stripe_of[part[0]])
+                if isinstance(self.files, LocalPackFiles):
+                    recs[part] = self.stripe(st).reshape(-1)[slot[part]]
+                else:
+                    recs[part] = self._fetch_records(st, slot[part])
         return {
             k: np.array(recs[k], dtype=schema.field(k).disk, order="C") for k in schema.RAY_FIELDS
         }
 
+    def _check_current(self) -> None:
+        """A remote pack's manifest still has the pack id this level was opened with (one
+        small request): a pack replaced on the store mid-job is refused, not mixed."""
+        raw = self.files.read_bytes(MANIFEST)
+        try:
+            got = str(json.loads(raw.decode("utf-8")).get("pack_id"))
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            got = "an unreadable manifest"
+        if got != self.pack_id:
+            raise StalePackError(
+                f"ray pack {self.pack_dir} was replaced on the store while in use (pack id "
+                f"{got}, opened as {self.pack_id}); open the store again (restart the job)"
+            )
+
+    def _fetch_records(self, s: int, slots: np.ndarray) -> np.ndarray:
+        """Records ``slots`` ((k,) int64 flat slots ``i*W + j``) of stripe ``s``, fetched as
+        the byte spans of their distinct slots (runs of neighbours merged): (k,) records."""
+        r = self.record_bytes
+        uniq, back = np.unique(slots, return_inverse=True)
+        cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
+        runs = np.split(uniq, cuts)
+        spans = [(int(run[0]) * r, len(run) * r) for run in runs]
+        raw = np.empty(uniq.shape[0] * r, dtype=np.uint8)
+        self.files.read_spans(self.stripe_name(s), spans, memoryview(raw))
+        return raw.view(self.record)[back]
+
     def _check_stripe(self, s: int) -> None:
         if not 0 <= int(s) < self.stripes:
             raise IndexError(f"stripe {s} outside 0 .. {self.stripes - 1} of level {self.level}")
-
-
-def _mapped(path: Path) -> np.ndarray:
-    """A read-only memory map of an ``.npy`` file, as a plain ndarray view."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(2, "No such file", str(path))
-    return np.load(path, mmap_mode="r").view(np.ndarray)
