@@ -99,7 +99,10 @@ class GPURayLoader:
         transform: the transform (None: ``dataset.transform``). Custom callables must come
             before the known transforms; they run per sample in the reader.
         seed: order seed (None: ``dataset.seed``).
-        num_workers: reader processes (DALI: >= 1; torch: 0 reads in this process).
+        num_workers: reader processes (DALI: >= 1; torch: 0 reads in this process). The
+            striped store has no reader processes (one background thread reads the next
+            stripe), so it ignores ``num_workers`` and ``backend``; the resident stores use
+            them for the fill only.
         prefetch: batches read ahead.
         device: "auto" (ToDevice's target if the transform has one, else CUDA when torch
             and CuPy can use it, else CPU), "cpu", "cuda" or "cuda:N" (a malformed one, or

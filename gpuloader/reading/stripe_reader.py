@@ -42,6 +42,7 @@ import numpy as np
 from gpuloader import schema
 from gpuloader.augment import rng
 from gpuloader.errors import GPULoaderError, PackError
+from gpuloader.reading.widen import widen_into
 from gpuloader.stores.pack.striped import StripedLevel
 
 __all__ = [
@@ -239,9 +240,8 @@ class StripeReader:
                 raise PackError(f"{path}: reading stripe {s} failed: {exc}") from exc
             got_rows = np.concatenate([np.arange(a, a + n) for a, n in chunk])
             sel = np.flatnonzero((rows >= got_rows[0]) & (rows <= got_rows[-1]))
-            got = raw[np.searchsorted(got_rows, rows[sel])]  # (m, W) packed records
-            for name in schema.RAY_FIELDS:  # widened field by field straight into place
-                out[name][slots[sel], t] = got[name]
+            src = np.searchsorted(got_rows, rows[sel])  # the row of raw of each sample
+            widen_into(raw, src, slots[sel], t, out)  # without the GIL (reading/widen.py)
 
     # -- the double buffer -------------------------------------------------------------------
 

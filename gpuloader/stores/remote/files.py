@@ -133,6 +133,9 @@ class RemotePackFiles:
         self._pool: cf.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        #: bytes received and GET requests sent by this object (this process), all tries
+        self.fetched_bytes = 0
+        self.requests = 0
 
     def __repr__(self) -> str:
         return f"RemotePackFiles({self.root!r})"
@@ -241,7 +244,18 @@ class RemotePackFiles:
         """The whole object in one GET (RemoteNotFoundError, a FileNotFoundError, if
         missing)."""
         kw = {"max_concurrency": 1} if self.protocol in _S3 else {}
-        return bytes(self._retry(lambda: self._call("cat_file", name, **kw), name, "read"))
+
+        def once() -> bytes:
+            data = self._call("cat_file", name, **kw)
+            self._count(len(data))
+            return data
+
+        return bytes(self._retry(once, name, "read"))
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self.fetched_bytes += int(nbytes)
+            self.requests += 1
 
     def read_spans(self, name: str, spans: Sequence[tuple[int, int]], out: memoryview) -> None:
         """The spans into ``out`` (see :class:`PackFiles`): from the cache when it holds
@@ -293,6 +307,7 @@ class RemotePackFiles:
 
         def once() -> bytes:
             data = self._call("cat_file", name, start=offset, end=offset + nbytes)
+            self._count(len(data))
             if len(data) != nbytes:
                 raise ShortRead(offset, nbytes, len(data))
             return data
