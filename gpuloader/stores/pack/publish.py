@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from gpuloader.errors import IncompletePackError, PackError, StalePackError
-from gpuloader.stores.pack.build import _describe, _options, pack_rays
+from gpuloader.stores.pack.build import pack_rays
 from gpuloader.stores.pack.build_steps import summary
-from gpuloader.stores.pack.manifest import MANIFEST, check_pack, read_manifest
+from gpuloader.stores.pack.manifest import MANIFEST, check_pack, pack_layout, read_manifest
 from gpuloader.stores.pack.striped_build import find_dataset_dir
 
 __all__ = ["pack_to_url"]
@@ -123,9 +123,16 @@ def _remote_mismatch(
     if manifest["source_root"] != str(root) or manifest["levels"] != level_list:
         return f"it packs {manifest['source_root']} at levels {manifest['levels']}"
     wanted = ("striped", int(stripe_rays), int(seed), str(find_dataset_dir(root, dataset_dir)))
-    got = _options(manifest)
+    got = (
+        pack_layout(manifest),
+        manifest.get("stripe_rays"),
+        manifest.get("seed"),
+        manifest.get("dataset_dir"),
+    )
     if got != wanted:
-        return f"{_describe(got)}; asked for {_describe(wanted)}"
+        return f"layout {got[0]}, stripe_rays {got[1]}, seed {got[2]}, voxels from {got[3]}; " + (
+            f"asked for stripe_rays {wanted[1]}, seed {wanted[2]}, voxels from {wanted[3]}"
+        )
     try:
         check_pack(url, "fast", root, manifest, None, files)
     except StalePackError as exc:
