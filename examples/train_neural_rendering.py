@@ -354,11 +354,60 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def plain(value: Any) -> Any:
+    """``value`` as what ``torch.load(weights_only=True)`` reads back: tensors, dicts, lists,
+    tuples, str, int, float, bool and None (numpy scalars and arrays, paths converted)."""
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"checkpoint: cannot save a {type(value).__name__} ({value!r:.60})")
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (made :func:`plain`) so that :func:`load_checkpoint` can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
+    torch.save(plain(state), tmp)
     tmp.replace(path)  # never leave a half-written checkpoint
+
+
+#: keys every checkpoint of this script holds
+CHECKPOINT_KEYS: tuple[str, ...] = ("model", "optimizer", "epoch", "history", "baselines")
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint :func:`save_checkpoint` wrote, read with ``weights_only=True``: a file that
+    holds other Python objects (a crafted pickle) is refused before any of its code runs.
+
+    Raises:
+        SystemExit: the file cannot be read so, or lacks a key this script needs (the
+            message names the file and what to do).
+    """
+    fix = "resume from a checkpoint this script wrote (--checkpoint), or delete the file"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # UnpicklingError (a refused object), RuntimeError, EOFError
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SystemExit(
+            f"error: {path}: not a checkpoint that can be loaded safely "
+            f"(torch.load(weights_only=True) refused it: {type(exc).__name__}: {detail}); "
+            f"nothing in it was run; {fix}"
+        ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise SystemExit(f"error: {path}: not a checkpoint of this script (no {missing}); {fix}")
+    return state
 
 
 def plot_curves(path: Path, history: dict[str, Any]) -> None:
@@ -449,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint is None:
             raise SystemExit("--resume needs --checkpoint PATH")
         if args.checkpoint.is_file():
-            state = torch.load(args.checkpoint, map_location=device, weights_only=False)
+            state = load_checkpoint(args.checkpoint, device)
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             history, base, start_epoch = state["history"], state["baselines"], state["epoch"] + 1

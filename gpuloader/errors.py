@@ -241,3 +241,34 @@ class RemoteRetriesExhaustedError(RemoteStoreError, TimeoutError):
 
 class MissingExtraError(GPULoaderError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
+
+
+class BadVoxelValueError(InvalidValueError):
+    """A voxel grid holding values other than 0 and 1 (NaN, negatives, 1e-30, 2 ...).
+
+    The format stores occupancy as bool; an integer or float grid is read only when every
+    value is exactly 0 or 1 (a bool array whose bytes are not 0/1 is refused the same way).
+    """
+
+
+class WrongGridSideError(BadGridError):
+    """A voxel grid (or a ray file's ``grid_shape``) whose side is not its level's:
+    ``base_resolution >> level`` (``dataset/metadata.json``)."""
+
+
+class DeclaredSizeError(FileCheckError):
+    """An npz member whose ``.npy`` header declares more bytes than the file can hold
+    (more than its zip member's size, or than deflate can inflate from its compressed
+    bytes: about 1032:1); refused before anything is allocated."""
+
+
+class OutsideRootError(UnreadableFileError):
+    """A file or folder of the dataset that resolves (through a symlink) outside its root
+    (``dataset/`` or ``ray_dataset_hierarchical/``); refused unless allowed explicitly
+    (``build_index(..., allow_outside=True)``). ``path`` is the link, ``detail`` its target."""
+
+
+class BadObjectIdError(DamagedFileError):
+    """An object ID in ``splits.json`` that is not a plain name (it holds ``/``, ``\\``, is
+    ``.`` or ``..``, or is empty): the format makes folder names of IDs, so a path-like ID
+    would reach files outside the dataset."""

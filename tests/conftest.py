@@ -23,6 +23,17 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny"), max_level=1)
 
 
+@pytest.fixture()
+def tiny_copy(tiny_dataset, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the tiny dataset that a test may damage: ``tmp_path/dataset`` and
+    ``tmp_path/ray_dataset_hierarchical`` (base 16: level-1 grids are 8^3)."""
+    ds, rays = tiny_dataset
+    return (
+        Path(shutil.copytree(ds, tmp_path / "dataset")),
+        Path(shutil.copytree(rays, tmp_path / "ray_dataset_hierarchical")),
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Levels 0, 1 and 2 (16^3, 8^3, 4^3)."""

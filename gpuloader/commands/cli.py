@@ -60,6 +60,7 @@ class _ParagraphFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``gpuloader`` parser; each sub-command's parser is in ``parser.subcommands``."""
     from gpuloader import __version__
 
     parser = argparse.ArgumentParser(
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gpuloader {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subcommands: dict[str, argparse.ArgumentParser] = {}
     for name, (module_name, help_) in COMMANDS.items():
         module = importlib.import_module(module_name)
         p = sub.add_parser(
@@ -79,7 +81,45 @@ def build_parser() -> argparse.ArgumentParser:
         )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+        subcommands[name] = p
+    parser.subcommands = subcommands  # type: ignore[attr-defined]
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` where an unknown option of a sub-command is the sub-command's error.
+
+    argparse hands options a sub-parser does not know back to the top-level parser, which
+    prints its own usage; here the sub-command's parser reports them (its usage, exit 2).
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        owner = parser.subcommands.get(args.command, parser)  # type: ignore[attr-defined]
+        owner.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _check_folders(args: argparse.Namespace) -> None:
+    """``verify``'s DATASET_DIR and RAY_DIR the right way round (``info`` checks its own)."""
+    if args.command == "verify":
+        from gpuloader.commands.info.folders import check_roots
+
+        check_roots(args.dataset_dir, args.ray_dir, "verify")
+
+
+def _quiet_workers_exit() -> None:
+    """After Ctrl-C: no ``Exception ignored in atexit callback`` from the interpreter's exit.
+
+    multiprocessing's exit handler joins child processes; a second Ctrl-C (or the first
+    reaching it) would print a traceback there. Worker processes are already terminated by
+    the code that started them; ignore SIGINT for the rest of the exit.
+    """
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):  # not the main thread
+        pass
 
 
 def _quiet_broken_pipe() -> int:
@@ -101,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     from gpuloader.errors import GPULoaderError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:  # `gpuloader` alone
-        parser.print_help()
-        return 0
+    args = _parse(parser, argv)
+    if args.command is None:  # `gpuloader` alone: a usage error, as a missing argument
+        parser.print_help(sys.stderr)
+        print(f"gpuloader: error: give a COMMAND ({', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
     try:
+        _check_folders(args)
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here rather than at exit
         return code
@@ -115,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpuloader {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gpuloader {args.command}: interrupted", file=sys.stderr)
+        _quiet_workers_exit()
+        again = "; run the same command again to resume" if args.command == "generate" else ""
+        print(f"gpuloader {args.command}: interrupted{again}", file=sys.stderr)
         return 130
 
 

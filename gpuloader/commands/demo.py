@@ -12,6 +12,7 @@ histogram of ray distances.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,33 @@ def ensure_data(
     """Generate ``preset`` into ``out`` unless it is already complete; return its two roots.
 
     Resume-safe: a folder holding a (possibly interrupted) run of the same preset is
-    completed, not rewritten; a complete one costs a fraction of a second to check.
+    completed, not rewritten; a complete one costs a fraction of a second to check. A kept
+    file that fails its check is rewritten, with one ``rewrote FILE: why`` line on stderr.
+
+    Raises:
+        GenerationError: ``out`` holds a dataset of another configuration (it is never
+            replaced here), or is a dataset or ray root itself.
     """
+    import dataclasses
+
+    from gpuloader.errors import GenerationError
     from gpuloader.generate import PRESETS, generate_dataset
+    from gpuloader.generate.writer import MANIFEST, manifest_matches
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     out = Path(out)
+    config = dataclasses.replace(PRESETS[preset])
+    if manifest_matches(out, config.identity()) is False:
+        raise GenerationError(
+            f"{out} holds a dataset generated with another configuration (see "
+            f"{out / MANIFEST}), not the {preset!r} preset; give another folder (demo --out) "
+            "or delete this one"
+        )
     done_before = (out / "ray_dataset_hierarchical" / "processing_summary.json").is_file()
-    generate_dataset(out, PRESETS[preset], progress=progress and not done_before)
+    summary = generate_dataset(out, config, progress=progress and not done_before)
+    for item in summary.get("rewritten", []):
+        print(f"rewrote {item['file']}: {item['reason']}", file=sys.stderr)
     return data_dirs(out)
 
 

@@ -2,7 +2,11 @@
 
 Writes OUT/dataset and OUT/ray_dataset_hierarchical. Say what to generate with --preset,
 --shapes or --mesh (one of them is required); a preset gives defaults, explicit options
-override them. Re-running with the same config into the same OUT resumes it.
+override them. Re-running with the same config into the same OUT resumes it: files already
+there are kept when they pass their check and rewritten when not (one "rewrote FILE: why"
+line each), so the same command repairs a damaged file. OUT is the folder that will hold
+both roots, not a dataset root; a folder holding another config's dataset is refused unless
+--overwrite.
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"gpuloader generate: warning: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for item in summary.get("rewritten", []):
+        print(f"rewrote {item['file']}: {item['reason']}")
     if summary["num_ray_files"] == 0:
         raise GenerationError(f"no ray files were written to {summary['ray_dir']}")
     state = "resumed" if summary["resumed"] else "generated"

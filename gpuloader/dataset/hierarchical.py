@@ -193,6 +193,8 @@ class HierarchicalVoxelRayDataset(Dataset):
         sparse_connectivity: neighbours of the graph: 6, 18 or 26.
         on_error: "raise" (stop at the first bad file, naming it) or "skip" (replace a bad
             sample reproducibly, record it: module doc).
+        allow_outside: serve files and folders that symlinks lead outside the two roots
+            (refused by default, as object IDs that are not plain names always are).
 
     Raises:
         DatasetLayoutError, NoSamplesError, DamagedFileError: see :mod:`gpuloader.format.index`.
@@ -216,6 +218,7 @@ class HierarchicalVoxelRayDataset(Dataset):
         sparse_mode: str = "coo",
         sparse_connectivity: int = 6,
         on_error: str = "raise",
+        allow_outside: bool = False,
     ) -> None:
         if samples_per_subvolume is not None and samples_per_subvolume < 0:
             raise ValueError(f"samples_per_subvolume must be >= 0; got {samples_per_subvolume}")
@@ -226,22 +229,19 @@ class HierarchicalVoxelRayDataset(Dataset):
         if rays_per_chunk is not None and int(rays_per_chunk) < 1:
             raise ValueError(f"rays_per_chunk must be >= 1 or None; got {rays_per_chunk}")
         self.rays_per_chunk = None if rays_per_chunk is None else int(rays_per_chunk)
-        self.sparse_voxels = bool(sparse_voxels)
-        self.sparse_mode = sparse_mode
+        self.sparse_voxels, self.sparse_mode = bool(sparse_voxels), sparse_mode
         self.sparse_connectivity = int(sparse_connectivity)
-        self.dataset_dir = Path(dataset_dir)
-        self.ray_dataset_dir = Path(ray_dataset_dir)
+        self.dataset_dir, self.ray_dataset_dir = Path(dataset_dir), Path(ray_dataset_dir)
         self.split = split
         self.levels = _levels_argument(levels)
-        self.samples_per_subvolume = samples_per_subvolume
-        self.include_empty = include_empty
+        self.samples_per_subvolume, self.include_empty = samples_per_subvolume, include_empty
         self.transform = transform
         self.seed = int(seed)
         self.isolation = isolation
         self.epoch = 0
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
-        self.on_error = on_error
+        self.on_error, self.allow_outside = on_error, bool(allow_outside)
         #: what reads met in this process (``errors``, ``skipped``; shared with the view)
         self.read_log = ReadLog()
         index_errors: list[tuple[str, BaseException]] = []
@@ -257,6 +257,7 @@ class HierarchicalVoxelRayDataset(Dataset):
             isolation=isolation,
             errors=index_errors if on_error == "skip" else None,
             ray_files=listing,
+            allow_outside=allow_outside,
         )
         if self.levels is not None:
             _check_levels_exist(

@@ -36,17 +36,24 @@ Filters run in this order: split (and isolation), levels, empty. When nothing su
 from __future__ import annotations
 
 import hashlib
-import os
-import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
-from gpuloader.errors import DamagedFileError, DatasetLayoutError, EmptyRayFileError, NoSamplesError
+from gpuloader.errors import (
+    BadObjectIdError,
+    DamagedFileError,
+    DatasetLayoutError,
+    EmptyRayFileError,
+    NoSamplesError,
+)
 from gpuloader.format import layout
-from gpuloader.format.npz_files import NPZ_DECODE_ERRORS, load_npz, unreadable_error
+from gpuloader.format.listing import (
+    npz_member_header,
+    read_json_checked,
+    read_splits,
+    scan_ray_tree,
+)
 
 __all__ = [
     "SPLITS",
@@ -62,122 +69,58 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 Isolation = Literal["shared", "strict"]
 
 
-def npz_member_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of array ``key`` in an ``.npz`` file, without inflating the array.
-
-    Opens the zip member and parses only the ``.npy`` header (a few hundred bytes).
-
-    Raises:
-        DatasetLayoutError: the file does not exist.
-        DamagedFileError: not a zip, no such member, or a bad ``.npy`` header.
-    """
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            else:  # 2.0, or 3.0 (same layout, utf-8; our dtypes keep the header ASCII)
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    except FileNotFoundError as exc:
-        raise DatasetLayoutError(f"{path}: file not found") from exc
-    except NPZ_DECODE_ERRORS as exc:
-        unreadable = unreadable_error(path, exc)
-        if unreadable is not None:
-            raise unreadable from exc
-        load_npz(path, (key,))  # raises the named error a full read gives (bare .npy, ...)
-        raise DamagedFileError(
-            f"{path}: cannot read the header of array {key!r} ({type(exc).__name__}: {exc}); "
-            "the file is damaged or not an npz written by numpy.savez_compressed: "
-            "regenerate it (gpuloader generate) or delete it"
-        ) from exc
-    return tuple(int(s) for s in shape), np.dtype(dtype)
+def _refuse(errors: list[tuple[str, BaseException]] | None, path: Any, exc: Exception) -> None:
+    """Raise ``exc`` (raise policy) or record it as ``(path, exc)`` (``errors``: skip)."""
+    if errors is None:
+        raise exc
+    errors.append((str(path), exc))
 
 
-def read_splits(dataset_dir: Path) -> dict[str, Any]:
-    """``dataset/splits.json``, checked for ``object_splits``.
-
-    Raises:
-        DatasetLayoutError: ``metadata.json`` or ``splits.json`` is missing.
-        DamagedFileError: either file is not valid JSON or lacks ``object_splits``.
-    """
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise DatasetLayoutError(
-            f"{dataset_dir}: dataset directory not found; pass the folder that holds "
-            "metadata.json, splits.json, objects/ and subvolumes/ (e.g. OUT/dataset)"
-        )
-    for name in ("metadata.json", "splits.json"):
-        p = dataset_dir / name
-        if not p.is_file():
-            raise DatasetLayoutError(
-                f"{p}: missing; dataset_dir must be the voxel dataset root written by the "
-                "generator (it holds metadata.json and splits.json); re-run the generator "
-                "or point dataset_dir at the right folder"
-            )
-    splits = _read_json_checked(dataset_dir / "splits.json")
-    _read_json_checked(dataset_dir / "metadata.json")
-    if not isinstance(splits, dict) or not isinstance(splits.get("object_splits"), dict):
-        raise DamagedFileError(
-            f"{dataset_dir / 'splits.json'}: no 'object_splits' mapping; "
-            "regenerate the splits with the dataset generator"
-        )
-    return splits
-
-
-def _read_json_checked(path: Path) -> Any:
-    try:
-        return layout.read_json(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DamagedFileError(
-            f"{path}: not valid JSON ({exc}); the file is damaged: regenerate it"
-        ) from exc
-
-
-def scan_ray_tree(ray_dataset_dir: Path) -> list[tuple[int, str, Path]]:
-    """All ray files under ``ray_dataset_hierarchical/``: sorted ``(level, hash, path)``.
-
-    Only names are read (``os.scandir``); files are not opened.
-    """
-    root = Path(ray_dataset_dir)
-    if not root.is_dir():
-        raise DatasetLayoutError(
-            f"{root}: ray dataset directory not found; pass the folder that holds "
-            "level_<L>/ sub-folders of *_rays.npz (e.g. OUT/ray_dataset_hierarchical)"
-        )
-    found: list[tuple[int, str, Path]] = []
-    with os.scandir(root) as top:
-        level_dirs = [e for e in top if e.is_dir() and e.name.startswith("level_")]
-    for level_entry in level_dirs:
-        try:
-            level = int(level_entry.name.split("_", 1)[1])
-        except ValueError:
+def _plain_object_splits(
+    splits_path: Path, object_splits: dict[str, str], errors: list | None
+) -> dict[str, str]:
+    """``object_splits`` without IDs that are not plain names (raised, or recorded)."""
+    out: dict[str, str] = {}
+    for oid, split in object_splits.items():
+        if layout.is_plain_name(oid):
+            out[oid] = split
             continue
-        with os.scandir(level_entry.path) as prefixes:
-            prefix_dirs = [e for e in prefixes if e.is_dir()]
-        for prefix in prefix_dirs:
-            with os.scandir(prefix.path) as files:
-                for f in files:
-                    if f.name.endswith("_rays.npz") and not f.name.startswith("."):
-                        hash_ = f.name[: -len("_rays.npz")]
-                        found.append((level, hash_, Path(f.path)))
-    found.sort(key=lambda t: (t[0], t[1]))
-    return found
+        exc = BadObjectIdError(
+            f"{splits_path}: object ID {oid!r} in object_splits is not a plain name (it "
+            "would lead out of objects/); object IDs are folder names such as '0007': fix "
+            "or remove the entry, or regenerate the splits"
+        )
+        _refuse(errors, splits_path, exc)
+    return out
 
 
 def _usage_from_subdivision_maps(
-    dataset_dir: Path, object_ids: Iterable[str]
+    dataset_dir: Path,
+    object_ids: Iterable[str],
+    guard: layout.RootGuard | None = None,
+    errors: list[tuple[str, BaseException]] | None = None,
 ) -> tuple[dict[str, set[str]], set[str]]:
-    """Fallback usage: ``{hash: {object ID}}`` and the set of empty hashes, from the maps."""
+    """Fallback usage: ``{hash: {object ID}}`` and the set of empty hashes, from the maps
+    (a map outside the root under ``guard``, or a damaged one, is raised or recorded)."""
     usage: dict[str, set[str]] = {}
     empty: set[str] = set()
     for oid in object_ids:
         p = layout.object_dir(dataset_dir, oid) / "subdivision_map.json"
+        target = guard.outside(p) if guard is not None else None
+        if target is not None:
+            _refuse(errors, p, guard.error(p, target))
+            continue
         if not p.is_file():
             continue
-        records = _read_json_checked(p)
-        if not isinstance(records, list):
-            raise DamagedFileError(f"{p}: expected a JSON list of octant records; regenerate it")
+        try:
+            records = read_json_checked(p)
+            if not isinstance(records, list):
+                raise DamagedFileError(
+                    f"{p}: expected a JSON list of octant records; regenerate it"
+                )
+        except DamagedFileError as exc:
+            _refuse(errors, p, exc)
+            continue
         for r in records:
             h = r.get("hash")
             if h is None:
@@ -258,21 +201,32 @@ def _no_samples_message(
 
 
 def _level_zero_hashes(
-    dataset_dir: Path, ray_files: Sequence[tuple[int, str, Path]]
+    dataset_dir: Path,
+    ray_files: Sequence[tuple[int, str, Path]],
+    guard: layout.RootGuard | None = None,
+    strict: bool = True,
 ) -> dict[int, str]:
     """``{level: hash of the all-empty grid of that level}`` for every level >= 1 with rays.
 
     The side of a level comes from the header of one voxel file of that level (levels whose
-    voxel files are all missing are left out; the filters report the missing file).
+    voxel files are all missing are left out; the filters report the missing file). Files
+    outside the root (``guard``) are not read; a bad header raises when ``strict``, else the
+    next file of the level is tried (the filters record the bad one).
     """
     out: dict[int, str] = {}
     for level, hash_, _ in ray_files:
         if level == 0 or level in out:
             continue
         vpath = layout.voxel_path(dataset_dir, level, hash_)
-        if vpath.is_file():
+        if (guard is not None and guard.outside(vpath) is not None) or not vpath.is_file():
+            continue
+        try:
             shape, _ = npz_member_header(vpath, "voxels")
-            out[level] = _zero_hash(shape[0] if shape else 0)
+        except (DamagedFileError, DatasetLayoutError):
+            if strict:
+                raise
+            continue
+        out[level] = _zero_hash(shape[0] if shape else 0)
     return out
 
 
@@ -285,6 +239,7 @@ def build_index(
     isolation: Isolation = "shared",
     errors: list[tuple[str, BaseException]] | None = None,
     ray_files: Sequence[tuple[int, str, Path, Any]] | None = None,
+    allow_outside: bool = False,
 ) -> list[dict[str, Any]]:
     """Samples of one split, sorted by (level, hash).
 
@@ -303,11 +258,22 @@ def build_index(
             reading every ray file's header: ``count`` is the file's rays (int), None (read
             its header, as without a listing) or an exception (a file known bad: raised, or
             under ``errors`` recorded and left out).
+        allow_outside: follow symlinks (of ray or voxel files, their folders, object
+            folders) that lead outside ``ray_dataset_dir`` / ``dataset_dir``. False
+            (default): such a file is refused, :class:`~gpuloader.errors.OutsideRootError`
+            (raised, or under ``errors`` recorded and left out), and never opened.
+
+    ``errors`` also takes, instead of raising: a voxel file that is missing, a ray-tree
+    folder that cannot be listed (a symlink loop), an object ID of ``splits.json`` that is
+    not a plain name (:class:`~gpuloader.errors.BadObjectIdError`; the ID is ignored) and a
+    damaged subdivision map.
 
     Raises:
         DatasetLayoutError: a required file is missing (named, with the fix).
         NoSamplesError: no sample survives the filters (says which filter removed them).
-        DamagedFileError: a JSON or npz header cannot be parsed.
+        DamagedFileError: a JSON or npz header cannot be parsed; its subclasses
+            BadObjectIdError (an object ID that is a path), UnreadableFileError (a folder
+            of the ray tree that cannot be listed) and OutsideRootError (above).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
@@ -315,31 +281,46 @@ def build_index(
         raise ValueError(f"isolation must be 'shared' or 'strict'; got {isolation!r}")
     dataset_dir = Path(dataset_dir)
     ray_dataset_dir = Path(ray_dataset_dir)
+    guard = None if allow_outside else layout.RootGuard(dataset_dir, "dataset")
+    for name in ("metadata.json", "splits.json") if guard is not None else ():
+        guard.check(dataset_dir / name)  # the whole index depends on them: always raised
     splits = read_splits(dataset_dir)
-    object_splits: dict[str, str] = {str(k): str(v) for k, v in splits["object_splits"].items()}
+    object_splits = _plain_object_splits(
+        dataset_dir / "splits.json",
+        {str(k): str(v) for k, v in splits["object_splits"].items()},
+        errors,
+    )
     usage: dict[str, Any] = dict(splits.get("hash_object_usage") or {})
     trivial: set[str] = set(splits.get("trivial_hashes") or ())
 
     counts: dict[tuple[int, str], Any] = {}
     if ray_files is None:
-        ray_files = scan_ray_tree(ray_dataset_dir)
+        ray_files = scan_ray_tree(ray_dataset_dir, errors, allow_outside)
     else:
         counts = {(int(lv), str(h)): n for lv, h, _, n in ray_files}
         ray_files = sorted(((int(lv), str(h), Path(p)) for lv, h, p, _ in ray_files))
+        if not allow_outside:  # files the pack does not hold are read from the tree
+            tree = layout.RootGuard(ray_dataset_dir, "ray tree")
+            for lv, h, p in ray_files:
+                target = tree.outside(p) if counts.get((lv, h)) is None else None
+                if target is not None:
+                    counts[(lv, h)] = tree.error(p, target)
     if not ray_files:
         raise NoSamplesError(
             f"{ray_dataset_dir}: no *_rays.npz files under level_<L>/<hh>/; generate the rays "
             "(gpuloader generate) or point ray_dataset_dir at the ray dataset root"
         )
     # Trivial = all-empty (upstream's pipeline); other listed hashes are ordinary samples.
-    zero_hashes = _level_zero_hashes(dataset_dir, ray_files)
+    zero_hashes = _level_zero_hashes(dataset_dir, ray_files, guard, errors is None)
     trivial &= set(zero_hashes.values())
 
     # Hashes that splits.json does not describe: fall back to the subdivision maps.
     map_empty: set[str] = set()
     unknown = [h for lv, h, _ in ray_files if lv > 0 and h not in usage and h not in trivial]
     if unknown:
-        map_usage, map_empty = _usage_from_subdivision_maps(dataset_dir, object_splits)
+        map_usage, map_empty = _usage_from_subdivision_maps(
+            dataset_dir, object_splits, guard, errors
+        )
         for h, users in map_usage.items():
             usage.setdefault(h, users)
 
@@ -375,12 +356,18 @@ def build_index(
     kept: list[dict[str, Any]] = []
     for level, hash_, path in in_levels:
         vpath = layout.voxel_path(dataset_dir, level, hash_)
+        target = guard.outside(vpath) if guard is not None else None
+        if target is not None:
+            _refuse(errors, vpath, guard.error(vpath, target))
+            continue
         if not vpath.is_file():
-            raise DatasetLayoutError(
-                f"ray file {path} has no voxel file: {vpath} is missing; the ray and voxel "
+            missing = DatasetLayoutError(
+                f"{vpath}: voxel file missing (ray file {path} has none); the ray and voxel "
                 "datasets do not match (regenerate one from the other, or pass the "
                 "dataset_dir that the rays were made from)"
             )
+            _refuse(errors, vpath, missing)
+            continue
         if level > 0 and level not in zero_hashes:
             try:
                 shape, _ = npz_member_header(vpath, "voxels")

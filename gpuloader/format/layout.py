@@ -2,11 +2,18 @@
 
 Two roots: the voxel side (``dataset/``) and the ray side (``ray_dataset_hierarchical/``).
 Every other module asks this one where a file lives, so the layout is written down once.
+
+Confinement: the format makes paths of object IDs and of names found under the roots, so
+:func:`is_plain_name` tells a usable ID from a path, :class:`RootGuard` tells whether a path
+really (through symlinks) lies inside its root, and :func:`walk_level_tree` lists the
+``level_<L>/<hh>/`` files of a root, refusing folders it cannot list (a symlink loop, no
+permission) and, unless allowed, links that lead outside the root.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from gpuloader import schema
+from gpuloader.errors import FileCheckError, OutsideRootError, UnreadableFileError
+from gpuloader.format.npz_files import unreadable_error
 
 #: Keys of a ray file that carry one row per ray.
 RAY_ROW_KEYS: tuple[str, ...] = schema.RAY_FIELDS
@@ -79,6 +88,142 @@ def parse_ray_filename(path: Path) -> tuple[int, str]:
     return level, path.name[: -len("_rays.npz")]
 
 
+def is_plain_name(name: Any) -> bool:
+    """Whether ``name`` is one plain path component: a non-empty str, not ``.`` or ``..``,
+    without ``/``, ``\\`` or NUL (so ``object_<name>`` stays inside ``objects/``)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+    )
+
+
+class RootGuard:
+    """Where paths under ``root`` really lead (symlinks followed); folders are resolved once.
+
+    ``outside(path)`` is the resolved target of ``path`` when it lies outside the resolved
+    root, else None. ``name`` says which root it is in messages (``"dataset"``).
+    """
+
+    def __init__(self, root: Path | str, name: str = "dataset") -> None:
+        self.root = Path(root)
+        self.name = name
+        self.real = os.path.realpath(self.root)
+        self._dirs: dict[str, str] = {}
+
+    def _inside(self, real: str) -> bool:
+        return real == self.real or real.startswith(self.real.rstrip(os.sep) + os.sep)
+
+    def outside(self, path: Path | str) -> str | None:
+        """The real target of ``path`` if it resolves outside the root (else None)."""
+        parent, leaf = os.path.split(os.fspath(path))
+        real_parent = self._dirs.get(parent)
+        if real_parent is None:
+            real_parent = self._dirs[parent] = os.path.realpath(parent)
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+        else:
+            real = os.path.join(real_parent, leaf)
+        return None if self._inside(real) else real
+
+    def error(self, path: Path | str, target: str) -> OutsideRootError:
+        """The named error of ``path`` (a file or folder) that resolves to ``target``."""
+        detail = f"resolves to {target}, outside the {self.name} root {self.root}"
+        return OutsideRootError(
+            f"{path}: {detail}; copy the file into the {self.name} folder instead of linking "
+            "it, or allow links out of the roots explicitly (allow_outside=True)",
+            path=path,
+            detail=detail,
+        )
+
+    def check(self, path: Path | str) -> None:
+        """Raise :meth:`error` when ``path`` resolves outside the root."""
+        target = self.outside(path)
+        if target is not None:
+            raise self.error(path, target)
+
+
+def folder_error(path: Path | str, exc: OSError) -> FileCheckError:
+    """The named error of a folder of a level tree that cannot be listed."""
+    got = unreadable_error(path, exc)
+    reason = got.detail if got is not None else f"{type(exc).__name__}: {exc.strerror or exc}"
+    detail = f"folder cannot be listed ({reason})"
+    return UnreadableFileError(
+        f"{path}: {detail}; the files under it cannot be read: fix or remove the folder "
+        "(a symlink loop: point the link at the real folder)",
+        path=path,
+        detail=detail,
+    )
+
+
+def walk_level_tree(
+    root: Path | str,
+    suffix: str,
+    errors: list[tuple[str, BaseException]] | None = None,
+    allow_outside: bool = False,
+    what: str = "ray tree",
+) -> list[tuple[int, str, Path]]:
+    """Files ``root/level_<L>/<hh>/<name><suffix>`` (not hidden): sorted ``(level, name,
+    path)``. Only names are read (``os.scandir``); files are not opened.
+
+    A folder that cannot be listed (a symlink loop, no permission) and, unless
+    ``allow_outside``, a folder or file that a symlink leads outside ``root``: with
+    ``errors`` None the named error is raised (:class:`UnreadableFileError`,
+    :class:`OutsideRootError`); with a list it is left out and ``(path, error)`` appended.
+    Entries whose names are not of the tree (``notes.txt``, ``level_x``) are ignored;
+    ``what`` names the root in messages.
+    """
+    root = Path(root)
+    guard = None if allow_outside else RootGuard(root, what)
+    found: list[tuple[int, str, Path]] = []
+
+    def refuse(exc: FileCheckError) -> None:
+        if errors is None:
+            raise exc
+        errors.append((str(exc.path), exc))
+
+    def usable(entry: os.DirEntry, want_dir: bool) -> bool:
+        try:
+            if want_dir and not entry.is_dir():
+                return False
+        except OSError as exc:  # a symlink loop (is_dir follows links)
+            refuse(folder_error(entry.path, exc))
+            return False
+        if guard is not None and entry.is_symlink():
+            target = guard.outside(entry.path)
+            if target is not None:
+                refuse(guard.error(entry.path, target))
+                return False
+        return True
+
+    def listing(path: str) -> list[os.DirEntry]:
+        try:
+            with os.scandir(path) as it:
+                return list(it)
+        except OSError as exc:
+            if path == str(root):
+                raise folder_error(path, exc) from exc
+            refuse(folder_error(path, exc))
+            return []
+
+    for top in sorted(listing(str(root)), key=lambda e: e.name):
+        level_text = top.name[len("level_") :]
+        if not (top.name.startswith("level_") and level_text.isascii() and level_text.isdigit()):
+            continue
+        if not usable(top, True):
+            continue
+        for prefix in sorted(listing(top.path), key=lambda e: e.name):
+            if not usable(prefix, True):
+                continue
+            for f in listing(prefix.path):
+                if f.name.startswith(".") or not f.name.endswith(suffix):
+                    continue
+                if usable(f, False):
+                    found.append((int(level_text), f.name[: -len(suffix)], Path(f.path)))
+    found.sort(key=lambda t: (t[0], t[1], str(t[2])))
+    return found
+
+
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -126,3 +271,12 @@ def atomic_savez_compressed(path: Path, **arrays: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -24,7 +24,8 @@ What is checked:
   named as such); distances ``>= 0``; ``hits == (distances > 0)`` (format.md: hits means
   the ray's path length through occupied voxels is positive); ``face_ids`` in 0..5;
   ``view_ids`` in ``[0, V)``;
-* voxel grids: 3-D, a cube, side a power of two, bool (or a number dtype read as ``!= 0``).
+* voxel grids: 3-D, a cube, side a power of two and its level's (``expected_side``, from
+  the header before inflating: :func:`check_grid_header`), bool or numbers only 0 and 1.
 
 Which rows: whole-file checks (:func:`validate_rays`, :func:`ray_problems`) serve ``verify``,
 ``pack`` and the store fill; the per-sample readers check the structure of the whole file and
@@ -45,6 +46,7 @@ import numpy as np
 from gpuloader.errors import (
     BadDirectionError,
     BadGridError,
+    BadVoxelValueError,
     DamagedFileError,
     DatasetLayoutError,
     EmptyRayFileError,
@@ -57,6 +59,7 @@ from gpuloader.errors import (
     OutOfRangeError,
     PackError,
     WrongDtypeError,
+    WrongGridSideError,
     WrongShapeError,
 )
 from gpuloader.format.layout import RAY_DTYPES, RAY_ROW_KEYS
@@ -67,11 +70,13 @@ __all__ = [
     "RAY_KEYS",
     "UNIT_TOL",
     "as_ray_dtypes",
+    "check_grid_header",
     "check_ray_batch",
     "check_ray_shapes",
     "check_ray_values",
     "classify",
     "first_bad_row",
+    "grid_problems",
     "ray_problems",
     "validate_rays",
     "validate_voxels",
@@ -371,31 +376,79 @@ def ray_problems(path: Any, arrays: Mapping[str, np.ndarray]) -> list[FileCheckE
 # ------------------------------------------------------------------ voxel grids
 
 
-def voxel_problems(path: Any, vox: np.ndarray, exact: bool = True) -> list[FileCheckError]:
-    """Problems of a ``voxels`` array: dtype (``exact``: bool only), 3-D cube, power of two."""
+def grid_problems(
+    path: Any,
+    shape: tuple[int, ...],
+    dtype: Any,
+    exact: bool = True,
+    expected_side: int | None = None,
+) -> list[FileCheckError]:
+    """Problems of a ``voxels`` header (or array): dtype (``exact``: bool only, else any
+    number), 3-D, a cube, a power-of-two side, and ``expected_side`` (its level's; None: any)."""
     out: list[FileCheckError] = []
-    if vox.dtype != np.bool_ and (exact or vox.dtype.kind not in "biuf"):
-        out.append(make_error(WrongDtypeError, path, f"dtype {vox.dtype}, expected bool", "voxels"))
-    if vox.ndim != 3:
-        detail = f"shape {vox.shape}, expected a 3-D grid (D, H, W)"
-        out.append(make_error(BadGridError, path, detail, "voxels"))
-    elif len(set(vox.shape)) != 1:
-        out.append(make_error(BadGridError, path, f"shape {vox.shape} is not a cube", "voxels"))
-    else:
-        side = int(vox.shape[0])
-        if side < 1 or side & (side - 1):
-            detail = f"side {side} is not a power of two"
-            out.append(make_error(BadGridError, path, detail, "voxels"))
+    dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
+    if dtype != np.bool_ and (exact or dtype.kind not in "biuf"):
+        out.append(make_error(WrongDtypeError, path, f"dtype {dtype}, expected bool", "voxels"))
+    if len(shape) != 3 or len(set(shape)) != 1:
+        what = "is not a cube" if len(shape) == 3 else "expected a 3-D grid (D, H, W)"
+        out.append(make_error(BadGridError, path, f"shape {shape}, {what}", "voxels"))
+    elif shape[0] < 1 or shape[0] & (shape[0] - 1):
+        out.append(
+            make_error(BadGridError, path, f"side {shape[0]} is not a power of two", "voxels")
+        )
+    elif expected_side is not None and shape[0] != int(expected_side):
+        want = f"side {int(expected_side)} (metadata.json's base_resolution >> level)"
+        detail = f"side {shape[0]}, but the grids of its level have {want}"
+        out.append(make_error(WrongGridSideError, path, detail, "voxels"))
     return out
 
 
-def validate_voxels(path: Any, vox: np.ndarray) -> np.ndarray:
-    """The grid as (S, S, S) bool, C-contiguous; number dtypes are read as ``!= 0``.
+def check_grid_header(
+    path: Any, shape: tuple[int, ...], dtype: Any, expected_side: int | None = None
+) -> None:
+    """:func:`grid_problems` of a ``voxels`` header, before the grid is inflated.
 
     Raises:
-        WrongDtypeError, BadGridError.
+        WrongDtypeError, BadGridError, WrongGridSideError (not ``expected_side``, the level's).
     """
-    for problem in voxel_problems(path, vox, exact=False):
+    for problem in grid_problems(path, shape, dtype, False, expected_side):
+        raise problem
+
+
+def _value_problem(path: Any, vox: np.ndarray) -> FileCheckError | None:
+    """A number grid's voxels that are not exactly 0 or 1 (NaN, -1, 1e-30 ...; of a bool
+    grid, bytes other than 0 and 1, which numpy reads as True)."""
+    raw = vox.view(np.uint8) if vox.dtype == np.bool_ else vox
+    if vox.size == 0 or (raw.dtype.kind in "iu" and raw.min() >= 0 and raw.max() <= 1):
+        return None
+    bad = (raw != 0) & (raw != 1)  # NaN compares unequal to both
+    if not bad.any():
+        return None
+    at = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    detail = (
+        f"{int(np.count_nonzero(bad))} of {bad.size} voxels are not 0 or 1 (at "
+        f"{tuple(int(i) for i in at)}: {raw[at].item()!r}, dtype {vox.dtype}); voxels are bool"
+    )
+    return make_error(BadVoxelValueError, path, detail, "voxels")
+
+
+def voxel_problems(
+    path: Any, vox: np.ndarray, exact: bool = True, expected_side: int | None = None
+) -> list[FileCheckError]:
+    """:func:`grid_problems` of a ``voxels`` array, then values other than 0 and 1."""
+    out = grid_problems(path, vox.shape, vox.dtype, exact, expected_side)
+    bad = _value_problem(path, vox) if vox.dtype.kind in "biuf" else None
+    return out + ([bad] if bad is not None else [])
+
+
+def validate_voxels(path: Any, vox: np.ndarray, expected_side: int | None = None) -> np.ndarray:
+    """The grid as (S, S, S) bool, C-contiguous; a number dtype holding only 0 and 1 is read
+    as ``!= 0``. ``expected_side``: its level's side (``base_resolution >> level``; None: any).
+
+    Raises:
+        WrongDtypeError, BadGridError, WrongGridSideError, BadVoxelValueError.
+    """
+    for problem in voxel_problems(path, vox, False, expected_side):
         raise problem
     if vox.dtype != np.bool_:
         vox = vox != 0

@@ -8,22 +8,22 @@ processing_summary.json. The JSON files carry upstream's keys
 :class:`EmptySplitWarning` and in the summary's ``empty_splits``.
 
 Resume: ``OUT/generation_config.json`` holds the config identity. A run into a folder whose
-identity matches skips every .npz file that exists (all writes go through a temporary file
-and a rename, so an existing file is complete) and rewrites the small JSON files. A
-different identity, or a dataset without that file, is refused unless ``overwrite``.
+identity matches keeps every .npz file that exists and passes its check (all writes go
+through a temporary file and a rename, so a file is never half-written by this writer; what
+else can happen to it is caught by :mod:`gpuloader.generate.resume`: a voxel file must hold
+the grid, a ray file its recorded SHA-256 or else every reader's check), rewrites the ones
+that fail (the summary's ``rewritten``) and rewrites the small JSON files. A different
+identity, or a dataset without that file, is refused unless ``overwrite``; so is an OUT that
+is itself a dataset root or a ray root (the generator would nest a dataset inside it).
 """
 
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
-import os
-import shutil
+import signal
 import sys
-import tempfile
 import time
 import warnings
-import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +34,22 @@ from tqdm import tqdm
 
 from gpuloader.errors import EmptySplitWarning, GenerationError
 from gpuloader.format import layout
-from gpuloader.generate import metadata, octree, rays, shapes, splits
+from gpuloader.generate import metadata, octree, rays, resume, shapes, splits
+from gpuloader.generate.output import (  # noqa: F401 - part of this module's names
+    DATASET_DIR,
+    FORMAT_VERSION,
+    MANIFEST,
+    NPZ_COMPRESSLEVEL,
+    RAY_DIR,
+    manifest_matches,
+    npz_bytes,
+    prepare_output,
+    refuse_a_root,
+    save_npz,
+)
 
 if TYPE_CHECKING:
     from gpuloader.generate.config import GeneratorConfig
-
-MANIFEST = "generation_config.json"
-DATASET_DIR = "dataset"
-RAY_DIR = "ray_dataset_hierarchical"
-FORMAT_VERSION = 1
-NPZ_COMPRESSLEVEL = 1
 
 
 @dataclass
@@ -53,86 +59,6 @@ class SourceObject:
     object_id: str
     grid: np.ndarray
     meta: dict[str, Any]
-
-
-# ---------------------------------------------------------------- output folder
-
-
-def prepare_output(out: Path, identity: dict, overwrite: bool) -> bool:
-    """Create/check ``out``; return True when resuming a same-config run."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise GenerationError(
-            f"cannot create output folder {out} ({exc.strerror or exc}); "
-            "choose a folder you can write to"
-        ) from exc
-    if not out.is_dir():
-        raise GenerationError(f"output path {out} is not a folder; choose another path")
-    try:
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise GenerationError(
-            f"output folder {out} is not writable ({exc.strerror or exc}); "
-            "choose a folder you can write to or fix its permissions"
-        ) from exc
-    manifest = out / MANIFEST
-    roots = [out / DATASET_DIR, out / RAY_DIR]
-    expected = {"generator": "gpuloader", "format_version": FORMAT_VERSION, "config": identity}
-    resume = False
-    if manifest.exists():
-        try:
-            found = layout.read_json(manifest)
-        except (OSError, ValueError):
-            found = None
-        if found == expected and not overwrite:
-            resume = True
-        elif not overwrite:
-            raise GenerationError(
-                f"output folder {out} holds a dataset generated with a different config "
-                f"(see {manifest}); pick another folder or pass --overwrite to replace it"
-            )
-    elif any(r.exists() for r in roots) and not overwrite:
-        raise GenerationError(
-            f"output folder {out} already holds {DATASET_DIR}/ or {RAY_DIR}/ not written by "
-            f"this generator (no {MANIFEST}); pick another folder or pass --overwrite"
-        )
-    if overwrite:
-        for r in roots:
-            shutil.rmtree(r, ignore_errors=True)
-        manifest.unlink(missing_ok=True)
-    layout.atomic_write_json(manifest, expected)
-    return resume
-
-
-# ---------------------------------------------------------------- npz
-
-
-def npz_bytes(**arrays: Any) -> bytes:
-    """An .npz (zip + deflate, one ``<key>.npy`` per array, as ``numpy.savez_compressed``).
-
-    Two differences that ``numpy.load`` cannot see: every zip entry carries a fixed
-    1980-01-01 timestamp (numpy stamps the current time), so the bytes are a pure function
-    of the arrays; and deflate runs at level ``NPZ_COMPRESSLEVEL`` = 1 instead of 6, which
-    halves the time to write a ray file for about 1% more bytes (float rays barely compress).
-    """
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for key, value in arrays.items():
-            data = io.BytesIO()
-            np.lib.format.write_array(data, np.asanyarray(value), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, data.getvalue(), compresslevel=NPZ_COMPRESSLEVEL)
-    return buf.getvalue()
-
-
-def save_npz(path: Path, **arrays: Any) -> None:
-    """Atomic, deterministic ``savez_compressed`` (through ``layout.atomic_write_bytes``)."""
-    layout.atomic_write_bytes(path, npz_bytes(**arrays))
 
 
 # ---------------------------------------------------------------- objects
@@ -186,33 +112,54 @@ def build_objects(config: GeneratorConfig, progress: bool) -> list[SourceObject]
 # ---------------------------------------------------------------- ray jobs
 
 
-def _ray_job(job: tuple) -> tuple[int, str, int, int, bool]:
-    """Write one ray file (or count an existing one). Returns (level, key, rays, hits, skipped)."""
-    level, key, voxels, path, seed, divisions, spv = job
+#: What :func:`_ray_job` did with a file: found good, wrote it, or rewrote a bad one.
+KEPT, WRITTEN, REWRITTEN = "kept", "written", "rewritten"
+
+
+def _ray_job(job: tuple) -> tuple[int, str, int, int, str, resume.Record, str | None]:
+    """Write one ray file, or keep an existing one that passes its check (else rewrite it).
+
+    Returns (level, key, rays, hits, KEPT/WRITTEN/REWRITTEN, its record, why it was rewritten).
+    """
+    level, key, voxels, path, seed, divisions, spv, record = job
     path = Path(path)
-    if path.exists():
-        with np.load(path) as f:
-            hits = f["hits"]
-            return level, key, int(hits.size), int(hits.sum()), True
+    why = None
+    if path.exists() or path.is_symlink():
+        kept, why = resume.check_ray_file(path, level, key, record)
+        if kept is not None:
+            return level, key, kept[1], kept[2], KEPT, kept, None
     arrays = rays.make_ray_arrays(
         voxels, key, level, divisions, spv, rays.ray_rng(seed, level, key)
     )
-    save_npz(path, **arrays)
-    return level, key, int(arrays["hits"].size), int(arrays["hits"].sum()), False
+    data = npz_bytes(**arrays)
+    if path.is_symlink():
+        path.unlink()  # replace the link, not its target
+    layout.atomic_write_bytes(path, data)
+    n, hits = int(arrays["hits"].size), int(arrays["hits"].sum())
+    status = WRITTEN if why is None else REWRITTEN
+    return level, key, n, hits, status, (resume.sha256_bytes(data), n, hits), why
 
 
-def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[tuple]:
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle (it terminates the pool), so a
+    worker prints no ``Process ForkPoolWorker-N`` traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_jobs(jobs: list[tuple], workers: int, progress: bool, results: list[tuple]) -> None:
+    """Run every job, appending each result to ``results`` as it comes (an interrupted run
+    leaves the finished ones there)."""
     bar = dict(total=len(jobs), desc="ray files", unit="file", disable=not progress)
     if workers <= 1 or len(jobs) <= 1:
-        return [_ray_job(j) for j in tqdm(jobs, **bar)]
+        for j in tqdm(jobs, **bar):
+            results.append(_ray_job(j))
+        return
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     ctx = mp.get_context(method)
-    results = []
-    with ctx.Pool(min(workers, len(jobs))) as pool:
+    with ctx.Pool(min(workers, len(jobs)), initializer=_ignore_sigint) as pool:
         chunk = max(1, min(16, len(jobs) // (workers * 8)))
         for r in tqdm(pool.imap_unordered(_ray_job, jobs, chunksize=chunk), **bar):
             results.append(r)
-    return results
 
 
 # ---------------------------------------------------------------- main
@@ -240,6 +187,7 @@ def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> 
     """Write both roots under ``out``; see the module doc. Returns a summary dict."""
     start = time.perf_counter()
     identity = config.identity()
+    refuse_a_root(out)
     objs = build_objects(config, progress)  # bad meshes fail before the folder is touched
     resumed = prepare_output(out, identity, config.overwrite)
     ds, rd = out / DATASET_DIR, out / RAY_DIR
@@ -252,14 +200,22 @@ def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> 
     hash_level: dict[str, int] = {}
     total_per_level: dict[int, int] = defaultdict(int)
     written = skipped = 0
+    rewritten: list[dict[str, str]] = []
 
-    def save_new(path: Path, **arrays: Any) -> None:
+    def save_new(path: Path, voxels: np.ndarray) -> None:
+        """Write a voxel file, or keep the existing one when it holds ``voxels``."""
         nonlocal written, skipped
-        if path.exists():
-            skipped += 1
-        else:
-            save_npz(path, **arrays)
-            written += 1
+        data = npz_bytes(voxels=voxels)
+        if path.exists() or path.is_symlink():
+            why = resume.check_voxel_file(path, voxels, data)
+            if why is None:
+                skipped += 1
+                return
+            rewritten.append({"file": str(path), "reason": why})
+            if path.is_symlink():
+                path.unlink()
+        layout.atomic_write_bytes(path, data)
+        written += 1
 
     for obj in tqdm(objs, desc="objects", disable=not progress):
         sub = octree.subdivide(obj.grid, obj.object_id, config.min_resolution)
@@ -330,28 +286,41 @@ def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> 
         )
 
     base = (config.seed, config.divisions)
-    jobs = [
-        (0, o.object_id, o.grid, str(layout.ray_path(rd, 0, o.object_id)), *base, spv(0))
-        for o in objs
-    ]
+    records = resume.load_records(out) if resumed else {}
+
+    def job(level: int, key: str, grid: np.ndarray) -> tuple:
+        path = layout.ray_path(rd, level, key)
+        record = records.get(path.relative_to(out).as_posix())
+        return (level, key, grid, str(path), *base, spv(level), record)
+
+    jobs = [job(0, o.object_id, o.grid) for o in objs]
     n_empty = 0
     for (level, h), grid in sorted(unique.items()):
         if grid.any():
-            jobs.append((level, h, grid, str(layout.ray_path(rd, level, h)), *base, spv(level)))
+            jobs.append(job(level, h, grid))
         else:
             n_empty += 1
-    results = sorted(_run_jobs(jobs, config.resolved_workers(), progress))
+    results: list[tuple] = []
+    try:
+        _run_jobs(jobs, config.resolved_workers(), progress, results)
+    finally:  # also after Ctrl-C: the files finished so far need no full check next time
+        for level, key, *_, record, _why in results:
+            records[layout.ray_path(rd, level, key).relative_to(out).as_posix()] = record
+        resume.save_records(out, records)
+    results.sort(key=lambda r: (r[0], r[1]))
 
     levels = list(range(n_levels))
     files = {lv: 0 for lv in levels}
     n_rays = {lv: 0 for lv in levels}
     n_hits = {lv: 0 for lv in levels}
     rays_found = 0
-    for level, _key, nr, nh, was_skipped in results:
+    for level, key, nr, nh, status, _record, why in results:
         files[level] += 1
         n_rays[level] += nr
         n_hits[level] += nh
-        rays_found += was_skipped
+        rays_found += status == KEPT
+        if status == REWRITTEN:
+            rewritten.append({"file": str(layout.ray_path(rd, level, key)), "reason": str(why)})
     skipped += rays_found
     written += len(results) - rays_found
     total_rays, total_hits = sum(n_rays.values()), sum(n_hits.values())
@@ -414,5 +383,6 @@ def write_dataset(out: Path, config: GeneratorConfig, progress: bool = True) -> 
         "resumed": resumed,
         "files_written": written,
         "files_skipped": skipped,
+        "rewritten": rewritten,
         "seconds": time.perf_counter() - start,
     }

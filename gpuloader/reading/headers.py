@@ -3,6 +3,11 @@
 :func:`estimate_layout` sizes a store before the fill (ray counts from the index, view counts
 from the pack's offsets or the npz header, grid sides from the voxel file's header; nothing is
 inflated); :func:`find_bad` and :func:`bad_entry` name a bad sample's file and first error line.
+
+Every size read here is checked before the store is sized from it: a header that declares
+more bytes than its file can hold (:class:`~gpuloader.errors.DeclaredSizeError`) or a grid
+side other than its level's (:class:`~gpuloader.errors.WrongGridSideError`) is a bad file,
+skipped under ``on_error='skip'``.
 """
 
 from __future__ import annotations
@@ -12,29 +17,39 @@ from typing import Any
 import numpy as np
 
 from gpuloader.dataset.view import DatasetView
-from gpuloader.errors import BadGridError
-from gpuloader.format.index import npz_member_header
-from gpuloader.format.validate import classify
+from gpuloader.errors import DatasetLayoutError, DeclaredSizeError
+from gpuloader.format.npz_files import member_headers
+from gpuloader.format.validate import check_grid_header, classify
 from gpuloader.stores.layout import StoreLayout, packed_layout
+from gpuloader.stores.npz import voxel_file_side
 from gpuloader.stores.pack import PackedRayStore
 
 __all__ = ["bad_entry", "estimate_layout", "find_bad", "voxel_side"]
 
 
-def voxel_side(path: Any) -> int:
-    """A voxel file's grid side, from its header.
+def _headers(path: Any, keys: tuple[str, ...]) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """:func:`~gpuloader.format.npz_files.member_headers` (declared sizes checked), a
+    missing file named as a layout problem."""
+    try:
+        return member_headers(path, keys)
+    except FileNotFoundError as exc:
+        raise DatasetLayoutError(f"{path}: file not found") from exc
+
+
+def voxel_side(path: Any, expected_side: int | None = None) -> int:
+    """A voxel file's grid side, from its header, checked before anything is sized by it.
+
+    Args:
+        expected_side: its level's side; None:
+            :func:`~gpuloader.stores.npz.voxel_file_side` (the dataset's metadata.json).
 
     Raises:
-        BadGridError: the grid is not a cube (named; the file first).
+        BadGridError: not a power-of-two cube; WrongGridSideError: not its level's side;
+        DeclaredSizeError, WrongDtypeError and the npz errors (named; the file first).
     """
-    shape, _ = npz_member_header(path, "voxels")
-    if len(shape) != 3 or len(set(shape)) != 1:
-        raise BadGridError(
-            f"{path}: 'voxels' has shape {shape}; the loader needs cubic (S, S, S) grids: "
-            "regenerate the file",
-            path=str(path),
-            key="voxels",
-        )
+    shape, dtype = _headers(path, ("voxels",))["voxels"]
+    side = voxel_file_side(path) if expected_side is None else int(expected_side)
+    check_grid_header(path, shape, dtype, side)
     return int(shape[0])
 
 
@@ -64,8 +79,9 @@ def estimate_layout(dataset: Any, on_error: str | None = None) -> StoreLayout:
         try:
             if pack is not None:
                 views[i] = int(pack.locate(s)[4])
-            else:
-                views[i] = npz_member_header(s["ray_path"], "view_positions")[0][0]
+            else:  # origins too: the index's ray count must be one the file can hold
+                heads = _headers(s["ray_path"], ("origins", "view_positions"))
+                views[i] = heads["view_positions"][0][0]
             key = s["voxel_path"]
             side = side_cache.get(key)
             if side is None:
@@ -81,6 +97,8 @@ def estimate_layout(dataset: Any, on_error: str | None = None) -> StoreLayout:
             if not skip or classify(exc) is None:
                 raise
             views[i] = sides[i] = 0
+            if isinstance(exc, DeclaredSizeError):  # the index's ray count is not to be trusted
+                rays[i] = 0
             bad[i] = find_bad(view, i)  # the error a full read gives, as the CPU API's
     return packed_layout(rays, views, sides, bad)
 

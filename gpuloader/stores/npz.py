@@ -20,11 +20,19 @@ and ``rows`` index those (:func:`chunk_span`).
 
 Compatible dtypes (other float widths, bool/unsigned/signed integers) are cast to these;
 anything else, a missing key, inconsistent row counts or an unreadable file raise
-:class:`~gpuloader.errors.DamagedFileError` naming the file.
+:class:`~gpuloader.errors.DamagedFileError` naming the file. A ray file's ``grid_shape``
+(when it has one) must be its level's grid (:class:`~gpuloader.errors.WrongGridSideError`).
+
+A voxel grid's side must be its level's, ``base_resolution >> level`` of the
+``metadata.json`` of the dataset the file lies in (:func:`voxel_file_side`, from the file's
+place in the layout); it is checked from the header, before the grid is inflated, so a
+512^3 grid deflated into a 130 KB level-1 file costs nothing.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -32,20 +40,32 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from gpuloader.errors import DamagedFileError, DatasetLayoutError
-from gpuloader.format.layout import RAY_ROW_KEYS
-from gpuloader.format.npz_files import load_npz
+from gpuloader.errors import (
+    DamagedFileError,
+    DatasetLayoutError,
+    WrongGridSideError,
+)
+from gpuloader.format.layout import RAY_ROW_KEYS, read_json
+from gpuloader.format.npz_files import load_npz, make_error
 from gpuloader.format.validate import (
     as_ray_dtypes,
+    check_grid_header,
     check_ray_shapes,
     check_ray_values,
     validate_voxels,
 )
 
-__all__ = ["NpzRayStore", "RayStore", "chunk_span", "read_voxel_file"]
+__all__ = [
+    "NpzRayStore",
+    "RayStore",
+    "check_grid_shape",
+    "chunk_span",
+    "level_side",
+    "read_voxel_file",
+    "voxel_file_side",
+]
 
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError)
-_FIX = "regenerate it (gpuloader generate) or delete it and rebuild the index"
 
 
 @runtime_checkable
@@ -102,12 +122,16 @@ class NpzRayStore:
     def read(self, sample: dict[str, Any], rows: np.ndarray | None) -> dict[str, np.ndarray]:
         path = Path(sample["ray_path"])
         try:
-            arrays = as_ray_dtypes(path, load_npz(path, self.keys))
+            arrays = load_npz(path, self.keys, optional=("grid_shape",))
         except FileNotFoundError as exc:
             raise DatasetLayoutError(
                 f"{path}: ray file not found (removed after the index was built?); "
                 "rebuild the dataset object or regenerate the rays"
             ) from exc
+        grid_shape = arrays.pop("grid_shape", None)
+        if grid_shape is not None and sample.get("voxel_path") is not None:
+            check_grid_shape(path, grid_shape, voxel_file_side(sample["voxel_path"]))
+        arrays = as_ray_dtypes(path, arrays)
         n = _validate(path, arrays)
         off, count = chunk_span(sample, n, path)
         # every row of the sample (file or chunk) is checked, not only the rows read: a
@@ -141,20 +165,95 @@ class NpzRayStore:
         return arrays
 
 
-def read_voxel_file(path: Path) -> np.ndarray:
+def read_voxel_file(path: Path, expected_side: int | None = None) -> np.ndarray:
     """The ``voxels`` array of a voxel ``.npz``: (D, H, W) bool, C-contiguous.
+
+    Args:
+        expected_side: the side of the grid's level; None: :func:`voxel_file_side` (from the
+            dataset's ``metadata.json``; no side check when it says nothing).
 
     Raises:
         DatasetLayoutError: the file is missing.
-        DamagedFileError: unreadable, no ``voxels`` key, not a cube with a power-of-two
-            side (the named subclasses of :mod:`gpuloader.format.validate`).
+        DamagedFileError: unreadable, no ``voxels`` key, a header declaring more than the
+            file holds, not a cube with a power-of-two side, another side than its level's,
+            values other than 0 and 1 (the named subclasses of
+            :mod:`gpuloader.format.validate`); the side is checked before inflating.
     """
     path = Path(path)
+    side = voxel_file_side(path) if expected_side is None else int(expected_side)
+
+    def check(key: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        check_grid_header(path, shape, dtype, side)
+
     try:
-        vox = load_npz(path, ("voxels",))["voxels"]
+        vox = load_npz(path, ("voxels",), check_header=check)["voxels"]
     except FileNotFoundError as exc:
         raise DatasetLayoutError(
             f"{path}: voxel file not found; the voxel dataset does not match the index "
             "(regenerate it, or pass the dataset_dir the rays were made from)"
         ) from exc
-    return validate_voxels(path, vox)
+    return validate_voxels(path, vox, side)
+
+
+def check_grid_shape(path: Any, grid_shape: np.ndarray, expected_side: int | None) -> None:
+    """A ray file's ``grid_shape`` ((3,) integers, or one side) against its level's side
+    (None: unknown). Another form is left to ``gpuloader verify`` (provenance, not rays).
+
+    Raises:
+        WrongGridSideError: the rays were made for another grid than the level's.
+    """
+    gs = np.asarray(grid_shape)
+    if expected_side is None or gs.dtype.kind not in "iu" or gs.size not in (1, 3):
+        return
+    shape = tuple(int(v) for v in gs.reshape(-1))
+    if set(shape) != {int(expected_side)}:
+        detail = f"{shape}, but the grids of its level have side {int(expected_side)}"
+        raise make_error(WrongGridSideError, path, detail, "grid_shape")
+
+
+@functools.lru_cache(maxsize=64)
+def _level_sides(meta: str, stamp: tuple[int, int]) -> tuple[int | None, tuple[int, ...]]:
+    """``(base_resolution, level_resolutions)`` of a ``metadata.json`` (``stamp``: its size
+    and mtime, so a rewritten file is read again); None / () where it does not say."""
+    try:
+        doc = read_json(Path(meta))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None, ()
+    if not isinstance(doc, dict):
+        return None, ()
+    base = doc.get("base_resolution")
+    base = base if isinstance(base, int) and not isinstance(base, bool) and base >= 1 else None
+    sides = doc.get("level_resolutions")
+    ok = isinstance(sides, list) and all(type(v) is int and v >= 1 for v in sides)
+    return base, tuple(sides) if ok else ()
+
+
+def level_side(dataset_dir: Path | str, level: int) -> int | None:
+    """The grid side of ``level`` in the voxel dataset ``dataset_dir``: its
+    ``metadata.json``'s ``base_resolution >> level`` (else ``level_resolutions[level]``);
+    None when the file says neither (then no side can be checked)."""
+    meta = Path(dataset_dir) / "metadata.json"
+    try:
+        st = os.stat(meta)
+    except OSError:
+        return None
+    base, sides = _level_sides(str(meta), (st.st_size, st.st_mtime_ns))
+    level = int(level)
+    if base is not None:
+        return base >> level if level >= 0 and base >> level >= 1 else None
+    return sides[level] if 0 <= level < len(sides) else None
+
+
+def voxel_file_side(path: Path | str) -> int | None:
+    """The side a voxel file's grid must have, from its place in the layout
+    (``<dataset>/objects/object_<ID>/level_0.npz`` or
+    ``<dataset>/subvolumes/level_<L>/<hh>/<hash>.npz``) and :func:`level_side`; None when
+    the path is not in that layout or the metadata does not say."""
+    p = Path(path)
+    up = [q.name for q in p.parents]  # folder, its parent, ...
+    if p.name == "level_0.npz" and up[0].startswith("object_") and up[1:2] == ["objects"]:
+        return level_side(p.parents[2], 0)
+    if len(up) < 4 or up[2] != "subvolumes" or not up[1].startswith("level_"):
+        return None
+    level = up[1][len("level_") :]
+    return level_side(p.parents[3], int(level)) if level.isdigit() else None

@@ -57,8 +57,9 @@ def _one_error_line(err: str, command: str) -> str:
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _exit_code([]) == 0
-    out = capsys.readouterr().out
+    """No command is a usage error: the usage (every command named) on stderr, exit 2."""
+    assert _exit_code([]) == 2
+    out = capsys.readouterr().err
     assert out.startswith("usage: gpuloader")
     for name in cli.COMMANDS:
         assert name in out

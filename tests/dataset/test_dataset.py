@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +35,6 @@ SEED_KEYS = {
 @pytest.fixture()
 def dirs(tiny_dataset):
     return tiny_dataset
-
-
-@pytest.fixture()
-def tiny_copy(tiny_dataset, tmp_path) -> tuple[Path, Path]:
-    ds, rays = tiny_dataset
-    shutil.copytree(ds, tmp_path / "dataset")
-    shutil.copytree(rays, tmp_path / "ray_dataset_hierarchical")
-    return tmp_path / "dataset", tmp_path / "ray_dataset_hierarchical"
 
 
 def _full_rays(path: Path) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ from gpuloader.format import validate
 from gpuloader.plan.sampler import RayBatchSampler
 from gpuloader.stores.pack import pack_rays
 from support.damage import BAD_ROW, CASES, first_line, same_sample
+from support.tiny_dataset import blank_rays
 
 
 def test_raise_names_the_file_dataset_and_workers(case) -> None:
@@ -127,15 +128,7 @@ def test_skip_is_reproducible_and_reported_through_workers(case) -> None:
 
 def test_validate_rays_names_key_and_first_bad_row() -> None:
     n = 10
-    a = {
-        "origins": np.zeros((n, 3), np.float32),
-        "directions": np.tile(np.float32([0, 0, 1]), (n, 1)),
-        "distances": np.zeros(n, np.float32),
-        "hits": np.zeros(n, np.uint8),
-        "face_ids": np.zeros(n, np.int32),
-        "view_ids": np.zeros(n, np.int32),
-        "view_positions": np.zeros((2, 3), np.float32),
-    }
+    a = blank_rays(n, views=2)
     assert validate.validate_rays("f.npz", a) == n
     for key, row, value, err in (
         ("distances", 4, -1.0, "NegativeDistanceError"),

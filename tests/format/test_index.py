@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,6 @@ from gpuloader.format.index import build_index, npz_member_header
 
 def _splits(ds: Path) -> dict:
     return json.loads((ds / "splits.json").read_text())
-
-
-@pytest.fixture()
-def tiny_copy(tiny_dataset, tmp_path) -> tuple[Path, Path]:
-    """A private copy of the tiny dataset that a test may damage."""
-    ds, rays = tiny_dataset
-    shutil.copytree(ds, tmp_path / "dataset")
-    shutil.copytree(rays, tmp_path / "ray_dataset_hierarchical")
-    return tmp_path / "dataset", tmp_path / "ray_dataset_hierarchical"
 
 
 def test_sample_records(tiny_dataset):

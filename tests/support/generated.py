@@ -6,6 +6,10 @@ from pathlib import Path
 
 from support.tiny_dataset import write_tiny_dataset
 
+#: ``gpuloader generate`` options of a tiny dataset (3 objects at 8^3, levels 0-1; ~1 s)
+TINY_GENERATE = ["--shapes", "asym", "torus", "box", "--resolution", "8", "--min-resolution", "4"]
+TINY_GENERATE += ["--divisions", "2", "--samples-per-view", "6", "--workers", "1", "--quiet"]
+
 
 def generate_small(out: Path) -> tuple[Path, Path]:
     """A small dataset from the generator (levels 0-2), or the hand-made one without it."""

@@ -260,3 +260,17 @@ def _write_rays(rays_root: Path, level: int, name: str, grid: np.ndarray, seed: 
         level=np.int32(level),
         sampling_mode=np.array("uniform"),
     )
+
+
+def blank_rays(n: int, views: int = 1) -> dict[str, np.ndarray]:
+    """``n`` valid rays (origins at 0, straight up +z, no hits) over ``views`` views: the
+    arrays of a ray file with the format's keys and dtypes, for tests that damage one key."""
+    return {
+        "origins": np.zeros((n, 3), np.float32),
+        "directions": np.tile(np.float32([0, 0, 1]), (n, 1)),
+        "distances": np.zeros(n, np.float32),
+        "hits": np.zeros(n, np.uint8),
+        "face_ids": np.zeros(n, np.int32),
+        "view_ids": np.zeros(n, np.int32),
+        "view_positions": np.zeros((views, 3), np.float32),
+    }

@@ -1,7 +1,9 @@
 """Check a dataset's layout and re-trace a sample of its rays.
 
 Reads both roots of the on-disk format (dataset/ and ray_dataset_hierarchical/) and reports
-every problem it finds, each naming its file: missing or unreadable files; wrong keys, shapes,
+every problem it finds, each naming its file: missing or unreadable files, and folders that
+cannot be listed (a symlink loop); files and folders that a symlink leads outside their root
+(reported, not read) and object IDs of splits.json that are paths; wrong keys, shapes,
 dtypes or values in voxel and ray files; sub-volume hashes that do not match their contents;
 ray files without a voxel file and non-empty sub-volumes without a ray file; splits.json
 bookkeeping that disagrees with the subdivision maps; JSON files (metadata, splits, registry,
@@ -23,6 +25,7 @@ from gpuloader.commands.verify.report import (
     MAP,
     MISPLACED,
     MISSING,
+    OUTSIDE,
     PAIRING,
     SPLITS,
     TRACE,
@@ -49,6 +52,7 @@ __all__ = [
     "KINDS",
     "MISSING",
     "UNREADABLE",
+    "OUTSIDE",
     "MISPLACED",
     "FORMAT",
     "VALUES",

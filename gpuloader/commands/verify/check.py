@@ -9,7 +9,7 @@ problems are sorted by kind, file and message, so the report does not depend on 
 
 from __future__ import annotations
 
-import re
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from gpuloader.commands.verify.report import (
     KINDS,
     MISPLACED,
     MISSING,
+    OUTSIDE,
     PAIRING,
+    UNREADABLE,
     Problem,
     VerifyReport,
     examples,
@@ -30,11 +32,10 @@ from gpuloader.commands.verify.report import (
 )
 from gpuloader.commands.verify.tree import check_metadata_keys, check_splits, read_json
 from gpuloader.commands.verify.units import run_units
+from gpuloader.errors import OutsideRootError
 from gpuloader.format import layout
 
 __all__ = ["verify_dataset"]
-
-_LEVEL_DIR = re.compile(r"^level_(\d+)$")
 
 
 def _present(path: Path) -> bool:
@@ -42,20 +43,81 @@ def _present(path: Path) -> bool:
     return path.is_file() or path.is_symlink()
 
 
-def _scan(root: Path, pattern: str) -> dict[tuple[int, str], Path]:
-    """``(level, name) -> path`` of files matching ``level_<L>/<hh>/<pattern>`` under root."""
+class _Refused:
+    """Paths verify does not read: links out of a root and folders it cannot list (each
+    reported once, by path)."""
+
+    def __init__(self, report: VerifyReport, ds: Path, rays_root: Path) -> None:
+        self.report = report
+        self.paths: set[str] = set()
+        self.guards = {
+            "dataset": layout.RootGuard(ds, "dataset"),
+            "rays": layout.RootGuard(rays_root, "ray tree"),
+        }
+
+    def add(self, path: str, exc: BaseException) -> None:
+        """Report a refused path: OUTSIDE for a link out of its root, else UNREADABLE."""
+        if path in self.paths:
+            return
+        self.paths.add(path)
+        kind = OUTSIDE if isinstance(exc, OutsideRootError) else UNREADABLE
+        detail = getattr(exc, "detail", None) or str(exc)
+        if kind == OUTSIDE:
+            detail += "; not read (copy the file into the dataset instead of linking it)"
+        else:
+            detail += "; the files under it are not checked"
+        self.report.problems.append(Problem(path, detail, kind))
+
+    def outside(self, path: Path, side: str) -> bool:
+        """Whether ``path`` (of the ``"dataset"`` or ``"rays"`` side) leads out (reported)."""
+        if str(path) in self.paths:
+            return True
+        guard = self.guards[side]
+        target = guard.outside(path)
+        if target is None:
+            return False
+        self.add(str(path), guard.error(path, target))
+        return True
+
+
+def _scan(root: Path, suffix: str, refused: _Refused, what: str) -> dict[tuple[int, str], Path]:
+    """``(level, name) -> path`` of files ``level_<L>/<hh>/<name><suffix>`` under root
+    (refused folders and links out of the root reported, not listed)."""
     out: dict[tuple[int, str], Path] = {}
     if not root.is_dir():
         return out
-    for level_dir in sorted(root.iterdir()):
-        m = _LEVEL_DIR.match(level_dir.name)
-        if not m or not level_dir.is_dir():
-            continue
-        for p in sorted(level_dir.glob(f"*/{pattern}")):
-            if _present(p) and not p.name.startswith("."):
-                name = p.name[: -len(pattern) + 1]
-                out[(int(m.group(1)), name)] = p
+    errors: list[tuple[str, BaseException]] = []
+    try:
+        found = layout.walk_level_tree(root, suffix, errors, what=what)
+    except OSError as exc:  # the root itself cannot be listed
+        refused.add(str(root), exc)
+        return out
+    for path, exc in errors:
+        refused.add(path, exc)
+    for level, name, p in found:
+        if _present(p):
+            out[(level, name)] = p
     return out
+
+
+def _object_ids(objects_root: Path, refused: _Refused) -> list[str]:
+    """IDs of the ``object_<ID>/`` folders (loops and links out of the root reported)."""
+    if not objects_root.is_dir():
+        return []
+    out = []
+    with os.scandir(objects_root) as entries:
+        for e in entries:
+            if not e.name.startswith("object_"):
+                continue
+            try:
+                if not e.is_dir():
+                    continue
+            except OSError as exc:  # a symlink loop
+                refused.add(e.path, layout.folder_error(e.path, exc))
+                continue
+            if not refused.outside(Path(e.path), "dataset"):
+                out.append(e.name[len("object_") :])
+    return sorted(out)
 
 
 def verify_dataset(
@@ -86,26 +148,31 @@ def verify_dataset(
         elif not root.is_dir():
             report.problems.append(Problem(str(root), f"{what} does not exist", MISSING))
 
-    meta = read_json(report, ds / "metadata.json", "dataset metadata.json")
-    splits = read_json(report, ds / "splits.json", "splits.json")
-    summary = read_json(report, rays_root / "processing_summary.json", "processing_summary.json")
-    registry = read_json(report, ds / "registry.json", "registry.json")
+    refused = _Refused(report, ds, rays_root)
+
+    def top(path: Path, what: str, side: str = "dataset") -> Any:
+        return None if refused.outside(path, side) else read_json(report, path, what)
+
+    meta = top(ds / "metadata.json", "dataset metadata.json")
+    splits = top(ds / "splits.json", "splits.json")
+    summary = top(rays_root / "processing_summary.json", "processing_summary.json", "rays")
+    registry = top(ds / "registry.json", "registry.json")
     check_metadata_keys(report, ds, rays_root, meta, splits, summary, registry)
     base = meta.get("base_resolution") if isinstance(meta, dict) else None
     if not isinstance(base, int) or isinstance(base, bool) or base < 1:
         base = None
 
-    objects_root = ds / "objects"
-    objects = sorted(
-        p.name[len("object_") :]
-        for p in (objects_root.iterdir() if objects_root.is_dir() else [])
-        if p.is_dir() and p.name.startswith("object_")
-    )
+    objects = _object_ids(ds / "objects", refused)
     report.counts["objects"] = len(objects)
 
-    # 1. object folders and their subdivision maps
+    # 1. object folders and their subdivision maps (files linked out of the root not read)
     refs: dict[tuple[int, str], tuple[bool, set[str]]] = {}
-    jobs = [(str(ds), oid) for oid in objects]
+    jobs = []
+    for oid in objects:
+        odir = layout.object_dir(ds, oid)
+        names = ("metadata.json", "subdivision_map.json", "level_0.npz")
+        out = tuple(n for n in names if refused.outside(odir / n, "dataset"))
+        jobs.append((str(ds), oid, out))
     for res in run_units(check_object, jobs, [1] * len(jobs), workers, "objects", progress):
         merge(report, res)
         oid = res.payload["object_id"]
@@ -116,6 +183,8 @@ def verify_dataset(
     if base is None:  # infer the base resolution from the level-0 grids' most common side
         sides: Counter = Counter()
         for oid in objects[:64]:
+            if str(layout.level0_voxel_path(ds, oid)) in refused.paths:
+                continue
             try:
                 with np.load(layout.level0_voxel_path(ds, oid)) as f:
                     sides[f["voxels"].shape[0]] += 1
@@ -124,8 +193,8 @@ def verify_dataset(
         base = sides.most_common(1)[0][0] if sides else None
 
     # 2. voxel and ray files, paired per sample
-    voxel_files = _scan(ds / "subvolumes", "*.npz")
-    ray_files = _scan(rays_root, "*_rays.npz")
+    voxel_files = _scan(ds / "subvolumes", ".npz", refused, "dataset")
+    ray_files = _scan(rays_root, "_rays.npz", refused, "ray tree")
     for found in (voxel_files, ray_files):
         for (_level, name), p in found.items():
             if p.parent.name != name[:2]:
@@ -141,9 +210,12 @@ def verify_dataset(
     for level, name in sorted(keys):
         vpath = layout.voxel_path(ds, level, name)
         rpath = layout.ray_path(rays_root, level, name)
-        v_ok, r_ok = _present(vpath), _present(rpath)
+        v_out, r_out = refused.outside(vpath, "dataset"), refused.outside(rpath, "rays")
+        v_ok, r_ok = _present(vpath) and not v_out, _present(rpath) and not r_out
         ref = refs.get((level, name))
-        if not v_ok:
+        if v_out:  # reported as outside; its ray file is checked alone
+            pass
+        elif not v_ok:
             if ref is not None:
                 report.problems.append(
                     Problem(
@@ -153,7 +225,7 @@ def verify_dataset(
                         MISSING,
                     )
                 )
-            if r_ok:
+            if r_ok or r_out:
                 report.problems.append(
                     Problem(str(rpath), f"ray file has no voxel file (expected {vpath})", PAIRING)
                 )
@@ -171,6 +243,7 @@ def verify_dataset(
                 "voxel": str(vpath) if v_ok else None,
                 "ray": str(rpath) if r_ok else None,
                 "ray_expected": str(rpath),
+                "ray_refused": r_out,
                 "side": (base >> level) if base is not None else None,
                 "map_empty": ref[0] if ref is not None else None,
                 "fraction": fraction,

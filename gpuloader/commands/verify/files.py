@@ -49,7 +49,7 @@ def npz_problem(exc: BaseException) -> str:
     ``allow_pickle=True``; that advice is wrong here (an npz never holds pickles), so such a
     file, an empty one or a broken zip is reported as not a valid npz.
     """
-    fix = "the file is damaged: regenerate it (gpuloader generate) or delete it"
+    fix = f"the file is damaged: {npz_files.FIX}"
     if isinstance(exc, UnreadableFileError):
         return str(exc)[len(f"{exc.path}: ") :] if exc.path else str(exc)
     if isinstance(exc, FileCheckError):
@@ -243,7 +243,8 @@ def check_sample(job: dict[str, Any]) -> UnitResult:
     """A sample's voxel file and ray file (either may be absent), then the re-trace.
 
     ``job``: level, name, key (``level_<L>/<name>``), voxel and ray (paths or None),
-    ray_expected, side (expected grid side or None), map_empty (what the subdivision maps say,
+    ray_expected, ray_refused (its ray file leads out of the tree: not read, not missing),
+    side (expected grid side or None), map_empty (what the subdivision maps say,
     or None), fraction and seed. The payload holds level, name, empty and trivial.
     """
     level, name = job["level"], job["name"]
@@ -257,6 +258,8 @@ def check_sample(job: dict[str, Any]) -> UnitResult:
             res.payload["empty"] = empty
             res.payload["trivial"] = empty  # upstream's pipeline lists all-empty grids only
     if job["ray"] is None:
+        if job.get("ray_refused"):  # a link out of the ray tree: reported, not read
+            return res
         known_empty = res.payload["empty"] if grid is not None else job["map_empty"]
         if level == 0 or known_empty is False:
             what = "object" if level == 0 else "non-empty sub-volume"

@@ -39,13 +39,15 @@ def _aggregate(res: UnitResult, file: Path, issues: dict[str, list[int]], kind: 
         res.add(file, f"{len(where)} record(s) {message} (first: record {where[0]})", kind)
 
 
-def check_object(job: tuple[str, str]) -> UnitResult:
+def check_object(job: tuple[str, ...]) -> UnitResult:
     """Object folder: metadata.json, subdivision_map.json records, level_0.npz.
 
-    ``job``: (dataset folder, object ID). The payload holds ``object_id``, ``records`` (how
+    ``job``: (dataset folder, object ID[, names of its files not to read: links out of the
+    dataset, reported as such by the caller]). The payload holds ``object_id``, ``records`` (how
     many) and ``refs``, a list of ``(level, hash, all records empty)``.
     """
     dataset_dir, oid = Path(job[0]), job[1]
+    refused = set(job[2]) if len(job) > 2 else set()
     res = UnitResult()
     odir = layout.object_dir(dataset_dir, oid)
     meta_path = odir / "metadata.json"
@@ -53,7 +55,9 @@ def check_object(job: tuple[str, str]) -> UnitResult:
     grid_path = layout.level0_voxel_path(dataset_dir, oid)
     res.payload = {"object_id": oid, "refs": [], "records": 0}
 
-    if not meta_path.is_file():
+    if meta_path.name in refused:
+        pass
+    elif not meta_path.is_file():
         res.add(meta_path, "object metadata.json is missing; re-generate the object", MISSING)
     else:
         try:
@@ -64,7 +68,9 @@ def check_object(job: tuple[str, str]) -> UnitResult:
             res.add(meta_path, f"cannot parse JSON ({describe(exc)})", UNREADABLE)
 
     grid = None
-    if not grid_path.is_file():
+    if grid_path.name in refused:
+        pass
+    elif not grid_path.is_file():
         res.add(grid_path, "level_0.npz is missing from the object folder", MISSING)
     else:
         try:
@@ -76,6 +82,8 @@ def check_object(job: tuple[str, str]) -> UnitResult:
         if grid is not None and (grid.ndim != 3 or len(set(grid.shape)) != 1):
             grid = None
 
+    if map_path.name in refused:
+        return res
     if not map_path.is_file():
         res.add(map_path, "subdivision_map.json is missing; re-generate the object", MISSING)
         return res

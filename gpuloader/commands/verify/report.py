@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "MISSING",
     "UNREADABLE",
+    "OUTSIDE",
     "MISPLACED",
     "FORMAT",
     "VALUES",
@@ -39,6 +40,8 @@ __all__ = [
 # Problem kinds, in report order.
 MISSING = "missing file"
 UNREADABLE = "unreadable file"
+#: a file or folder a symlink leads outside its root, or an object ID that is a path
+OUTSIDE = "outside the dataset"
 MISPLACED = "misplaced file"
 FORMAT = "wrong keys, shapes or dtypes"
 VALUES = "invalid values"
@@ -51,6 +54,7 @@ INTERNAL = "verifier error"
 KINDS: tuple[str, ...] = (
     MISSING,
     UNREADABLE,
+    OUTSIDE,
     MISPLACED,
     FORMAT,
     VALUES,

@@ -17,6 +17,7 @@ from typing import Any
 from gpuloader.commands.verify.report import (
     FORMAT,
     MISSING,
+    OUTSIDE,
     SPLITS,
     UNREADABLE,
     Problem,
@@ -79,7 +80,15 @@ def check_splits(
         absent = [o for o in objects if o not in object_splits]
         if absent:
             add(f"{len(absent)} object(s) have no entry in object_splits: {examples(absent)}")
-        extra = [o for o in object_splits if o not in set(objects)]
+        paths = [o for o in object_splits if not layout.is_plain_name(o)]
+        if paths:
+            add(
+                f"object_splits holds {len(paths)} object ID(s) that are not plain names "
+                f"(paths that lead out of objects/): {examples([repr(o) for o in paths])}; "
+                "the loaders refuse them (BadObjectIdError): fix or remove the entries",
+                OUTSIDE,
+            )
+        extra = [o for o in object_splits if o not in set(objects) and layout.is_plain_name(o)]
         if extra:
             add(f"{len(extra)} object(s) in object_splits have no object folder: {examples(extra)}")
         odd = sorted({str(v) for v in object_splits.values() if v not in SPLIT_NAMES})
@@ -188,9 +197,12 @@ def check_metadata_keys(
     check("registry.json", ds / "registry.json", registry)
     check("processing_summary.json", rays_root / "processing_summary.json", summary)
     objects_root = ds / "objects"
+    guard = layout.RootGuard(ds, "dataset")
     if objects_root.is_dir():
         for odir in sorted(objects_root.glob("object_*/")):
             path = odir / "metadata.json"
+            if guard.outside(path) is not None:
+                continue  # a link out of the dataset: reported, not read
             try:
                 doc = layout.read_json(path)
             except Exception:

@@ -50,7 +50,7 @@ from gpuloader.errors import (
     StalePackError,
 )
 from gpuloader.format import layout as layout_io
-from gpuloader.format.index import npz_member_header
+from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import npz_error
 from gpuloader.stores.pack.build_steps import (
     fsync_tree,
@@ -106,8 +106,9 @@ def pack_rays(
 
     Built in a temporary folder beside ``out_dir`` and renamed into place when whole. An
     ``out_dir`` holding an up-to-date pack of the same source, levels and layout options
-    is kept (nothing is read); a stale one, or a folder an interrupted run left, needs
-    ``force=True``. Any other non-empty folder is never replaced.
+    is kept (its file list, then its files' content, compared with the ray tree); a stale
+    one, or a folder an interrupted run left, needs ``force=True``. Any other non-empty
+    folder is never replaced.
 
     Args:
         ray_dataset_dir: ray dataset root (level_<L>/<hh>/<hash>_rays.npz).
@@ -180,7 +181,10 @@ def pack_rays(
                 options = _options(manifest)
                 wanted = _options(writer.manifest_keys())
                 if same and options == wanted:
+                    # sizes and mtimes (what a store's open checks), then content: a file
+                    # rewritten to the same size with its mtime set back is stale too
                     check_pack(out_dir, "fast", root, manifest)
+                    check_pack(out_dir, "full", root, manifest)
                     refuse_or_warn_left_out(manifest, out_dir, skip)
                     return summary(manifest, out_dir, time.perf_counter() - start, True)
                 why = f"it packs {manifest['source_root']} at levels {manifest['levels']}"
@@ -202,13 +206,24 @@ def pack_rays(
                 f"`{rebuild}`"
             )
 
-    found = source_files(root, level_set)
+    # under skip, a folder of the tree that cannot be listed (a symlink loop) or a link out
+    # of it is left out and recorded in the manifest's "refused" (raised under raise)
+    refused: list[tuple[str, BaseException]] = []
+    found = source_files(root, None, refused if skip else None)
     if not found:
         raise DatasetLayoutError(
-            f"{root}: no *_rays.npz files"
-            + (f" at levels {level_list}" if level_list is not None else "")
-            + "; point RAY_DIR at the ray dataset root (it holds level_<L>/)"
+            f"{root}: no *_rays.npz files; point RAY_DIR at the ray dataset root "
+            "(it holds level_<L>/)"
         )
+    present = sorted({int(t[0]) for t in found})
+    absent = [lv for lv in (level_list or []) if lv not in present]
+    if absent:
+        raise DatasetLayoutError(
+            f"{root}: no ray files at level(s) {', '.join(map(str, absent))}; it has levels "
+            f"{', '.join(map(str, present))}: give levels from those (--levels), or none to "
+            "pack them all"
+        )
+    found = [t for t in found if level_set is None or t[0] in level_set]
 
     # Pass 1: sizes, mtimes and row counts from the npy headers (nothing inflated).
     plan: dict[int, list[tuple]] = {}
@@ -306,6 +321,7 @@ def pack_rays(
             "level_info": level_info,
             "files": {rel: [*stats[rel], digests[rel]] for rel in sorted(stats)},
             "bad_files": {rel: bad[rel] for rel in sorted(bad)},
+            "refused": {path: error_record(exc) for path, exc in sorted(refused)},
         }
         fsync_tree(tmp)
         layout_io.atomic_write_json(tmp / MANIFEST, manifest)

@@ -154,11 +154,13 @@ def refuse_or_warn_left_out(manifest: dict[str, Any], out_dir: Path, skip: bool)
     """A pack that left bad files out: a warning per file (``skip``), or, for an
     ``on_error="raise"`` run, the first file's recorded error (called by ``pack_rays``: the
     warnings point at its caller)."""
+    refused = manifest.get("refused") or {}  # folders or links of the tree (absolute paths)
     bad = manifest.get("bad_files") or {}
-    if not bad:
+    if not bad and not refused:
         return
     root = Path(manifest["source_root"])
     if not skip:
+        bad = {**refused, **bad}
         rel = min(bad)
         rebuild = manifest_rebuild(manifest, out_dir, root)
         raise recorded_error(
@@ -168,6 +170,12 @@ def refuse_or_warn_left_out(manifest: dict[str, Any], out_dir: Path, skip: bool)
             f"(the existing pack left {len(bad)} bad file(s) out; repair them and rebuild it: "
             f"`{rebuild}`, or accept the gaps: `gpuloader pack ... --on-error skip`)",
             str(root / rel),
+        )
+    for path, rec in sorted(refused.items()):
+        warnings.warn(
+            f"gpuloader pack: left out {path}: {rec['message']}",
+            SkippedFileWarning,
+            stacklevel=3,
         )
     for _, rec in sorted(bad.items()):
         what = "the sample of a bad voxel file" if rec.get("voxel_file") else "a bad ray file"

@@ -5,7 +5,8 @@ writes it, :mod:`~gpuloader.stores.pack.store` reads it). Layout of a pack folde
 
     manifest.json                 written last: format, pack_id, source root, source files
                                   (relative path, size, mtime_ns, sha256), per-level totals,
-                                  on_error and bad_files (files left out as bad)
+                                  on_error, bad_files (files left out as bad) and
+                                  refused (folders or links of the tree left out)
     level_<L>/origins.npy         (N_L, 3) float32   rays of every file of level L, file
     level_<L>/directions.npy      (N_L, 3) float32   after file in hash order
     level_<L>/distances.npy       (N_L,)   float32
@@ -27,7 +28,10 @@ as it does the ray files.
 Staleness (:func:`check_pack`): ``check="fast"`` compares the manifest's file list, sizes and
 mtimes with the ray tree; ``"full"`` also re-hashes every source file; ``"none"`` trusts the
 pack (the source may even be gone). A stale pack raises :class:`StalePackError` naming the
-first changed files and the command that rebuilds it.
+first changed files and the command that rebuilds it. The fast check (a store's default on
+open) cannot see a file rewritten to the same size with its mtime set back (``touch -d``,
+``cp -p``, a clock reset); ``gpuloader pack`` on an existing pack runs the fast and then the
+full check, so it calls a pack up to date only when content matches too.
 
 A bad file a pack left out (``on_error="skip"``) keeps its error in the manifest as a plain
 record (:func:`error_record`); :func:`recorded_error` makes the named error again from it.
@@ -36,7 +40,6 @@ record (:func:`error_record`); :func:`recorded_error` makes the named error agai
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -53,7 +56,8 @@ from gpuloader.errors import (
     StalePackError,
 )
 from gpuloader.format import layout
-from gpuloader.format.index import scan_ray_tree
+from gpuloader.format.layout import sha256_file
+from gpuloader.format.listing import scan_ray_tree
 from gpuloader.stores.files import LocalPackFiles, PackFiles
 
 __all__ = [
@@ -161,13 +165,22 @@ def manifest_rebuild(
     )
 
 
-def source_files(root: Path, levels: set[int] | None) -> list[tuple[int, str, Path]]:
-    """Ray files of ``root`` at ``levels`` (None: all): sorted ``(level, hash, path)``.
+def source_files(
+    root: Path,
+    levels: set[int] | None,
+    errors: list[tuple[str, BaseException]] | None = None,
+    allow_outside: bool = False,
+) -> list[tuple[int, str, Path]]:
+    """Ray files of ``root`` at ``levels`` (None: all): sorted ``(level, hash, path)``;
+    ``errors``, ``allow_outside`` as :func:`~gpuloader.format.listing.scan_ray_tree` takes them.
 
     Raises:
         DatasetLayoutError: ``root`` is missing, or one (level, hash) has two files.
+        UnreadableFileError, OutsideRootError: a refused folder or file (without ``errors``).
     """
-    found = [t for t in scan_ray_tree(root) if levels is None or t[0] in levels]
+    found = [
+        t for t in scan_ray_tree(root, errors, allow_outside) if levels is None or t[0] in levels
+    ]
     for (lv, h, p), (lv2, h2, p2) in zip(found, found[1:], strict=False):
         if (lv, h) == (lv2, h2):
             raise DatasetLayoutError(
@@ -200,15 +213,6 @@ def is_readable(path: Path) -> bool:
             return True
     except OSError:
         return False
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of the file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ recorded errors
@@ -415,7 +419,8 @@ def check_pack(
         )
     recorded: dict[str, list] = manifest["files"]
     bad: dict[str, Any] = manifest.get("bad_files") or {}
-    current = source_files(root, None if levels is None else set(levels))
+    # a folder that cannot be listed, or a link out of the tree: its files read as missing
+    current = source_files(root, None if levels is None else set(levels), [])
     seen: set[str] = set()
     for _, _, path in current:
         rel = relative_name(root, path)

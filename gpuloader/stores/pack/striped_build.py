@@ -26,7 +26,7 @@ import numpy as np
 from gpuloader.augment.rng import feistel_permute
 from gpuloader.errors import DamagedFileError, DatasetLayoutError, PackError
 from gpuloader.format import layout
-from gpuloader.format.index import npz_member_header
+from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import load_npz, npz_error
 from gpuloader.format.validate import validate_voxels
 from gpuloader.stores.pack.build_steps import chunk_jobs, ray_arrays, read_source, skippable
