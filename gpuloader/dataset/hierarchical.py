@@ -70,41 +70,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from gpuloader import schema
 from gpuloader.augment.rng import SampleContext
 from gpuloader.augment.transforms import apply_transform
+from gpuloader.dataset.output import SAMPLE_DTYPES, to_output, to_sparse
 from gpuloader.dataset.view import ON_ERROR, DatasetView, ReadLog
 from gpuloader.errors import SkippedFileWarning
 from gpuloader.format.index import Isolation, build_index, chunk_samples
-from gpuloader.format.sparse import voxels_to_sparse_coo, voxels_to_sparse_index
 from gpuloader.plan.sampler import RayRequest
 from gpuloader.stores.cache import LRUCache
 from gpuloader.stores.npz import NpzRayStore, RayStore
 
-__all__ = ["HierarchicalVoxelRayDataset", "SkippedFileWarning"]
-
-
-#: Output dtype of every array key of a sample.
-SAMPLE_DTYPES: dict[str, torch.dtype] = {f.name: getattr(torch, f.batch) for f in schema.FIELDS}
-_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
-    torch.float32: np.dtype(np.float32),
-    torch.long: np.dtype(np.int64),
-}
-
-
-def _to_torch(value: Any, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype)
-    arr = np.asarray(value)
-    target = _NUMPY_DTYPES[dtype]
-    if arr.dtype != target:
-        arr = arr.astype(target)  # a new, writable array
-    elif not arr.flags.writeable or not arr.flags.c_contiguous:
-        arr = np.array(arr, order="C")
-    return torch.from_numpy(arr)
+__all__ = ["SAMPLE_DTYPES", "HierarchicalVoxelRayDataset", "SkippedFileWarning"]
 
 
 def _levels_argument(levels: Any) -> list[int] | None:
@@ -456,45 +434,11 @@ class HierarchicalVoxelRayDataset(Dataset):
         sample = self.view().read_sample_checked(index, epoch, num_rays)  # warns from here
         i, epoch = sample.pop("index"), sample.pop("epoch")
         skip = {k: sample.pop(k) for k in ("skipped_from", "skip_error") if k in sample}
-        sample = self._to_output(sample)
+        sample = to_output(sample)
         if self.transform is not None:
             sample = apply_transform(self.transform, sample, SampleContext(self.seed, epoch, i))
-            sample = self._to_output(sample)
+            sample = to_output(sample)
         sample.update(skip)
         if self.sparse_voxels:
-            sample = self._to_sparse(sample)
+            sample = to_sparse(sample, self.sparse_mode, self.sparse_connectivity)
         return sample
-
-    def _to_sparse(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """Replace ``voxels`` (1, D, H, W) by the sparse keys of ``sparse_mode`` (module doc)."""
-        out = dict(sample)
-        voxels = out.pop("voxels")
-        if self.sparse_mode == "coo":
-            sp = voxels_to_sparse_coo(voxels)
-            out.update(
-                voxel_pos=sp["pos"],
-                voxel_features=sp["features"].to(torch.float32),
-                voxel_shape=sp["shape"],
-                num_voxels=int(sp["num_nodes"]),
-            )
-        else:
-            sp = voxels_to_sparse_index(voxels, connectivity=self.sparse_connectivity)
-            out.update(
-                voxel_pos=sp["pos"],
-                voxel_features=sp["features"],
-                voxel_edge_index=sp["edge_index"],
-                voxel_shape=sp["shape"],
-            )
-        return out
-
-    @staticmethod
-    def _to_output(sample: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in sample.items():
-            dtype = SAMPLE_DTYPES.get(key)
-            out[key] = value if dtype is None or value is None else _to_torch(value, dtype)
-        if "level" in out:
-            out["level"] = int(out["level"])
-        if "hash" in out:
-            out["hash"] = str(out["hash"])
-        return out

@@ -32,6 +32,7 @@ place in the layout); it is checked from the header, before the grid is inflated
 from __future__ import annotations
 
 import functools
+import io
 import os
 import zipfile
 import zlib
@@ -46,7 +47,7 @@ from gpuloader.errors import (
     WrongGridSideError,
 )
 from gpuloader.format.layout import RAY_ROW_KEYS, read_json
-from gpuloader.format.npz_files import load_npz, make_error
+from gpuloader.format.npz_files import check_member_size, load_npz, make_error
 from gpuloader.format.validate import (
     as_ray_dtypes,
     check_grid_header,
@@ -60,6 +61,7 @@ __all__ = [
     "RayStore",
     "check_grid_shape",
     "chunk_span",
+    "fast_load_npz",
     "level_side",
     "read_voxel_file",
     "voxel_file_side",
@@ -109,6 +111,110 @@ def chunk_span(sample: dict[str, Any], n_file: int, where: Any = None) -> tuple[
     return off, count
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+#: parsed ``.npy`` headers by their bytes (files of one dataset share a few dozen)
+_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[Any, tuple, bool, Any]:
+    """The member open after its ``.npy`` header: ``(file, shape, fortran_order, dtype)``.
+    A header is parsed by numpy once per distinct header text, then remembered."""
+    f = zf.open(info)
+    magic = f.read(len(_NPY_MAGIC) + 2)
+    if magic[: len(_NPY_MAGIC)] != _NPY_MAGIC or len(magic) < len(_NPY_MAGIC) + 2:
+        raise ValueError("not a .npy member")
+    version = (magic[-2], magic[-1])
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError("unknown .npy version")
+    width = 2 if version == (1, 0) else 4
+    raw = f.read(width)
+    n = int.from_bytes(raw, "little")
+    if len(raw) != width or n > 10000:
+        raise ValueError("bad .npy header length")
+    header = f.read(n)
+    if len(header) != n:
+        raise ValueError("short .npy header")
+    key = magic[-2:] + header
+    got = _HEADERS.get(key)
+    if got is None:
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        if version == (3, 0):  # utf-8 text: numpy's 2.0 reader takes it as latin-1
+            header.decode("utf-8")
+        shape, fortran, dtype = read(io.BytesIO(raw + header))
+        got = (tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype))
+        if len(_HEADERS) > 4096:
+            _HEADERS.clear()
+        _HEADERS[key] = got
+    return f, *got
+
+
+def fast_load_npz(
+    path: Path,
+    keys: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    check_header: Any = None,
+) -> dict[str, np.ndarray]:
+    """:func:`~gpuloader.format.npz_files.load_npz` in one pass over one open zip archive.
+
+    Same checks, in the same order (every member's header, its declared size and
+    ``check_header``, before anything is inflated; the CRC at the end of each member), but
+    the archive's directory is read once and each header parsed once (``load_npz`` reads
+    them twice, then lets ``np.load`` read them again). Anything unusual (not a zip, a
+    missing key, a bad header, a short or corrupt member, ...) is handed to ``load_npz``,
+    so every error is the one it raises, named the same.
+
+    Raises:
+        FileNotFoundError; the errors of ``load_npz``.
+    """
+    opened: list[Any] = []
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) not in _ZIP_MAGIC:
+                raise ValueError("not a zip")
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(0)
+            with zipfile.ZipFile(fh) as zf:
+                names = set(zf.namelist())
+                wanted = list(keys)
+                wanted += [k for k in optional if f"{k}.npy" in names or k in names]
+                heads = []
+                for key in wanted:
+                    info = zf.getinfo(key if key in names else f"{key}.npy")
+                    f, shape, fortran, dtype = _read_member(zf, info)
+                    opened.append(f)
+                    if dtype.hasobject or any(d < 0 for d in shape):
+                        raise ValueError("object or negative shape")
+                    check_member_size(path, key, info, shape, dtype, size)
+                    if check_header is not None:
+                        check_header(key, shape, dtype)
+                    heads.append((key, f, shape, fortran, dtype))
+                out: dict[str, np.ndarray] = {}
+                for key, f, shape, fortran, dtype in heads:
+                    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                    arr = np.empty(count, dtype=dtype)
+                    nbytes = arr.nbytes
+                    if nbytes and f.readinto(memoryview(arr).cast("B")) != nbytes:
+                        raise ValueError("short member")
+                    while f.read(1 << 16):  # to the member's end: its CRC is checked there
+                        pass
+                    out[key] = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+                return out
+    except FileNotFoundError:
+        raise
+    except Exception:  # noqa: BLE001 - load_npz names the error (or reads it after all)
+        return load_npz(path, keys, optional=optional, check_header=check_header)
+    finally:
+        for f in opened:
+            f.close()
+
+
 class NpzRayStore:
     """Reads ``*_rays.npz`` files (``numpy.savez_compressed``) and gathers rows.
 
@@ -122,7 +228,7 @@ class NpzRayStore:
     def read(self, sample: dict[str, Any], rows: np.ndarray | None) -> dict[str, np.ndarray]:
         path = Path(sample["ray_path"])
         try:
-            arrays = load_npz(path, self.keys, optional=("grid_shape",))
+            arrays = fast_load_npz(path, self.keys, optional=("grid_shape",))
         except FileNotFoundError as exc:
             raise DatasetLayoutError(
                 f"{path}: ray file not found (removed after the index was built?); "
@@ -186,7 +292,7 @@ def read_voxel_file(path: Path, expected_side: int | None = None) -> np.ndarray:
         check_grid_header(path, shape, dtype, side)
 
     try:
-        vox = load_npz(path, ("voxels",), check_header=check)["voxels"]
+        vox = fast_load_npz(path, ("voxels",), check_header=check)["voxels"]
     except FileNotFoundError as exc:
         raise DatasetLayoutError(
             f"{path}: voxel file not found; the voxel dataset does not match the index "
