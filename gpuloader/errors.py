@@ -272,3 +272,51 @@ class BadObjectIdError(DamagedFileError):
     """An object ID in ``splits.json`` that is not a plain name (it holds ``/``, ``\\``, is
     ``.`` or ``..``, or is empty): the format makes folder names of IDs, so a path-like ID
     would reach files outside the dataset."""
+
+
+class PackWriteError(PackError):
+    """The pack's files cannot be written (an ``OSError`` such as EIO, EROFS, or one of
+    :class:`PackSpaceError`'s); the message names the pack folder, the file and the errno
+    text. The partial pack (its temporary folder) is removed before this is raised.
+
+    Attributes: folder (the pack folder), errno (None when not from an ``OSError``).
+    """
+
+    def __init__(self, message: str, *, folder: object = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.folder = None if folder is None else str(folder)
+        self.errno = errno
+
+    def __reduce__(self):  # keep the attributes across worker processes
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+class PackSpaceError(PackWriteError):
+    """Not enough space for a pack: the estimate before anything is written exceeds the
+    free space, or a write failed with ENOSPC, EDQUOT or EFBIG. ``needed``/``free``: bytes
+    (None when unknown)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        folder: object = None,
+        errno: int | None = None,
+        needed: int | None = None,
+        free: int | None = None,
+    ) -> None:
+        super().__init__(message, folder=folder, errno=errno)
+        self.needed = needed
+        self.free = free
+
+
+def _rebuild_error(cls: type, args: tuple, state: dict) -> BaseException:
+    """Unpickle an error whose ``__init__`` takes keyword attributes."""
+    exc = cls(*args)
+    exc.__dict__.update(state)
+    return exc
+
+
+class PassEndedError(GPULoaderError, RuntimeError):
+    """``next()`` on a ``GPURayLoader`` iterator whose pass was ended: a new ``iter(loader)``
+    started (one pass at a time per loader), or the loader was closed. The message says which."""

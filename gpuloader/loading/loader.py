@@ -53,6 +53,14 @@ carries ``skipped`` (``(position, bad index, error)``, as ``collate_ray_batch``'
 epoch that replaced samples ends with one warning naming them. With ``shard_store=True`` a
 replacement comes from the rank's own subset.
 
+Passes: one at a time per loader, on every store and back end. A new ``iter(loader)`` ends
+the pass in progress (its workers' read-ahead dropped, as at the end of a pass) and reads the
+next epoch from its first batch, complete: ``next(iter(loader))`` followed by ``for batch in
+loader`` gives one batch of epoch e, then all of epoch e + 1. The ended iterator's next
+``next()`` raises :class:`~gpuloader.errors.PassEndedError` naming why (``close()`` ends a
+pass too); for independent passes, use one loader per pass
+(:mod:`gpuloader.loading.passes`).
+
 Resume: :meth:`GPURayLoader.state_dict` is ``(epoch, batches_yielded)`` of the pass in
 progress (batches handed to the caller, not those read ahead); after
 :meth:`GPURayLoader.load_state_dict` (on this loader or a new one) the next pass starts that
@@ -63,11 +71,13 @@ all start there without reading the batches before it.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from gpuloader.augment.transforms import ray_budget
 from gpuloader.dataset.view import DatasetView
+from gpuloader.loading.passes import NEW_PASS, LoaderPass
 from gpuloader.loading.setup import (
     LoaderSetup,
     choose_setup,
@@ -79,7 +89,7 @@ from gpuloader.loading.sources.base import BatchSource
 from gpuloader.loading.sources.make import make_source
 from gpuloader.loading.sources.resident import FusedBatches
 from gpuloader.loading.sparse_batch import sparse_batches
-from gpuloader.plan.resume import check_resume_state, resume_state
+from gpuloader.plan.resume import check_resume_state, is_bare_position, resume_state
 from gpuloader.plan.sampler import ALL_RAYS, RayBatchSampler, check_count
 from gpuloader.stores.resident import ResidentStore
 
@@ -90,6 +100,10 @@ log = logging.getLogger("gpuloader")
 
 class GPURayLoader:
     """Ray batches of ``collate_ray_batch`` form, read in parallel and augmented on the device.
+
+    One pass at a time: a new ``iter(loader)`` ends the pass in progress, whose iterator then
+    raises :class:`~gpuloader.errors.PassEndedError` on its next ``next()`` (module doc,
+    "Passes").
 
     Args:
         dataset: a :class:`~gpuloader.dataset.hierarchical.HierarchicalVoxelRayDataset`.
@@ -139,7 +153,8 @@ class GPURayLoader:
         sampler: the RayBatchSampler that decides order and ray counts.
         store: "gpu", "host", "stream" or "striped"; store_reason: why; resident: the ResidentStore.
         errors: ``(file, first line of its error)`` of every bad file met (``on_error=
-            'skip'``), in the order met; skipped: samples replaced so far.
+            'skip'``), in the order met, first those the dataset lists (its index build's);
+            skipped: samples replaced so far.
         setup: all of these choices as one :class:`~gpuloader.loading.setup.LoaderSetup`;
             source: the :class:`~gpuloader.loading.sources.base.BatchSource` that makes the
             batches (None once closed).
@@ -172,6 +187,7 @@ class GPURayLoader:
         shard_store: bool = False,
     ) -> None:
         self._closed = True  # until fully built: makes close()/__del__ safe on errors
+        self._current: weakref.ref[LoaderPass] | None = None  # the pass in progress
         self.source: BatchSource | None = None
         self.resident: ResidentStore | None = None
         if backend not in ("auto", "dali", "torch"):
@@ -311,7 +327,8 @@ class GPURayLoader:
 
         Raises:
             ValueError: the state belongs to another dataset, seed, world size or batching
-                (the message names what differs), or its position is beyond the epoch.
+                (the message names what differs), its position is beyond the epoch or not an
+                integer, or it lacks a key (``seed``, ``dataset``, ...: named).
         """
         epoch, start = check_resume_state(
             state,
@@ -323,7 +340,12 @@ class GPURayLoader:
             self.sampler.identity(),
         )
         ds_load = getattr(self.dataset, "load_state_dict", None)
-        if "dataset" in state and ds_load is not None:
+        if ds_load is not None and "dataset" not in state and not is_bare_position(state):
+            raise ValueError(
+                "GPURayLoader.load_state_dict: the state lacks 'dataset' (the dataset's "
+                "state_dict(), which this loader's state holds); pass state_dict()'s dict, whole"
+            )
+        if ds_load is not None and "dataset" in state:
             ds_load(state["dataset"])
         self.epoch, self._resume_at = epoch, start
         self._pass = None
@@ -339,6 +361,7 @@ class GPURayLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._closed or self.source is None:
             raise RuntimeError("GPURayLoader is closed")
+        self._end_pass(NEW_PASS)  # one pass at a time (module doc, "Passes")
         epoch, start = self.epoch, self._resume_at
         self.epoch, self._resume_at = epoch + 1, 0
         it = self.source.batches(epoch, start)
@@ -348,26 +371,28 @@ class GPURayLoader:
         if self.on_error == "skip":
             it = self._skips.with_skips(it, epoch, start)
         pos = self._pass = [epoch, start]
-        return self._counted(it, pos)
 
-    def _counted(self, it: Iterator[dict[str, Any]], pos: list[int]) -> Iterator[dict[str, Any]]:
-        """``it``, counting in ``pos[1]`` the batches handed out (for :meth:`state_dict`)."""
-        try:
-            for batch in it:
-                pos[1] += 1
-                yield batch
+        def done() -> None:
             if self._pass is pos:
                 self._pass = None
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+
+        current = LoaderPass(it, pos, done)
+        self._current = weakref.ref(current)
+        return current
+
+    def _end_pass(self, why: str) -> None:
+        """End the pass in progress, if any (:class:`~gpuloader.loading.passes.LoaderPass`)."""
+        ref, self._current = getattr(self, "_current", None), None
+        current = ref() if ref is not None else None
+        if current is not None:
+            current.end(why)
 
     # -- shutdown --------------------------------------------------------------------------
 
     def close(self) -> None:
         """Stop every worker (DALI pool or DataLoader workers) and free their shared memory."""
         self._closed = True
+        self._end_pass("the loader was closed (loader.close())")
         self.resident = None
         source, self.source = getattr(self, "source", None), None
         if source is not None:

@@ -14,7 +14,8 @@ replaces them:
 :meth:`SkipLedger.with_skips` wraps an epoch's batches: each batch carries ``skipped``
 (``(position, bad index, error)``, as ``collate_ray_batch``'s), :attr:`SkipLedger.skipped`
 counts the replacements, :attr:`SkipLedger.errors` lists ``(file, first line)`` of every bad
-file met in the order met, and each epoch that replaced samples ends with one
+file met in the order met (first those the dataset already lists: the files its index build
+left out, whose npz header could not be read), and each epoch that replaced samples ends with one
 :class:`~gpuloader.errors.SkippedFileWarning` naming them.
 """
 
@@ -52,6 +53,10 @@ class SkipLedger:
         #: the sampler with known bad samples replaced (None: none known)
         self.skipping: SkippingSampler | None = None
         self._bad_lines: dict[int, str] = {}
+        # files the index build left out (on_error='skip': their npz header could not be
+        # read), and any bad file the dataset met in this process before the loader
+        for file, line in list(view.log.errors):
+            self.note(file, line)
 
     def note(self, file: str, line: str) -> None:
         """Record a bad file (once)."""

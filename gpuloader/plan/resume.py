@@ -6,8 +6,12 @@ identifies the batching arguments and the data (:func:`batching_identity`: ``ray
 ``samples_fingerprint``). :func:`resume_state` makes one (a finished epoch reads as the next
 epoch at batch 0) and :func:`check_resume_state` gives back ``(epoch, batches_yielded)``
 after checking that the state belongs to the same arguments, data, seed, world size, epoch
-length and shard mode; only the keys a state holds are checked, so older states (without
-the identity keys) still load. Used by ``RayBatchSampler.state_dict`` and the GPU loader's.
+length and shard mode. A saved state must hold :data:`REQUIRED_KEYS` (``epoch``,
+``batches_yielded``, ``seed``, ``num_batches``), each an integer (a float or bool is refused,
+as is ``world_size`` of another type); a bare hand-written position ``{epoch,
+batches_yielded}`` (those two keys only) is taken as it is. Of ``world_size`` and the
+identity keys only those a state holds are checked, so older states (without them) still
+load. Used by ``RayBatchSampler.state_dict`` and the GPU loader's.
 
 A state of another world size is mapped onto this one (:func:`_other_world_position`, with a
 :class:`ResumeWorldSizeWarning`): exactly at an epoch boundary; mid-epoch, with one global
@@ -19,15 +23,19 @@ fraction.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "IDENTITY_KEYS",
+    "POSITION_KEYS",
+    "REQUIRED_KEYS",
     "ResumeWorldSizeWarning",
     "batching_identity",
     "check_resume_state",
+    "is_bare_position",
     "resume_state",
     "samples_fingerprint",
 ]
@@ -143,9 +151,10 @@ def check_resume_state(
     state's (keys the state lacks are not checked).
 
     Raises:
-        ValueError: a missing key, a negative position, a position beyond the epoch
-            (``batches_yielded > num_batches``; equal means the epoch finished), or a state
-            of other batching arguments or samples, another seed, world size, epoch length
+        ValueError: a missing required key (:data:`REQUIRED_KEYS`: the message names it), one
+            that is not an integer (a float, a bool), a negative position, a position beyond
+            the epoch (``batches_yielded > num_batches``; equal means the epoch finished), or a
+            state of other batching arguments or samples, another seed, world size, epoch length
             or shard mode (the message names what differs).
     """
     if not isinstance(state, Mapping):
@@ -153,14 +162,7 @@ def check_resume_state(
             f"{owner}.load_state_dict: state must be a dict (from state_dict()); got "
             f"{type(state).__name__} {state!r:.80}"
         )
-    try:
-        epoch, done = int(state["epoch"]), int(state["batches_yielded"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{owner}.load_state_dict: the state needs 'epoch' and 'batches_yielded'; got {state!r}"
-        ) from exc
-    if epoch < 0 or done < 0:
-        raise ValueError(f"{owner}.load_state_dict: negative epoch or position in {state!r}")
+    epoch, done = _required_counts(state, owner)
     if identity:
         _check_identity(state, identity, num_batches, owner)
     mine: dict[str, Any] = {
@@ -201,6 +203,49 @@ def check_resume_state(
     if done >= num_batches:
         epoch, done = epoch + 1, 0
     return epoch, done
+
+
+#: the keys every saved state holds (:func:`resume_state`'s), each an integer
+REQUIRED_KEYS: tuple[str, ...] = ("epoch", "batches_yielded", "seed", "num_batches")
+#: a bare position, written by hand: taken as it is (no seed or length to check it against)
+POSITION_KEYS = frozenset({"epoch", "batches_yielded"})
+#: integer keys checked when present (older states lack ``world_size``)
+_INTEGER_KEYS: tuple[str, ...] = (*REQUIRED_KEYS, "world_size")
+
+
+def is_bare_position(state: Mapping) -> bool:
+    """Whether ``state`` is a hand-written ``{epoch, batches_yielded}`` and nothing else."""
+    return set(state) == POSITION_KEYS
+
+
+def _required_counts(state: Mapping, owner: str) -> tuple[int, int]:
+    """``(epoch, batches_yielded)`` after checking :data:`REQUIRED_KEYS` (module doc): each
+    present (a bare position needs only its two), an integer (not bool, not float), ``>= 0``
+    (``world_size >= 1``).
+
+    Raises:
+        ValueError: a key missing or of another type or value (the message names it).
+    """
+    need = POSITION_KEYS if is_bare_position(state) else REQUIRED_KEYS
+    missing = [k for k in REQUIRED_KEYS if k in need and k not in state]
+    if missing:
+        raise ValueError(
+            f"{owner}.load_state_dict: the state lacks {', '.join(map(repr, missing))} (a state "
+            f"holds {', '.join(REQUIRED_KEYS)}); pass the dict state_dict() returned, whole"
+        )
+    for key in _INTEGER_KEYS:
+        if key not in state:
+            continue
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(
+                f"{owner}.load_state_dict: {key} must be an integer; got "
+                f"{type(value).__name__} {value!r:.40}"
+            )
+        low = 1 if key == "world_size" else 0
+        if key != "seed" and int(value) < low:
+            raise ValueError(f"{owner}.load_state_dict: {key} must be >= {low}; got {value}")
+    return int(state["epoch"]), int(state["batches_yielded"])
 
 
 class ResumeWorldSizeWarning(UserWarning):

@@ -41,6 +41,8 @@ __all__ = [
     "STREAM_OUTPUTS",
     "BatchIndexDataset",
     "PackBatchReader",
+    "PackItems",
+    "PassIndices",
     "batch_pipeline",
     "local_plan",
     "pack_layout",
@@ -251,6 +253,32 @@ class BatchIndexDataset:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, ...]:
         return self.reader.read(self.epoch, self.start + int(i))
+
+
+class PackItems:
+    """Map-style view for persistent torch DataLoader workers: item ``(epoch, i)`` is batch
+    ``i`` of ``epoch`` (the epoch travels with the index, so the workers last across
+    epochs)."""
+
+    def __init__(self, reader: PackBatchReader) -> None:
+        self.reader = reader
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        return self.reader.read(int(key[0]), int(key[1]))
+
+
+class PassIndices:
+    """The sampler of :class:`PackItems`: ``(epoch, i)`` for ``i`` in ``start .. n - 1``,
+    set before each pass (it lives in this process)."""
+
+    def __init__(self) -> None:
+        self.epoch, self.n, self.start = 0, 0, 0
+
+    def __iter__(self) -> Any:
+        return iter([(self.epoch, i) for i in range(self.start, self.n)])
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.start)
 
 
 def batch_pipeline(

@@ -12,6 +12,8 @@ only when present.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +32,101 @@ __all__ = ["TICK", "guarded_batches", "stop_loader", "worker_message_first"]
 
 #: seconds one wait of a DataLoader iterator lasts before its workers are checked again
 TICK = 1.0
+#: seconds between checks of the workers' sentinels while a batch is awaited
+_POLL = 0.05
+#: how torch's messages of a timeout and of a dead worker begin
+_TORCH_TIMEOUT = "DataLoader timed out"
+_TORCH_DEATH = "DataLoader worker (pid"
+
+
+class _Broken:
+    """What the reader thread hands on when the result pipe failed (EOF: its writers gone)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.text = f"{type(exc).__name__}: {exc}"
+
+
+class _BoundedQueue:
+    """Stands in for a DataLoader iterator's result queue (no pin-memory thread): a daemon
+    thread reads the workers' pipe, the iterator waits here, bounded, checking the workers'
+    sentinels every :data:`_POLL` seconds. A worker stopped half-way through writing a batch
+    leaves the reading thread blocked (a ``read`` no timeout bounds), not the caller; once
+    the workers are killed, :meth:`release` closes this process's write end, so that the
+    read meets EOF and the thread ends. The thread also ends once every worker is gone."""
+
+    def __init__(self, source: Any, workers: list[Any]) -> None:
+        self._source = source
+        self._workers = workers
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name="gpuloader-dl-read", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        src, items, stop = self._source, self._items, self._stop
+        while not stop.is_set():
+            try:
+                items.put(src.get(timeout=0.1))
+            except queue.Empty:
+                if len(dead_processes(self._workers)) == len(self._workers):
+                    return  # shut down (or all dead): nothing more will come
+            except Exception as exc:  # noqa: BLE001 - EOF, closed: handed to the waiter
+                items.put(_Broken(exc))
+                return
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next item, within ``timeout`` seconds (``queue.Empty`` else); a worker found
+        dead raises at once (a RuntimeError worded as torch's)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _POLL if deadline is None else min(_POLL, deadline - time.monotonic())
+            try:
+                item = self._items.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                dead = dead_processes(self._workers)
+                if dead:
+                    pids = ", ".join(str(p.pid) for p in dead)
+                    raise RuntimeError(f"{_TORCH_DEATH}(s) {pids}) exited unexpectedly") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                continue
+            if isinstance(item, _Broken):
+                raise RuntimeError(f"the DataLoader result pipe failed: {item.text}")
+            return item
+
+    def release(self) -> None:
+        """End the reading thread (the workers are gone): closes this process's write end
+        of the pipe, which wakes a read stuck in a half-written batch with EOF."""
+        self._stop.set()
+        writer = getattr(self._source, "_writer", None)
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass
+        self._thread.join(1.0)  # it holds the queue (its semaphores) until it ends
+        while True:  # items read ahead hold workers' shared memory: drop them now, not at a GC
+            try:
+                self._items.get_nowait()
+            except queue.Empty:
+                break
+
+
+def _bound_queue(it: Any) -> None:
+    """Put a :class:`_BoundedQueue` in front of a DataLoader iterator's result queue, where
+    the iterator reads it itself (no pin-memory thread); once per iterator."""
+    data = getattr(it, "_data_queue", None)
+    if data is None or isinstance(data, _BoundedQueue):
+        return
+    if data is not getattr(it, "_worker_result_queue", None):
+        return  # a pin-memory thread reads the pipe: the iterator waits on a thread queue
+    it._data_queue = _BoundedQueue(data, list(getattr(it, "_workers", ())))
+
+
+def _release_queue(it: Any) -> None:
+    data = getattr(it, "_data_queue", None)
+    if isinstance(data, _BoundedQueue):
+        data.release()
 
 
 def worker_message_first(exc: BaseException) -> BaseException:
@@ -67,6 +164,7 @@ def stop_loader(loader: Any) -> None:
         _stop_iterator(it)
     elif hasattr(it, "_shutdown_workers"):
         it._shutdown_workers()
+        _release_queue(it)
     loader._iterator = None
 
 
@@ -75,8 +173,11 @@ def _stop_iterator(it: Any) -> None:
     _release_sigchld(it)
     kill_processes(list(getattr(it, "_workers", ())))
     shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
+    try:
+        if shutdown is not None:
+            shutdown()
+    finally:
+        _release_queue(it)
 
 
 def _suspects(it: Any) -> list[int]:
@@ -87,11 +188,6 @@ def _suspects(it: Any) -> list[int]:
         return [workers[wid].pid]
     except (AttributeError, KeyError, IndexError, TypeError):
         return [w.pid for w in workers]
-
-
-#: how torch's messages of a timeout and of a dead worker begin
-_TORCH_TIMEOUT = "DataLoader timed out"
-_TORCH_DEATH = "DataLoader worker (pid"
 
 
 def _fault(
@@ -143,6 +239,7 @@ def _start(loader: Any, timeout: float) -> Any:
         it = workers = dead = None  # raised out here, holding no iterator (module doc)
         raise error
     _release_sigchld(it)
+    _bound_queue(it)
     if getattr(it, "_workers", None) and hasattr(it, "_timeout"):
         it._timeout = min(TICK, timeout)
     return it
@@ -171,6 +268,8 @@ def guarded_batches(loader: Any, timeout: float = DEFAULT_TIMEOUT) -> Iterator[A
                 item = next(it)
                 break
             except StopIteration:
+                if not getattr(it, "_persistent_workers", False):
+                    _release_queue(it)  # torch shut its workers down: end the reading thread
                 return
             except GPULoaderError as exc:
                 worker_message_first(exc)

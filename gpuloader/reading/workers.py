@@ -18,7 +18,11 @@ wakes a run stuck in DALI's queues before the pipeline is shut down.
 torch (:func:`guarded_batches`): the DataLoader's iterator waits :data:`TICK` seconds at a time
 (its ``_timeout``; torch checks its workers are alive after each wait and raises "exited
 unexpectedly"), retried up to ``worker_timeout``; the restart of persistent workers waits the
-whole ``worker_timeout``. The workers' pids are taken off torch's SIGCHLD handler, which would
+whole ``worker_timeout``. Where the iterator reads the workers' pipe itself (no pin-memory
+thread), a daemon thread reads it instead and the iterator waits on that thread, checking the
+workers' sentinels every 50 ms: a worker stopped half-way through writing a batch blocks that
+thread, not the caller, and a dead one (also one killed just before the next epoch) is seen at
+once. The workers' pids are taken off torch's SIGCHLD handler, which would
 otherwise raise a bare RuntimeError from whatever the main thread runs when a worker dies
 (the training step, between epochs); they are checked here instead. A named error a worker
 raised comes back through torch as ``Caught X in DataLoader worker process N`` first: its

@@ -13,7 +13,6 @@ Every test runs under :func:`_alarm`, so that a regression fails instead of hang
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ from gpuloader.errors import DatasetLayoutError, WorkerError
 from gpuloader.loading.sources.pack_stream import StreamBatches
 from gpuloader.reading.pipeline import dali_available
 from support.loading_helpers import assert_batches_equal, full_transform
+from support.processes import alarm, children, send_signal
 
 RAYS, SPB = 64, 1  # one sample per batch: 7 batches per epoch, most of them read after a fault
 TIMEOUT = 20.0  # worker_timeout of the death tests: a death must be reported long before
@@ -42,38 +42,6 @@ PATHS = [
     pytest.param("pack-dali", marks=no_dali),
     "pack-torch",
 ]
-
-
-class _Hung(Exception):
-    pass
-
-
-@contextmanager
-def _alarm(seconds: int):
-    """Fail with ``_Hung`` instead of hanging for more than ``seconds``."""
-
-    def ring(signum, frame):
-        raise _Hung(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _children() -> set[int]:
-    return {p.pid for p in mp.active_children()}
-
-
-def _signal(pids, sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _kill(pid: int) -> None:
@@ -124,13 +92,13 @@ def _shared_mappings() -> list[str]:
 def _watched(datasets, path: str, timeout: float):
     """``(loader, workers)`` under :func:`_alarm`; ``workers()``: the pids of the processes
     started since. Once the loader is closed, none of them is left, nor any shared memory."""
-    with _alarm(60):
+    with alarm(60):
         gc.collect()
-        before, maps = _children(), _shared_mappings()
+        before, maps = children(), _shared_mappings()
         with _loader(datasets, path, worker_timeout=timeout) as ld:
-            yield ld, lambda: sorted(_children() - before)
+            yield ld, lambda: sorted(children() - before)
         gc.collect()
-        assert not (_children() - before)
+        assert not (children() - before)
         assert _shared_mappings() == maps
 
 
@@ -166,7 +134,7 @@ def test_worker_killed_mid_epoch(datasets, undisturbed, path):
         assert "died" in first and f"pid {workers[0]}" in first, first
         assert len(got) < len(_want(undisturbed, path, 0))
         assert_batches_equal(got, _want(undisturbed, path, 0)[: len(got)])
-        assert not (set(workers) & _children())  # the broken workers are gone
+        assert not (set(workers) & children())  # the broken workers are gone
         if path == "torch":  # the failed pass again, from where it stopped
             ld.load_state_dict(ld.state_dict())
             rest = list(ld)
@@ -179,10 +147,6 @@ def test_worker_killed_between_epochs(datasets, undisturbed, path):
     with _watched(datasets, path, TIMEOUT) as (ld, started):
         assert_batches_equal(list(ld), _want(undisturbed, path, 0))
         workers = started()
-        if path == "pack-torch":  # its DataLoader workers end with each pass
-            assert not workers
-            assert_batches_equal(list(ld), _want(undisturbed, path, 1))
-            return
         _kill(workers[0])
         time.sleep(0.1)  # SIGCHLD comes between epochs: torch's handler must not raise
         tick = time.monotonic()
@@ -199,20 +163,20 @@ def test_hung_worker(datasets, undisturbed, path):
         it = iter(ld)
         next(it)
         workers = started()
-        _signal(workers, signal.SIGSTOP)
+        send_signal(workers, signal.SIGSTOP)
         try:
             tick = time.monotonic()
             with pytest.raises(WorkerError) as err:
                 list(it)
             waited = time.monotonic() - tick
         finally:
-            _signal(workers, signal.SIGCONT)
+            send_signal(workers, signal.SIGCONT)
         assert HANG - 0.5 < waited < HANG + SLACK, waited
         first = str(err.value).splitlines()[0]
         assert f"within {HANG:g} s" in first, first
         assert err.value.timeout == HANG
         assert set(err.value.pids) <= set(workers) and err.value.pids
-        assert not (set(workers) & _children())
+        assert not (set(workers) & children())
         assert_batches_equal(list(ld), _want(undisturbed, path, 1))
 
 
@@ -227,7 +191,7 @@ def test_bad_file_in_a_worker_is_named_first(tiny_dataset, tmp_path, path):
         pack_rays(rays, tmp_path / "pack", progress=False)
         kw["ray_store"] = PackedRayStore(tmp_path / "pack")
     ds = HierarchicalVoxelRayDataset(ds_dir, rays, "train", cache_size=0, **kw)
-    with _alarm(60):
+    with alarm(60):
         with _loader({"npz": ds, "pack": ds}, path, worker_timeout=TIMEOUT) as ld:
             gone = Path(ds.samples[-1]["voxel_path"])
             gone.unlink()

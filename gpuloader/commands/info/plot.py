@@ -40,7 +40,8 @@ def plot_info(info: dict[str, Any], path: str | Path) -> Path:
     )
     ax1.bar_label(bars, padding=2)
     ax1.set_title("objects per split")
-    ax1.set_ylabel("objects")
+    ax1.set_ylabel("objects (count)")
+    ax1.set_xlabel("split")
     ax1.margins(y=0.15)
 
     # 2. sub-volumes and rays per level (log scale)
@@ -54,6 +55,8 @@ def plot_info(info: dict[str, Any], path: str | Path) -> Path:
     ax2.bar_label(b1, labels=[f"{r['sub_volumes']:,}" for r in levels], padding=2, fontsize=8)
     ax2.bar_label(b2, labels=[_short(r["rays"]) for r in levels], padding=2, fontsize=8)
     ax2.set_xticks(x, labels)
+    ax2.set_ylabel("count (log scale)")
+    ax2.set_xlabel("octree level (sub-volume side, voxels)")
     ax2.set_title("unique sub-volumes and rays per level (log)")
     ax2.legend(loc="upper left")
     ax2.margins(y=0.2)
@@ -67,7 +70,8 @@ def plot_info(info: dict[str, Any], path: str | Path) -> Path:
     ax3.bar_label(b4, labels=[f"{v:.2f}" for v in hit], padding=2, fontsize=8)
     ax3.set_xticks(x, labels)
     ax3.set_ylim(0, min(1.05, max([*occ, *hit, 0.05]) * 1.3))
-    ax3.set_ylabel("fraction")
+    ax3.set_ylabel("fraction (0-1)")
+    ax3.set_xlabel("octree level (sub-volume side, voxels)")
     ax3.set_title("mean occupancy and ray hit rate per level")
     ax3.legend(loc="upper left")
 
@@ -93,6 +97,8 @@ def plot_info(info: dict[str, Any], path: str | Path) -> Path:
         )
     ax4.set_xticks(range(len(names)), names)
     ax4.set_yticks(range(len(names)), names)
+    ax4.set_xlabel("split")
+    ax4.set_ylabel("split")
     title = "leaked non-trivial sub-volumes per split pair\n(diagonal: how many each split uses)"
     if leak["matches"] is False:
         title += "\n(splits.json statistics disagree!)"

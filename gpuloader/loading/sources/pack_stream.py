@@ -22,12 +22,13 @@ from gpuloader.loading.sources.base import BatchSource
 from gpuloader.loading.sources.batch_dict import fused_dict, fused_pass, to_device
 from gpuloader.reading.pack_reader import (
     STREAM_OUTPUTS,
-    BatchIndexDataset,
     PackBatchReader,
+    PackItems,
+    PassIndices,
     batch_pipeline,
     local_plan,
 )
-from gpuloader.reading.workers import guarded_batches
+from gpuloader.reading.workers import guarded_batches, stop_loader
 
 __all__ = ["StreamBatches"]
 
@@ -66,6 +67,7 @@ class StreamBatches(BatchSource):
         self.worker_timeout = float(worker_timeout)
         self._pipe: Any = None  # the DaliGuard of the DALI pipeline
         self._pipe_epoch: int | None = None
+        self._loader: Any = None  # the DataLoader (persistent workers) of the torch back end
 
     @staticmethod
     def _as_is(batch: Any) -> Any:
@@ -73,10 +75,32 @@ class StreamBatches(BatchSource):
         return batch
 
     def close(self) -> None:
-        """Stop the DALI workers and pipeline (DataLoader workers end with each pass)."""
+        """Stop the DALI workers and pipeline, or the persistent DataLoader workers."""
         guard, self._pipe = self._pipe, None
         if guard is not None:
             guard.close()
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            stop_loader(loader)
+
+    def _torch_loader(self) -> Any:
+        """The DataLoader of the torch back end, built once: its workers last across epochs
+        (persistent), each pass's ``(epoch, i)`` set on its sampler."""
+        if self._loader is None:
+            nw = self.num_workers
+            self._loader = torch.utils.data.DataLoader(
+                PackItems(self.reader),
+                batch_size=None,
+                sampler=PassIndices(),
+                num_workers=nw,
+                prefetch_factor=self.prefetch if nw > 0 else None,
+                persistent_workers=nw > 0,
+                timeout=self.worker_timeout if nw > 0 else 0,
+                # numpy arrays come through the queue as they are: torch tensors would come
+                # as file descriptors fetched from the worker, a wait no timeout bounds
+                collate_fn=StreamBatches._as_is,
+            )
+        return self._loader
 
     def _raw(self, epoch: int, n: int, start: int = 0) -> Any:
         """The reader's outputs of batches ``start, ..., n - 1`` of ``epoch``.
@@ -108,18 +132,15 @@ class StreamBatches(BatchSource):
                     self._pipe = None  # stopped by the guard: the next pass builds anew
                 raise
             return
-        dl = torch.utils.data.DataLoader(
-            BatchIndexDataset(self.reader, epoch, n, start),
-            batch_size=None,
-            num_workers=self.num_workers,
-            prefetch_factor=self.prefetch if self.num_workers > 0 else None,
-            timeout=self.worker_timeout if self.num_workers > 0 else 0,
-            # numpy arrays come through the queue as they are: torch tensors would come as
-            # file descriptors fetched from the worker, a wait no timeout bounds
-            collate_fn=StreamBatches._as_is,
-        )
-        for arrays in guarded_batches(dl, self.worker_timeout):
-            yield tuple(np.asarray(a) for a in arrays)
+        dl = self._torch_loader()
+        dl.sampler.epoch, dl.sampler.n, dl.sampler.start = epoch, n, start
+        try:
+            for arrays in guarded_batches(dl, self.worker_timeout):
+                yield tuple(np.asarray(a) for a in arrays)
+        except WorkerError:
+            if dl is self._loader:
+                self._loader = None  # its workers are stopped: the next pass starts new ones
+            raise
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Any]]:
         """The batches of ``epoch`` from batch ``start`` on (a resumed epoch)."""

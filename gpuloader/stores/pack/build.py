@@ -53,13 +53,19 @@ from gpuloader.format import layout as layout_io
 from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import npz_error
 from gpuloader.stores.pack.build_steps import (
+    OWNER,
+    check_free_space,
     fsync_tree,
+    make_tmp,
     refuse_or_warn_left_out,
+    remove_stale_tmp,
     run_jobs,
     safe_to_replace,
     skippable,
     summary,
     swap_into_place,
+    tmp_folder,
+    writing,
 )
 from gpuloader.stores.pack.manifest import (
     FORMAT_NAME,
@@ -260,17 +266,22 @@ def pack_rays(
             continue
         plan.setdefault(level, []).append((rel, shape[0], vshape[0], *extra))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    with writing(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)  # what killed runs left (their process is gone)
+    manifest_bytes = 4096 + 256 * len(found)  # its file list
+    check_free_space(out_dir, writer.estimate_bytes(plan, skip) + manifest_bytes)
+    tmp = tmp_folder(out_dir)
     pack_id = uuid.uuid4().hex
     try:
-        tmp.mkdir()
         jobs: list[tuple] = []
         level_info: dict[str, dict[str, Any]] = {}
-        for level, files in sorted(plan.items()):
-            ldir = level_dir(tmp, level)
-            ldir.mkdir()
-            jobs += writer.level_jobs(ldir, level, files, stats, root, skip, workers, pack_id)
+        with writing(out_dir):
+            make_tmp(tmp)
+            for level, files in sorted(plan.items()):
+                ldir = level_dir(tmp, level)
+                ldir.mkdir()
+                jobs += writer.level_jobs(ldir, level, files, stats, root, skip, workers, pack_id)
 
         # Pass 2: inflate every file into its slices.
         bar = tqdm(
@@ -296,7 +307,8 @@ def pack_rays(
         for level, files in sorted(plan.items()):
             ldir = level_dir(tmp, level)
             keep = np.array([f[0] not in bad for f in files], dtype=bool)
-            info = writer.finish_level(ldir, level, keep, pack_id)
+            with writing(out_dir):
+                info = writer.finish_level(ldir, level, keep, pack_id)
             if info is None:
                 shutil.rmtree(ldir)
                 continue
@@ -323,9 +335,11 @@ def pack_rays(
             "bad_files": {rel: bad[rel] for rel in sorted(bad)},
             "refused": {path: error_record(exc) for path, exc in sorted(refused)},
         }
-        fsync_tree(tmp)
-        layout_io.atomic_write_json(tmp / MANIFEST, manifest)
-        swap_into_place(tmp, out_dir)
+        with writing(out_dir):
+            (tmp / OWNER).unlink()
+            fsync_tree(tmp)
+            layout_io.atomic_write_json(tmp / MANIFEST, manifest)
+            swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

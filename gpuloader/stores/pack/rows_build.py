@@ -18,24 +18,46 @@ import numpy as np
 from gpuloader import schema
 from gpuloader.errors import DamagedFileError
 from gpuloader.format import layout
-from gpuloader.stores.pack.build_steps import chunk_jobs, ray_arrays, read_source, skippable
+from gpuloader.stores.pack.build_steps import (
+    chunk_jobs,
+    new_npy,
+    npy_data_offset,
+    pack_of_tmp,
+    pwrite_all,
+    ray_arrays,
+    read_source,
+    skippable,
+    writing,
+)
 from gpuloader.stores.pack.manifest import FORMAT_VERSION, INDEX, PACK_KEYS, error_record
 
 __all__ = ["RowsWriter", "compact_level", "pack_job"]
 
 
 def pack_job(job: tuple[str, str, list[tuple], bool]) -> list[tuple]:
-    """Inflate one chunk of files of one level into the level's arrays (opened r+).
+    """Inflate one chunk of files of one level into the level's arrays (file writes).
 
     ``job = (level_dir, source_root, files, skip)``; each file is
     ``(rel, size, mtime_ns, ray_start, n, view_start, v)``. Returns
     ``[(rel, sha256 or None, None or the error record of a bad file, None)]``; a bad file
     raises unless ``skip`` (then its slices are left unwritten and it is reported).
+
+    Raises:
+        PackWriteError: a write failed (ENOSPC, EIO: named, with the pack folder).
     """
     ldir, source_root, files, skip = job
-    mm = {k: np.load(Path(ldir) / f"{k}.npy", mmap_mode="r+") for k in PACK_KEYS}
+    out_dir = pack_of_tmp(Path(ldir).parent)
+    fds: dict[str, int] = {}
+    where: dict[str, tuple] = {}  # key -> (data offset, bytes per row, dtype)
     out: list[tuple] = []
     try:
+        with writing(out_dir):
+            for k in PACK_KEYS:
+                path = Path(ldir) / f"{k}.npy"
+                f = schema.field(k)
+                row = np.dtype(f.disk).itemsize * int(np.prod(f.shape, dtype=np.int64))
+                where[k] = (npy_data_offset(path), row, np.dtype(f.disk))
+                fds[k] = os.open(path, os.O_WRONLY)
         for rel, size, mtime_ns, r0, n, v0, v in files:
             path = Path(source_root) / rel
             digest = None
@@ -47,16 +69,15 @@ def pack_job(job: tuple[str, str, list[tuple], bool]) -> list[tuple]:
                     raise
                 out.append((rel, digest, error_record(exc), None))
                 continue
-            for k in PACK_KEYS:
-                if k == "view_positions":
-                    mm[k][v0 : v0 + v] = arrays[k]
-                else:
-                    mm[k][r0 : r0 + n] = arrays[k]
+            with writing(out_dir):
+                for k in PACK_KEYS:
+                    at, row, dt = where[k]
+                    start = v0 if k == "view_positions" else r0
+                    pwrite_all(fds[k], np.asarray(arrays[k], dtype=dt), at + start * row)
             out.append((rel, digest, None, None))
-        for a in mm.values():
-            a.flush()
     finally:
-        del mm
+        for fd in fds.values():
+            os.close(fd)
     return out
 
 
@@ -79,6 +100,23 @@ class RowsWriter:
     def blame(self, exc: BaseException, level: int, hash_: str) -> dict[str, Any]:
         """Nothing to add to a bad file's record."""
         return {}
+
+    def estimate_bytes(self, plan: dict[int, list[tuple]], skip: bool) -> int:
+        """About the bytes the pack of ``plan`` (level -> the plan's ``(rel, n, v)``) takes
+        on disk; with ``skip`` also room for the copy of the largest array (leaving bad
+        files out rewrites an array)."""
+        total = largest = 0
+        for files in plan.values():
+            n_rays = sum(int(f[1]) for f in files)
+            n_views = sum(int(f[2]) for f in files)
+            for key in PACK_KEYS:
+                f = schema.field(key)
+                rows = n_views if f.kind == "view" else n_rays
+                size = 128 + rows * np.dtype(f.disk).itemsize * int(np.prod(f.shape))
+                total += size
+                largest = max(largest, size)
+            total += 1024 + 320 * len(files)  # index.npz: hashes (U64), offsets
+        return total + (largest if skip else 0)
 
     def level_jobs(
         self,
@@ -131,10 +169,7 @@ def _new_level_arrays(ldir: Path, counts: np.ndarray) -> None:
     for key in PACK_KEYS:
         f = schema.field(key)
         rows = n_views if f.kind == "view" else n_rays
-        a = np.lib.format.open_memmap(
-            ldir / f"{key}.npy", mode="w+", dtype=f.disk, shape=(rows, *f.shape)
-        )
-        del a
+        new_npy(ldir / f"{key}.npy", f.disk, (rows, *f.shape))
 
 
 def _write_index(
@@ -163,19 +198,21 @@ def compact_level(
         col = 1 if key == "view_positions" else 0
         src_path, dst_path = ldir / f"{key}.npy", ldir / f".{key}.compact.npy"
         src = np.load(src_path, mmap_mode="r")
-        dst = np.lib.format.open_memmap(
-            dst_path,
-            mode="w+",
-            dtype=src.dtype,
-            shape=(int(new_counts[:, col].sum()), *src.shape[1:]),
-        )
-        at = 0
-        for s0, c in zip(starts[keep][:, col].tolist(), new_counts[:, col].tolist(), strict=True):
-            for i in range(0, c, block):
-                m = min(block, c - i)
-                dst[at + i : at + i + m] = src[s0 + i : s0 + i + m]
-            at += c
-        dst.flush()
-        del src, dst
+        shape = (int(new_counts[:, col].sum()), *src.shape[1:])
+        base = new_npy(dst_path, src.dtype, shape)
+        row = src.dtype.itemsize * int(np.prod(src.shape[1:], dtype=np.int64))
+        fd = os.open(dst_path, os.O_WRONLY)
+        try:
+            at = 0
+            for s0, c in zip(
+                starts[keep][:, col].tolist(), new_counts[:, col].tolist(), strict=True
+            ):
+                for i in range(0, c, block):
+                    m = min(block, c - i)
+                    pwrite_all(fd, src[s0 + i : s0 + i + m], base + (at + i) * row)
+                at += c
+        finally:
+            os.close(fd)
+        del src
         os.replace(dst_path, src_path)
     return kept, new_starts, new_counts

@@ -29,7 +29,18 @@ from gpuloader.format import layout
 from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import load_npz, npz_error
 from gpuloader.format.validate import validate_voxels
-from gpuloader.stores.pack.build_steps import chunk_jobs, ray_arrays, read_source, skippable
+from gpuloader.stores.pack.build_steps import (
+    chunk_jobs,
+    new_file,
+    new_npy,
+    npy_data_offset,
+    pack_of_tmp,
+    pwrite_all,
+    ray_arrays,
+    read_source,
+    skippable,
+    writing,
+)
 from gpuloader.stores.pack.manifest import (
     INDEX,
     STRIPED_FORMAT_VERSION,
@@ -123,20 +134,28 @@ def stripe_job(job: tuple) -> list[tuple]:
     """
     ldir_s, source_root, dataset_dir, files, skip, w, s_count, descr = job
     ldir = Path(ldir_s)
+    out_dir = pack_of_tmp(ldir.parent)
+    guard = layout.RootGuard(dataset_dir, "dataset")
     record = record_from_descr(descr)
     r = record.itemsize
-    grids = np.load(ldir / GRIDS, mmap_mode="r+")
-    views = np.load(ldir / VIEWS, mmap_mode="r+")
-    positions = np.load(ldir / POSITIONS, mmap_mode="r+")
-    fds = [os.open(ldir / stripe_name(s), os.O_WRONLY) for s in range(s_count)]
+    pos_dtype = np.load(ldir / POSITIONS, mmap_mode="r").dtype
+    fds: dict[str, int] = {}
+    base: dict[str, int] = {}
     out: list[tuple] = []
     try:
+        with writing(out_dir):
+            for name in (GRIDS, VIEWS, POSITIONS):
+                base[name] = npy_data_offset(ldir / name)
+                fds[name] = os.open(ldir / name, os.O_WRONLY)
+            for s in range(s_count):
+                fds[stripe_name(s)] = os.open(ldir / stripe_name(s), os.O_WRONLY)
         for rel, size, mtime_ns, i, n, v, r0, v0, vrel, vsize, vmtime, g0, gsize, keys in files:
             path, vpath = Path(source_root) / rel, Path(dataset_dir) / vrel
             digest = vdigest = None
             try:
                 data, digest = read_source(path, size, mtime_ns)
                 arrays = ray_arrays(path, data, n, v)
+                guard.check(vpath)  # a link swapped since pass 1
                 try:
                     vdata, vdigest = read_source(vpath, vsize, vmtime)
                 except FileNotFoundError as exc:
@@ -145,7 +164,7 @@ def stripe_job(job: tuple) -> list[tuple]:
             except DamagedFileError as exc:
                 if not (skip and skippable(exc)):
                     raise
-                if vdigest is None and is_readable(vpath):
+                if vdigest is None and is_readable(vpath) and guard.outside(vpath) is None:
                     vdigest = sha256_file(vpath)
                 rec = error_record(exc)
                 if str(exc).startswith(str(vpath)):
@@ -158,20 +177,19 @@ def stripe_job(job: tuple) -> list[tuple]:
             for name in record.names:
                 recs[name] = _narrowed(path, name, arrays[name], record[name].base)[rows]
             raw = recs.view(np.uint8)
-            for s, fd in enumerate(fds):
-                os.pwrite(fd, raw[s * w * r : (s + 1) * w * r], i * w * r)
-            place = np.empty(n, dtype=positions.dtype)
+            place = np.empty(n, dtype=pos_dtype)
             place[perm] = np.arange(n, dtype=np.int64)
-            positions[r0 : r0 + n] = place
-            views[v0 : v0 + v] = arrays["view_positions"]
-            grids[g0 : g0 + gsize] = vox
+            with writing(out_dir):
+                for s in range(s_count):
+                    pwrite_all(fds[stripe_name(s)], raw[s * w * r : (s + 1) * w * r], i * w * r)
+                pwrite_all(fds[POSITIONS], place, base[POSITIONS] + r0 * pos_dtype.itemsize)
+                views = np.asarray(arrays["view_positions"], dtype=np.float32)
+                pwrite_all(fds[VIEWS], views, base[VIEWS] + v0 * 12)
+                pwrite_all(fds[GRIDS], vox, base[GRIDS] + g0)
             out.append((rel, digest, None, vdigest))
-        for a in (grids, views, positions):
-            a.flush()
     finally:
-        for fd in fds:
+        for fd in fds.values():
             os.close(fd)
-        del grids, views, positions
     return out
 
 
@@ -208,6 +226,7 @@ class StripedWriter:
         self.voxel_files: dict[str, list] = {}  # rel -> [size, mtime_ns, sha256 or None]
         self._levels: dict[int, dict[str, Any]] = {}
         self._vrel: dict[str, str] = {}  # ray file rel -> its voxel file's rel
+        self._guard = layout.RootGuard(self.dataset_dir, "dataset")
 
     def probe(self, level: int, hash_: str, path: Path) -> tuple:
         """Pass 1 for one ray file: its voxel file's ``(rel, size, mtime_ns, cells, side)``
@@ -218,6 +237,10 @@ class StripedWriter:
         """
         vpath = layout.voxel_path(self.dataset_dir, level, hash_)
         vrel = vpath.relative_to(self.dataset_dir).as_posix()
+        target = self._guard.outside(vpath)
+        if target is not None:  # a link out of the voxel root: refused, as the index does
+            self.voxel_files[vrel] = [*file_stat_any(vpath), None]
+            raise self._guard.error(vpath, target)
         if not os.path.lexists(vpath):
             raise DatasetLayoutError(
                 f"ray file {path} has no voxel file: {vpath} is missing; the ray and voxel "
@@ -238,6 +261,22 @@ class StripedWriter:
             raise
         cells = int(np.prod(shape, dtype=np.int64)) if shape else 1
         return (vrel, *stat, cells, int(shape[0]) if shape else 1)
+
+    def estimate_bytes(self, plan: dict[int, list[tuple]], skip: bool) -> int:
+        """About the bytes the striped pack of ``plan`` (level -> the plan's ``(rel, n, v,
+        vrel, vsize, vmtime_ns, cells, side)``) takes on disk; with ``skip`` also room for
+        the copy of the largest file (closing holes rewrites a file)."""
+        total = largest = 0
+        for files in plan.values():
+            n = np.array([f[1] for f in files], dtype=np.int64)
+            v = np.array([f[2] for f in files], dtype=np.int64)
+            stripe = len(files) * self.stripe_rays * level_record(int(v.max())).itemsize
+            pos = positions_dtype(int(n.max())).itemsize * int(n.sum())
+            sizes = [stripe] * stripe_count(int(n.max()), self.stripe_rays)
+            sizes += [sum(int(f[6]) for f in files), 12 * int(v.sum()), pos]
+            total += sum(sizes) + 3 * 128 + 1024 + 400 * len(files)  # + headers, index
+            largest = max(largest, *sizes)
+        return total + (largest if skip else 0)
 
     def blame(self, exc: BaseException, level: int, hash_: str) -> dict[str, Any]:
         """Keys added to a bad sample's record: ``voxel_file`` (relative to the voxel side)
@@ -281,11 +320,10 @@ class StripedWriter:
         self._levels[level] = st
         self._vrel.update((f[0], f[3]) for f in files)
         for s in range(s_count):
-            with open(ldir / stripe_name(s), "wb") as f:
-                f.truncate(k * w * record.itemsize)
-        _new_npy(ldir / GRIDS, np.uint8, (int(g.sum()),))
-        _new_npy(ldir / VIEWS, np.float32, (int(v.sum()), 3))
-        _new_npy(ldir / POSITIONS, positions_dtype(int(n.max())), (int(n.sum()),))
+            new_file(ldir / stripe_name(s), k * w * record.itemsize)
+        new_npy(ldir / GRIDS, np.uint8, (int(g.sum()),))
+        new_npy(ldir / VIEWS, np.float32, (int(v.sum()), 3))
+        new_npy(ldir / POSITIONS, positions_dtype(int(n.max())), (int(n.sum()),))
         r0, v0, g0 = (_starts(x) for x in (n, v, g))
         entries = [
             (rel, *stats[rel], i, int(n[i]), int(v[i]), int(r0[i]), int(v0[i]))
@@ -371,11 +409,6 @@ def _starts(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)[: counts.size]
 
 
-def _new_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
-    a = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    del a
-
-
 def _compact(
     path: Path, dtype: np.dtype, tail: tuple, starts: np.ndarray, counts: np.ndarray, raw: bool
 ) -> None:
@@ -390,18 +423,24 @@ def _compact(
             spans.append([s0, c])
     total = int(sum(c for _, c in spans))
     tmp = path.with_name(f".{path.name}.compact")
+    dtype = np.dtype(dtype)
+    row = dtype.itemsize * int(np.prod(tail, dtype=np.int64))
     if raw:
         src = np.memmap(path, dtype=dtype, mode="r")
-        dst = np.memmap(tmp, dtype=dtype, mode="w+", shape=(total,))
+        new_file(tmp, total * row)
+        head = 0
     else:
         src = np.load(path, mmap_mode="r")
-        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, *tail))
-    at = 0
-    for s0, c in spans:
-        for i in range(0, c, _BLOCK):
-            m = min(_BLOCK, c - i)
-            dst[at + i : at + i + m] = src[s0 + i : s0 + i + m]
-        at += c
-    dst.flush()
-    del src, dst
+        head = new_npy(tmp, dtype, (total, *tail))
+    fd = os.open(tmp, os.O_WRONLY)
+    try:
+        at = 0
+        for s0, c in spans:
+            for i in range(0, c, _BLOCK):
+                m = min(_BLOCK, c - i)
+                pwrite_all(fd, src[s0 + i : s0 + i + m], head + (at + i) * row)
+            at += c
+    finally:
+        os.close(fd)
+    del src
     os.replace(tmp, path)
