@@ -179,13 +179,23 @@ def test_no_command_prints_usage_and_exits_2(capsys: pytest.CaptureFixture[str])
 # ------------------------------------------------------------------ Ctrl-C
 
 
+def _terminal_sigint() -> None:
+    """In the child before exec: SIGINT handled by default and not blocked."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_generate(tmp_path: Path) -> None:
     """SIGINT to the process group (as a terminal sends it) once ray files are being written."""
     folder = tmp_path / "out"
     argv = [sys.executable, "-m", "gpuloader.commands.cli", "generate", str(folder), "--quiet"]
     argv += ["--shapes", "asym", "torus", "box", "blobs", "--resolution", "32"]
     argv += ["--min-resolution", "8", "--samples-per-view", "3000", "--workers", "2"]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # as from a terminal: SIGINT neither ignored nor blocked, whatever this test process's
+    # earlier tests left (a child inherits an ignored or blocked SIGINT and never sees it)
+    proc = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_terminal_sigint
+    )
     try:
         deadline = time.monotonic() + 60
         while not any((folder / "ray_dataset_hierarchical").glob("level_*/*/*_rays.npz")):
