@@ -23,6 +23,20 @@ class GenerationError(GPULoaderError):
     """The generator cannot do what it was asked (bad mesh, unwritable folder, bad arguments)."""
 
 
+class GenerationSpaceError(GenerationError, OSError):
+    """A write of the generator failed for want of space (ENOSPC, EDQUOT, EFBIG). The
+    message names the output folder, the free space and the fix (free space, run the same
+    command again: it resumes). ``errno``: the write's; ``free``: bytes free, or None."""
+
+    def __init__(self, message: str, *, errno: int | None = None, free: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+        self.free = free
+
+    def __reduce__(self):
+        return _rebuild_error, (type(self), self.args, self.__dict__)
+
+
 class UnsupportedTransformError(GPULoaderError, TypeError):
     """A transform the GPU back end cannot apply in the place it stands."""
 
@@ -320,3 +334,9 @@ def _rebuild_error(cls: type, args: tuple, state: dict) -> BaseException:
 class PassEndedError(GPULoaderError, RuntimeError):
     """``next()`` on a ``GPURayLoader`` iterator whose pass was ended: a new ``iter(loader)``
     started (one pass at a time per loader), or the loader was closed. The message says which."""
+
+
+class IncompleteDatasetWarning(UserWarning):
+    """The ray dataset holds fewer ray files than its dataset describes (a generator or ray
+    tracer that did not finish): it loads as a smaller dataset; the message names what is
+    missing and how to finish it."""

@@ -48,6 +48,7 @@ from gpuloader.errors import (
     NoSamplesError,
 )
 from gpuloader.format import layout
+from gpuloader.format.completeness import warn_if_incomplete
 from gpuloader.format.listing import (
     npz_member_header,
     read_json_checked,
@@ -268,6 +269,10 @@ def build_index(
     not a plain name (:class:`~gpuloader.errors.BadObjectIdError`; the ID is ignored) and a
     damaged subdivision map.
 
+    A scanned ray tree with fewer files than the dataset describes (a generator that did not
+    finish) warns, :class:`~gpuloader.errors.IncompleteDatasetWarning`
+    (:mod:`gpuloader.format.completeness`), and loads what is there.
+
     Raises:
         DatasetLayoutError: a required file is missing (named, with the fix).
         NoSamplesError: no sample survives the filters (says which filter removed them).
@@ -295,7 +300,13 @@ def build_index(
 
     counts: dict[tuple[int, str], Any] = {}
     if ray_files is None:
+        before = len(errors) if errors is not None else 0
         ray_files = scan_ray_tree(ray_dataset_dir, errors, allow_outside)
+        if ray_files:  # none at all: the wrong folder, said below
+            refused = [Path(f) for f, _ in (errors or [])[before:]]
+            warn_if_incomplete(
+                ray_dataset_dir, splits, [(lv, h) for lv, h, _ in ray_files], refused
+            )
     else:
         counts = {(int(lv), str(h)): n for lv, h, _, n in ray_files}
         ray_files = sorted(((int(lv), str(h), Path(p)) for lv, h, p, _ in ray_files))

@@ -163,6 +163,39 @@ def test_missing_splits_json(tmp_path):
     assert main(["info", str(ds), str(rays)]) == 2
 
 
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ('{"object_splits": {"0000": "tr', "not valid JSON"),
+        ("[1, 2]", r"not a JSON object \(got list\)"),
+        ('{"object_splits": ["0000"]}', r"'object_splits' is not a JSON object \(got list\)"),
+        (
+            '{"object_splits": {}, "hash_object_usage": 3}',
+            r"'hash_object_usage' is not a JSON object \(got int\)",
+        ),
+        (b"\xff\xfe{", "not valid JSON"),
+    ],
+)
+def test_damaged_splits_json_is_one_named_line(tmp_path, capsys, content, says):
+    """A truncated or mangled splits.json: DamagedFileError naming the file, and from the
+    command one error line (exit 2), not a JSONDecodeError traceback."""
+    from gpuloader.commands.cli import main
+    from gpuloader.errors import DamagedFileError
+
+    ds, rays = write_tiny_dataset(tmp_path, max_level=1)
+    path = ds / "splits.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(DamagedFileError, match=says) as got:
+        info.dataset_info(ds, rays)
+    assert str(got.value).startswith(f"{path}: ")
+    assert main(["info", str(ds), str(rays)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"gpuloader info: error: {got.value}"]
+
+
 def test_damaged_ray_file_is_listed_not_fatal(tmp_path):
     ds, rays = write_tiny_dataset(tmp_path, max_level=1)
     bad = next(iter(sorted(rays.glob("level_1/*/*_rays.npz"))))

@@ -18,12 +18,33 @@ import numpy as np
 from tqdm import tqdm
 
 from gpuloader.commands.info.splits import leakage, per_split_rows, split_names
-from gpuloader.errors import DatasetLayoutError
+from gpuloader.errors import DamagedFileError, DatasetLayoutError
 from gpuloader.format import layout
+from gpuloader.format.listing import read_json_checked
 
 __all__ = ["npy_member_shape", "dataset_info"]
 
 _LEVEL_DIR = re.compile(r"^level_(\d+)$")
+
+
+def _checked_splits(path: Path) -> dict[str, Any]:
+    """``splits.json`` as a dict whose mapping keys are mappings, or DamagedFileError naming
+    the file (not valid JSON, or JSON of another shape) and the fix."""
+    doc = read_json_checked(path)
+    wrong = None
+    if not isinstance(doc, dict):
+        wrong = f"not a JSON object (got {type(doc).__name__})"
+    else:
+        for key in ("object_splits", "hash_object_usage"):
+            if doc.get(key) is not None and not isinstance(doc[key], dict):
+                wrong = f"its {key!r} is not a JSON object (got {type(doc[key]).__name__})"
+        if doc.get("trivial_hashes") is not None and not isinstance(doc["trivial_hashes"], list):
+            wrong = "its 'trivial_hashes' is not a list"
+    if wrong is not None:
+        raise DamagedFileError(
+            f"{path}: {wrong}; the file is damaged: regenerate it (`gpuloader verify` checks it)"
+        )
+    return doc
 
 
 def npy_member_shape(zf: zipfile.ZipFile, member: str) -> tuple[int, ...]:
@@ -86,7 +107,7 @@ def dataset_info(
         raise DatasetLayoutError(
             f"{splits_path} is missing; re-generate the dataset or run `gpuloader verify`"
         )
-    splits = layout.read_json(splits_path)
+    splits = _checked_splits(splits_path)
     object_splits: dict[str, str] = {
         str(k): str(v) for k, v in (splits.get("object_splits") or {}).items()
     }

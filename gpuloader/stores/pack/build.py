@@ -50,6 +50,7 @@ from gpuloader.errors import (
     StalePackError,
 )
 from gpuloader.format import layout as layout_io
+from gpuloader.format.completeness import warn_if_incomplete
 from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import npz_error
 from gpuloader.stores.pack.build_steps import (
@@ -221,6 +222,7 @@ def pack_rays(
             f"{root}: no *_rays.npz files; point RAY_DIR at the ray dataset root "
             "(it holds level_<L>/)"
         )
+    _warn_if_incomplete(root, dataset_dir, found, refused)
     present = sorted({int(t[0]) for t in found})
     absent = [lv for lv in (level_list or []) if lv not in present]
     if absent:
@@ -345,6 +347,27 @@ def pack_rays(
         raise
     refuse_or_warn_left_out(manifest, out_dir, skip)
     return summary(manifest, out_dir, time.perf_counter() - start, False)
+
+
+def _warn_if_incomplete(
+    root: Path,
+    dataset_dir: Path | str | None,
+    found: list[tuple[int, str, Path]],
+    refused: list[tuple[str, BaseException]],
+) -> None:
+    """:class:`~gpuloader.errors.IncompleteDatasetWarning` when the ray tree lacks files
+    its summary or the voxel side's ``splits.json`` describes (a generator that did not
+    finish): the pack would hold a smaller dataset."""
+    splits: Any = {}
+    try:
+        vroot = find_dataset_dir(root, dataset_dir)
+        splits = layout_io.read_json(vroot / "splits.json")
+    except (PackError, OSError, ValueError):
+        pass  # no voxel side found: only the summary's count is compared
+    keys = [(lv, h) for lv, h, _ in found]
+    warn_if_incomplete(
+        root, splits if isinstance(splits, dict) else {}, keys, [Path(f) for f, _ in refused]
+    )
 
 
 def _options(keys: dict[str, Any]) -> tuple:
