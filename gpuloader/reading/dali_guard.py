@@ -6,20 +6,24 @@ pool of worker processes; a dead or hung worker raised as a named error (design:
 :data:`POLL` seconds, up to the timeout; on a fault it kills the pool, wakes a run stuck in
 DALI's task queues and shuts the pipeline down. :func:`reraise_worker_error` turns the text
 DALI passes on back into the named error the reader raised; :func:`stop_pipeline` stops a
-built pipeline and its pool. Relies on DALI 2.x internals (``Pipeline._py_pool``, the task
-queues' ``cv_not_empty``), each used only when present.
+built pipeline and its pool; :func:`build_bounded` starts one (``pipe.build``, which starts the
+pool) within the timeout, a worker lost during the start raised as a WorkerError. Relies on
+DALI 2.x internals (``Pipeline._py_pool``, the task queues' ``cv_not_empty``) and on
+multiprocessing's set of children, each used only when present.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from typing import Any
 
 from gpuloader.errors import GPULoaderError, WorkerError
@@ -33,7 +37,7 @@ from gpuloader.reading.processes import (
 )
 from gpuloader.reading.reader import decode_error
 
-__all__ = ["POLL", "DaliGuard", "reraise_worker_error", "stop_pipeline"]
+__all__ = ["POLL", "DaliGuard", "build_bounded", "reraise_worker_error", "stop_pipeline"]
 
 log = logging.getLogger("gpuloader")
 
@@ -80,6 +84,131 @@ def stop_pipeline(pipe: Any) -> None:
             shutdown()
 
 
+#: seconds between checks while a pool starts (its workers may die and be reaped in 0.1 s)
+_START_POLL = 0.01
+#: what a pool start reports when one of its workers ended before it was up
+_START_FAILURES = (BrokenPipeError, ConnectionError, EOFError)
+_START_MESSAGES = ("Workers initialization failed", "Sending tasks to workers failed")
+
+
+def build_bounded(pipe: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """``pipe.build()`` (which starts the parallel external source's worker pool), bounded.
+
+    The build runs in a helper thread; this one waits up to ``timeout`` seconds. A worker
+    that dies while the pool starts (killed, or failing on its own: a main module its spawn
+    cannot import) makes DALI raise ``BrokenPipeError`` or ``RuntimeError: Workers
+    initialization failed``, and a pool that never comes up would block for good: both end
+    here in a :class:`WorkerError` naming the workers and the fix, the new workers killed.
+
+    Raises:
+        WorkerError: a worker died during the start, or the pool was not up in time.
+    """
+    seen: list[Any] = []  # the new workers, kept: DALI reaps (and forgets) those that die
+    runner = _Runner()
+    recording = _recording_children(seen, runner.ident)
+    recording.__enter__()
+    fut = runner.submit(pipe.build)
+    runner.stop()
+    deadline = time.monotonic() + float(timeout)
+    try:
+        while True:
+            try:
+                fut.result(timeout=max(0.0, min(_START_POLL, deadline - time.monotonic())))
+                return
+            except FutureTimeout:
+                _note_children(pipe, seen)
+                if time.monotonic() >= deadline:
+                    break
+            except Exception as exc:
+                if not _start_failure(exc):
+                    raise
+                _note_children(pipe, seen)
+                dead = _wait_dead(seen, 1.0)  # a killed worker's pipe may close a bit later
+                error = (
+                    death_error("DALI", dead, len(seen), when=" while its pool started")
+                    if dead
+                    else WorkerError(f"the DALI reader workers failed to start ({exc})")
+                )
+                if hasattr(error, "add_note"):
+                    error.add_note(_START_HINT)
+                raise error from None
+        error = hang_error(timeout, [p.pid for p in seen], "(the worker pool did not start)")
+        kill_processes(seen)  # after naming the stopped ones: /proc forgets them
+        _wake_task_queues(pipe)
+        _settled(fut, _UNBLOCK_WAIT)
+        raise error
+    finally:
+        recording.__exit__(None, None, None)
+        if not fut.done() or fut.exception() is not None:
+            _note_children(pipe, seen)
+            kill_processes(seen)
+
+
+_START_HINT = (
+    "DALI starts its reader workers with 'spawn': each imports the main module again, so the "
+    "script must be a file (not stdin or -c) and start the loader under "
+    "`if __name__ == '__main__':`; a worker killed by the OOM killer shows in `dmesg`"
+)
+
+
+class _RecordingSet(set):
+    """multiprocessing's set of live children that also appends each added process to
+    ``seen``: a worker that dies at once is joined (and dropped from the set) by DALI
+    before any poll could see it."""
+
+    seen: list[Any]
+    thread: int | None
+
+    def add(self, p: Any) -> None:
+        super().add(p)
+        if threading.get_ident() == self.thread:  # started by the build, not another thread
+            self.seen.append(p)
+
+
+@contextmanager
+def _recording_children(seen: list[Any], thread: int | None) -> Iterator[None]:
+    """Record in ``seen`` every process that thread ``thread`` starts while the block runs
+    (``Process.start`` adds itself to ``multiprocessing.process._children``)."""
+    mod = multiprocessing.process
+    original = mod._children  # noqa: SLF001
+    recording = _RecordingSet(original)
+    recording.seen = seen
+    recording.thread = thread
+    mod._children = recording  # noqa: SLF001
+    try:
+        yield
+    finally:
+        mod._children = original  # noqa: SLF001
+        original.clear()
+        original.update(recording)
+
+
+def _wait_dead(procs: list[Any], wait: float) -> list[Any]:
+    """The ended processes of ``procs``, waiting up to ``wait`` seconds for a first one."""
+    deadline = time.monotonic() + wait
+    dead = dead_processes(procs)
+    while not dead and procs and time.monotonic() < deadline:
+        time.sleep(0.01)
+        dead = dead_processes(procs)
+    return dead
+
+
+def _start_failure(exc: BaseException) -> bool:
+    """``exc`` is how DALI reports a worker that ended while its pool started."""
+    if isinstance(exc, _START_FAILURES):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _START_MESSAGES)
+
+
+def _note_children(pipe: Any, seen: list[Any]) -> None:
+    """Add the pool's worker processes to ``seen`` once the pool is known (while it starts,
+    :func:`_recording_children` finds them)."""
+    pool = getattr(getattr(pipe, "_py_pool", None), "pool", None)
+    for p in list(getattr(pool, "_processes", None) or []):
+        if p not in seen and getattr(p, "_popen", None) is not None:
+            seen.append(p)
+
+
 class _Runner:
     """One daemon thread running submitted calls in order (a stuck call cannot block the
     interpreter's exit, as a ThreadPoolExecutor's thread would)."""
@@ -89,6 +218,11 @@ class _Runner:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="gpuloader-dali-run", daemon=True)
         self._thread.start()
+
+    @property
+    def ident(self) -> int | None:
+        """The thread's identifier."""
+        return self._thread.ident
 
     def _loop(self) -> None:
         while True:

@@ -291,7 +291,7 @@ def batch_pipeline(
     from nvidia.dali.pipeline import Pipeline
 
     from gpuloader.reading.pipeline import dali_dtypes
-    from gpuloader.reading.workers import DaliGuard, stop_pipeline
+    from gpuloader.reading.workers import DaliGuard, build_bounded, stop_pipeline
 
     pipe = Pipeline(
         batch_size=1,
@@ -313,7 +313,7 @@ def batch_pipeline(
         )
         pipe.set_outputs(*outs)
     try:
-        pipe.build()  # starts the workers
+        build_bounded(pipe, worker_timeout)  # starts the workers
     except BaseException:
         stop_pipeline(pipe)
         raise

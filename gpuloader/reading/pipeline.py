@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from gpuloader.errors import WorkerError
-from gpuloader.reading.dali_guard import DaliGuard, stop_pipeline
+from gpuloader.reading.dali_guard import DaliGuard, build_bounded, stop_pipeline
 from gpuloader.reading.processes import DEFAULT_TIMEOUT
 from gpuloader.reading.reader import (
     OUTPUT_DTYPES,
@@ -200,7 +200,7 @@ class RayPipeline:
             pipe.set_outputs(*outs)
         self._pipe = pipe
         try:
-            pipe.build()  # starts the workers
+            build_bounded(pipe, worker_timeout)  # starts the workers
         except BaseException:
             self.close()
             raise

@@ -47,7 +47,13 @@ holds the design above and gathers their public names.
 
 from __future__ import annotations
 
-from gpuloader.reading.dali_guard import POLL, DaliGuard, reraise_worker_error, stop_pipeline
+from gpuloader.reading.dali_guard import (
+    POLL,
+    DaliGuard,
+    build_bounded,
+    reraise_worker_error,
+    stop_pipeline,
+)
 from gpuloader.reading.processes import DEFAULT_TIMEOUT, exit_reason
 from gpuloader.reading.torch_guard import TICK, guarded_batches, stop_loader, worker_message_first
 
@@ -56,6 +62,7 @@ __all__ = [
     "POLL",
     "TICK",
     "DaliGuard",
+    "build_bounded",
     "exit_reason",
     "guarded_batches",
     "reraise_worker_error",
