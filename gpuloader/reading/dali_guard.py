@@ -267,6 +267,7 @@ class DaliGuard:
         self._pid = os.getpid()  # a forked copy (a DataLoader worker) must not touch the pool
         self._runner = _Runner()
         self._busy: Future | None = None
+        self._stopped: dict[int, float] = {}  # pid -> when it was first seen stopped
 
     def processes(self) -> list[Any]:
         """The pool's worker processes (``multiprocessing.Process``; empty if unknown)."""
@@ -287,6 +288,7 @@ class DaliGuard:
         dead = dead_processes(procs)
         if dead:  # between epochs: scheduling work would block in DALI's task queue
             self._fail(death_error("DALI", dead, len(procs)))
+        self._check_stopped(procs)
         fut = self._busy = self._runner.submit(self.pipe.run, *args)
         deadline = time.monotonic() + self.timeout
         while True:
@@ -314,6 +316,18 @@ class DaliGuard:
             if time.monotonic() >= deadline:
                 fut = None
                 self._fail(hang_error(self.timeout, [p.pid for p in procs]))
+            self._check_stopped(procs)
+
+    def _check_stopped(self, procs: list[Any]) -> None:
+        """A worker stopped (SIGSTOP) for ``timeout`` seconds is a hang even while the others
+        serve every batch (the pool would run at a fraction of its workers, unnoticed)."""
+        now = time.monotonic()
+        for p in procs:
+            if not is_stopped(p.pid):
+                self._stopped.pop(p.pid, None)
+            elif now - self._stopped.setdefault(p.pid, now) >= self.timeout:
+                detail = "(stopped while the other workers served the batches)"
+                self._fail(hang_error(self.timeout, [p.pid], detail))
 
     def reset(self) -> None:
         """Start the pipeline's next epoch (no waiting: the next :meth:`run` schedules it)."""

@@ -180,6 +180,38 @@ def test_hung_worker(datasets, undisturbed, path):
         assert_batches_equal(list(ld), _want(undisturbed, path, 1))
 
 
+@pytest.mark.parametrize("path", [p for p in PATHS if "dali" in str(p)])
+def test_one_stopped_worker_of_two_is_noticed(datasets, undisturbed, path):
+    """One DALI worker stopped while the other serves every batch: the epochs go on (each
+    batch the undisturbed one) until it has been stopped for ``worker_timeout``, then
+    WorkerError names it; the pool would otherwise run on at half its workers, unnoticed."""
+    with _watched(datasets, path, HANG) as (ld, started):
+        it = iter(ld)
+        got = [next(it)]
+        stopped = started()[:1]
+        send_signal(stopped, signal.SIGSTOP)
+        tick = time.monotonic()
+        epochs = [got]
+        try:
+            with pytest.raises(WorkerError) as err:
+                while time.monotonic() - tick < 60:
+                    got.extend(it)
+                    got = []
+                    epochs.append(got)
+                    it = iter(ld)
+            waited = time.monotonic() - tick
+        finally:
+            send_signal(stopped, signal.SIGCONT)
+        assert waited < HANG + 2 * SLACK, waited
+        first = str(err.value).splitlines()[0]
+        assert f"worker pid {stopped[0]} is stopped" in first, first
+        assert list(err.value.pids) == stopped
+        for epoch, batches in enumerate(epochs[:3]):  # what came was right (the fixture's
+            assert_batches_equal(batches, _want(undisturbed, path, epoch)[: len(batches)])
+        assert all(len(b) == len(epochs[0]) for b in epochs[1:-1])  # epochs came whole
+        assert not (set(stopped) & children())
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_bad_file_in_a_worker_is_named_first(tiny_dataset, tmp_path, path):
     """A voxel file gone after the loader was built: the worker's named error keeps its first
