@@ -1,46 +1,4 @@
-"""Collate samples into one ray batch.
-
-``collate_ray_batch(batch)`` turns B sample dicts (as returned by
-:class:`~gpuloader.dataset.hierarchical.HierarchicalVoxelRayDataset`) into::
-
-    voxels          (B, 1, D, H, W)  stacked grids (dtype of the samples, float32 by default)
-    voxel_shapes    (B, 3) long      each grid's own (D, H, W)
-    origins         (N, 3) float32   rays of all samples, concatenated (N = sum of N_i)
-    directions      (N, 3) float32
-    distances       (N,)   float32
-    hits            (N,)   float32
-    view_ids        (N,)   long
-    face_ids        (N,)   long
-    ray_to_voxel    (N,)   long      which grid (0..B-1) each ray belongs to
-    num_rays        (B,)   long      N_i
-    levels          (B,)   long
-    hashes          list[str]
-    view_positions  list of (V_i, 3) float32 tensors (V differs between files)
-
-Grids of different sizes (a batch that mixes levels) are zero-padded to the largest size.
-Padding is added at the **end** of each axis (``pad='end'``, default): grid ``i`` occupies
-``voxels[i, 0, :D_i, :H_i, :W_i]``; crop with ``voxel_shapes``. Note the world frame of
-each sample stays its own grid's centre. With ``pad='center'`` each grid sits in the middle
-of the padded box instead (sizes are powers of two, so the offset is a whole number of
-voxels), which keeps the padded grid centred on the origin: its rays still trace the same
-distances through it. Optional ray keys missing from any sample are left out.
-
-``skipped`` (only when a sample of the batch replaced a bad one under the dataset's
-``on_error='skip'``): a list of ``(position in the batch, index of the bad sample, error)``.
-
-Sparse samples (``HierarchicalVoxelRayDataset(sparse_voxels=True)``: ``voxel_pos`` and no
-``voxels``) are concatenated instead of stacked, as the newer upstream collate does::
-
-    voxel_pos         (M, 3) float32   occupied voxels of all samples (x, y, z)
-    voxel_features    (M, 1)
-    voxel_batch       (M,)   long      which sample (0..B-1) each voxel belongs to
-    voxel_shapes      (B, 3) long      each grid's (D, H, W)
-    num_voxels        (B,)   long      M_i
-    voxel_edge_index  (2, E) long      graph mode: each sample's edges, node ids offset by
-                                       the voxels of the samples before it
-
-A batch must not mix sparse and dense samples.
-"""
+"""Collate samples into one ray batch: :func:`collate_ray_batch` (its docstring lists the keys)."""
 
 from __future__ import annotations
 
@@ -72,7 +30,48 @@ def _tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
 def collate_ray_batch(
     batch: Sequence[dict[str, Any]], pad: Literal["end", "center"] = "end"
 ) -> dict[str, Any]:
-    """Concatenate rays and stack (zero-padding) grids of B samples; see the module doc.
+    """Concatenate rays and stack (zero-padding) grids of B samples into one batch dict.
+
+    B sample dicts (as returned by
+    :class:`~gpuloader.dataset.hierarchical.HierarchicalVoxelRayDataset`) into::
+
+        voxels          (B, 1, D, H, W)  stacked grids (dtype of the samples, float32 by default)
+        voxel_shapes    (B, 3) long      each grid's own (D, H, W)
+        origins         (N, 3) float32   rays of all samples, concatenated (N = sum of N_i)
+        directions      (N, 3) float32
+        distances       (N,)   float32
+        hits            (N,)   float32
+        view_ids        (N,)   long
+        face_ids        (N,)   long
+        ray_to_voxel    (N,)   long      which grid (0..B-1) each ray belongs to
+        num_rays        (B,)   long      N_i
+        levels          (B,)   long
+        hashes          list[str]
+        view_positions  list of (V_i, 3) float32 tensors (V differs between files)
+
+    Grids of different sizes (a batch that mixes levels) are zero-padded to the largest size.
+    Padding is added at the **end** of each axis (``pad='end'``, default): grid ``i`` occupies
+    ``voxels[i, 0, :D_i, :H_i, :W_i]``; crop with ``voxel_shapes``. Note the world frame of
+    each sample stays its own grid's centre. With ``pad='center'`` each grid sits in the middle
+    of the padded box instead (sizes are powers of two, so the offset is a whole number of
+    voxels), which keeps the padded grid centred on the origin: its rays still trace the same
+    distances through it. Optional ray keys missing from any sample are left out.
+
+    ``skipped`` (only when a sample of the batch replaced a bad one under the dataset's
+    ``on_error='skip'``): a list of ``(position in the batch, index of the bad sample, error)``.
+
+    Sparse samples (``HierarchicalVoxelRayDataset(sparse_voxels=True)``: ``voxel_pos`` and no
+    ``voxels``) are concatenated instead of stacked, as the newer upstream collate does::
+
+        voxel_pos         (M, 3) float32   occupied voxels of all samples (x, y, z)
+        voxel_features    (M, 1)
+        voxel_batch       (M,)   long      which sample (0..B-1) each voxel belongs to
+        voxel_shapes      (B, 3) long      each grid's (D, H, W)
+        num_voxels        (B,)   long      M_i
+        voxel_edge_index  (2, E) long      graph mode: each sample's edges, node ids offset by
+                                           the voxels of the samples before it
+
+    A batch must not mix sparse and dense samples.
 
     Raises:
         ValueError: empty batch, a missing required key, or a grid that is not (1, D, H, W).
@@ -94,7 +93,7 @@ def collate_ray_batch(
 
 
 def _collate_sparse(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Concatenate the sparse grids of B samples (module doc)."""
+    """Concatenate the sparse grids of B samples (see collate_ray_batch)."""
     pos = [_tensor(s["voxel_pos"], torch.float32).reshape(-1, 3) for s in batch]
     counts = torch.tensor([p.shape[0] for p in pos], dtype=torch.long)
     feats = [_tensor(s["voxel_features"]) for s in batch]
@@ -126,7 +125,7 @@ def _collate_sparse(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _collate_grids(batch: Sequence[dict[str, Any]], pad: str) -> dict[str, Any]:
-    """Stack (zero-padding) the dense grids of B samples (module doc)."""
+    """Stack (zero-padding) the dense grids of B samples (see collate_ray_batch)."""
     grids = [_tensor(s["voxels"]) for s in batch]
     for i, g in enumerate(grids):
         if g.dim() == 3:

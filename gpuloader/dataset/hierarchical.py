@@ -51,16 +51,16 @@ when the index is built are left out of ``samples``. What is reported where:
 
 Errors that are not about one file (a stale pack, a bug) are raised under both policies.
 
-The newer upstream API: ``rays_per_chunk=N`` makes each run of N consecutive rays of a file
-its own item (``len`` counts chunks; the sample adds ``chunk_idx``; ``view_positions`` stays
-every view of the file); each chunk is an ordinary entry of ``samples`` (``num_rays`` its
-rows, ``ray_offset`` its first row), so the sampler, the stores and the GPU loader see chunks
-as samples. ``sparse_voxels=True`` replaces ``voxels`` by ``voxel_pos`` (M, 3) float32
-(x, y, z), ``voxel_features`` (M, 1) float32 and ``voxel_shape`` (3,) int64 (D, H, W), plus
-``num_voxels`` int (``sparse_mode='coo'``) or ``voxel_edge_index`` (2, E) int64
-(``'graph'``, ``sparse_connectivity`` 6, 18 or 26): see :mod:`gpuloader.format.sparse`. The
-transform runs on the dense grid first, so a symmetry moves the sparse voxels with the rays.
-"""
+The newer upstream API: ``rays_per_chunk=N`` makes each run of N consecutive rays of a file its
+own item (``len`` counts chunks and ``chunk_idx`` numbers them, 0 without chunks;
+``view_positions`` stays every view of the file); each chunk is an ordinary entry of
+``samples`` (``num_rays`` its rows, ``ray_offset`` its first row), so the sampler, the stores
+and the GPU loader see chunks as samples. ``sparse_voxels=True`` replaces ``voxels`` by
+``voxel_pos`` (M, 3) float32 (x, y, z), ``voxel_features`` (M, 1) float32 and ``voxel_shape``
+(3,) int64 (D, H, W), plus ``num_voxels`` int (``sparse_mode='coo'``) or ``voxel_edge_index``
+(2, E) int64 (``'graph'``, ``sparse_connectivity`` 6, 18 or 26): see
+:mod:`gpuloader.format.sparse`. The transform runs on the dense grid first, so a symmetry moves
+the sparse voxels with the rays."""
 
 from __future__ import annotations
 

@@ -300,8 +300,8 @@ class DatasetView:
 
         Returns:
             dict with ``voxels`` (1, D, H, W) bool read-only, the ray arrays of k rows,
-            ``view_positions`` (V, 3) float32, ``level``, ``hash``, ``chunk_idx`` (a
-            chunk), ``index``, ``epoch``.
+            ``view_positions`` (V, 3) float32, ``level``, ``hash``, ``chunk_idx`` (0
+            unless ``rays_per_chunk`` is set), ``index``, ``epoch``.
         """
         i = self.normalize_index(index)
         epoch = int(epoch)
@@ -314,8 +314,7 @@ class DatasetView:
         sample.update(rays)
         sample["level"] = int(s["level"])
         sample["hash"] = str(s["hash"])
-        if "chunk_idx" in s:
-            sample["chunk_idx"] = int(s["chunk_idx"])
+        sample["chunk_idx"] = int(s.get("chunk_idx", 0))  # 0 without rays_per_chunk, as HEAD
         sample["index"] = i
         sample["epoch"] = epoch
         return sample

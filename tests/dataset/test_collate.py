@@ -126,3 +126,14 @@ def test_mixed_level_loader_does_not_crash(tiny_dataset):
     assert batch["voxels"].shape == (len(dataset), 1, 16, 16, 16)
     assert sorted(set(batch["levels"].tolist())) == [0, 1]
     assert batch["origins"].shape[0] == 512
+
+
+def test_docstring_lists_every_batch_key(tiny_dataset):
+    """help(collate_ray_batch) names every key a batch holds (not "see the module doc")."""
+    from gpuloader import HierarchicalVoxelRayDataset, collate_ray_batch
+
+    ds = HierarchicalVoxelRayDataset(*tiny_dataset)
+    batch = collate_ray_batch([ds[0], ds[1]])
+    doc = collate_ray_batch.__doc__
+    for key in batch:
+        assert f"    {key} " in doc, key

@@ -29,6 +29,7 @@ SEED_KEYS = {
     "view_ids",
     "face_ids",
     "view_positions",
+    "chunk_idx",  # not in the documented seed; HEAD always adds it (0 without rays_per_chunk)
 }
 
 

@@ -288,3 +288,28 @@ def test_train_example_under_torchrun_with_gloo(demo_dir: Path, tmp_path: Path):
 
     state = torch.load(ckpt, weights_only=False)
     assert state["epoch"] == 0 and state["history"]["train_loss"] == m["train_loss"]
+
+
+@pytest.mark.parametrize("loader", ["cpu", "gpu"])
+def test_benchmark_dataset_cache_figure_is_true(demo_dir: Path, loader: str) -> None:
+    """The cache rows say what gpuloader's cache did: real hits on the seed API's path (every
+    grid of the split fits in the largest cache), no 0% for a resident store that has no use
+    for it."""
+    out = run(
+        EXAMPLES / "benchmark_dataset.py",
+        "--demo-dir",
+        demo_dir,
+        "--benchmarks",
+        "cache",
+        "--loader",
+        loader,
+        "--max-batches",
+        "6",
+    ).stdout
+    lines = [line for line in out.splitlines() if "vs upstream's hit rate" in line]
+    assert len(lines) >= 3, out
+    if loader == "cpu":
+        hits = [int(m) for m in re.findall(r"\((\d+) hits", out)]
+        assert len(hits) == len(lines) and hits[0] == 0 and hits[-1] > 0, out
+    else:
+        assert all("resident" in line for line in lines), out

@@ -29,7 +29,7 @@ RSS_BOUND_MIB = 30.0
 @pytest.fixture(scope="module")
 def soak_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     dataset_dir, ray_dir = _loading.generate(
-        tmp_path_factory, "soak_data", ("asym", "torus", "box"), 40, expect_warning=True
+        tmp_path_factory, "soak_data", ("asym", "torus", "box"), 40
     )
     folder = dataset_dir.parent
     assert data_dirs(folder) == (dataset_dir, ray_dir)

@@ -19,6 +19,11 @@ import pytest
 from gpuloader.format import layout
 from gpuloader.generate import GeneratorConfig, generate_dataset, metadata, rays
 
+# the fixtures here make datasets of 1-2 objects on purpose: their empty val/test splits
+# are announced (EmptySplitWarning), which is not what these tests check
+pytestmark = pytest.mark.filterwarnings("ignore::gpuloader.generate.writer.EmptySplitWarning")
+
+
 UPSTREAM = Path(__file__).resolve().parents[1] / "data" / "upstream"
 
 #: Our file -> its recorded example and the dotted paths of mappings keyed by data.

@@ -35,9 +35,7 @@ assert_batches_equal = _loading.assert_batches_equal
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _loading.generate(
-        tmp_path_factory, "resume_data", ("asym", "torus", "box"), 40, expect_warning=True
-    )
+    return _loading.generate(tmp_path_factory, "resume_data", ("asym", "torus", "box"), 40)
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,7 @@ RAYS, SPB, SEED = 200, 3, 11
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _loading.generate(
-        tmp_path_factory, "shard_store_data", ("asym", "torus", "box"), 30, expect_warning=True
-    )
+    return _loading.generate(tmp_path_factory, "shard_store_data", ("asym", "torus", "box"), 30)
 
 
 def _dataset(dirs):

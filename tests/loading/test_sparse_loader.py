@@ -39,7 +39,7 @@ assert_batches_equal = partial(_loading.assert_batches_equal, nonempty=True, key
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _loading.generate(tmp_path_factory, "sparse_loader_data", expect_warning=True)
+    return _loading.generate(tmp_path_factory, "sparse_loader_data")
 
 
 @pytest.fixture(scope="module")

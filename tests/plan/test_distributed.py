@@ -47,9 +47,7 @@ def full_transform() -> T.Compose:
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _loading.generate(
-        tmp_path_factory, "dist_data", ("asym", "torus", "box"), 30, expect_warning=True
-    )
+    return _loading.generate(tmp_path_factory, "dist_data", ("asym", "torus", "box"), 30)
 
 
 def make_loader(dirs, **kw) -> GPURayLoader:

@@ -15,6 +15,7 @@ from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 from gpuloader.dataset.view import DatasetView
 from gpuloader.errors import DamagedFileError
 from gpuloader.generate import GeneratorConfig, generate_dataset
+from gpuloader.generate.writer import EmptySplitWarning
 from gpuloader.plan.sampler import RayBatchSampler, RayRequest
 from gpuloader.reading.pipeline import RayPipeline, dali_available
 from gpuloader.reading.reader import OUTPUT_DTYPES, OUTPUT_NAMES, RayReader, SampleReadError
@@ -52,7 +53,8 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         split=(1.0, 0.0, 0.0),
         workers=1,
     )
-    s = generate_dataset(tmp_path_factory.mktemp("reader_data"), cfg, progress=False)
+    with pytest.warns(EmptySplitWarning):  # --split 1 0 0: val and test are empty
+        s = generate_dataset(tmp_path_factory.mktemp("reader_data"), cfg, progress=False)
     return Path(s["dataset_dir"]), Path(s["ray_dir"])
 
 

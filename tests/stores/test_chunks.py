@@ -205,3 +205,9 @@ def test_resume_on_chunks(tiny_dataset3):
     again = RayBatchSampler(ds, RAYS, SPB)
     again.load_state_dict(state)
     assert head + list(again) == want
+
+
+def test_chunk_idx_is_zero_without_chunks(tiny_dataset):
+    """As upstream HEAD: every sample has ``chunk_idx``, 0 when files are not cut."""
+    ds = HierarchicalVoxelRayDataset(*tiny_dataset)
+    assert [ds[i]["chunk_idx"] for i in range(len(ds))] == [0] * len(ds)

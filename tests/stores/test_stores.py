@@ -49,7 +49,7 @@ def full_transform(normalize_distances: bool = False) -> T.Compose:
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _loading.generate(tmp_path_factory, "store_data", expect_warning=True)
+    return _loading.generate(tmp_path_factory, "store_data")
 
 
 # -- the epoch plan ----------------------------------------------------------------------------

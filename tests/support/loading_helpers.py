@@ -20,6 +20,7 @@ from gpuloader.augment import transforms as T
 from gpuloader.dataset.collate import collate_ray_batch
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 from gpuloader.generate import GeneratorConfig, generate_dataset
+from gpuloader.generate.writer import EmptySplitWarning
 from gpuloader.plan.sampler import RayBatchSampler
 from gpuloader.tracer import trace
 
@@ -31,12 +32,10 @@ def generate(
     name: str,
     shapes: Sequence[str] = SHAPES,
     samples_per_view: int = 60,
-    *,
-    expect_warning: bool = False,
 ) -> tuple[Path, Path]:
     """A small generated dataset, all of it in the train split: ``(dataset_dir, ray_dir)``.
 
-    ``expect_warning``: the generation must announce the empty val/test splits.
+    The generation must announce the empty val/test splits (one EmptySplitWarning each).
     """
     out = tmp_path_factory.mktemp(name)
     cfg = GeneratorConfig(
@@ -48,11 +47,9 @@ def generate(
         split=(1.0, 0.0, 0.0),
         workers=1,
     )
-    if expect_warning:
-        with pytest.warns(Warning):  # the empty val/test splits are announced
-            s = generate_dataset(out, cfg, progress=False)
-    else:
+    with pytest.warns(EmptySplitWarning) as record:
         s = generate_dataset(out, cfg, progress=False)
+    assert sum(w.category is EmptySplitWarning for w in record) == 2
     return Path(s["dataset_dir"]), Path(s["ray_dir"])
 
 
