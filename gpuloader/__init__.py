@@ -50,6 +50,7 @@ __all__ = [
     "open_ray_store",
     "pack_rays",
     "pack_to_url",
+    "set_torch_threads",
     "sparse_coo_to_dense",
     "trace",
     "transforms",
@@ -67,4 +68,8 @@ def __getattr__(name: str) -> Any:
         from gpuloader.reading.fill import fill_store
 
         return fill_store
+    if name == "set_torch_threads":
+        from gpuloader.commands.demo import set_torch_threads
+
+        return set_torch_threads
     raise AttributeError(f"module 'gpuloader' has no attribute {name!r}")
