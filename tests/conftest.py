@@ -17,6 +17,19 @@ from support.damage import CASES, ROOT, damage
 from support.tiny_dataset import write_tiny_dataset
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _header_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """The remembered ray-file headers go to a folder of this run, not the user's cache
+    (children inherit it); a test may point GPULOADER_CACHE_DIR elsewhere with monkeypatch."""
+    before = os.environ.get("GPULOADER_CACHE_DIR")
+    os.environ["GPULOADER_CACHE_DIR"] = str(tmp_path_factory.mktemp("header_cache"))
+    yield
+    if before is None:
+        os.environ.pop("GPULOADER_CACHE_DIR", None)
+    else:
+        os.environ["GPULOADER_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(dataset_dir, ray_dataset_dir) of the tiny dataset, levels 0 and 1 (read-only!)."""

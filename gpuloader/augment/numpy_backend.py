@@ -46,12 +46,20 @@ SYMMETRY_TABLE = np.array(
 )
 
 
+def _cast(a, b: int, dtype: type) -> np.ndarray:
+    """``a`` (a scalar or (b,) values) as a (b,) array of ``dtype``, a copy unless it already
+    is one (an array made here)."""
+    if isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == (b,):
+        return a
+    return np.broadcast_to(np.asarray(a, dtype=dtype), (b,)).copy()
+
+
 def _u32(a, b: int) -> np.ndarray:
-    return np.broadcast_to(np.asarray(a, dtype=np.uint32), (b,)).copy()
+    return _cast(a, b, np.uint32)
 
 
 def _f32(a, b: int) -> np.ndarray:
-    return np.broadcast_to(np.asarray(a, dtype=np.float32), (b,)).copy()
+    return _cast(a, b, np.float32)
 
 
 @dataclass
@@ -72,7 +80,7 @@ class BatchParams:
     def __post_init__(self) -> None:
         # Cast every field, so that a hand-built BatchParams computes in float32 like CUDA.
         b = int(np.size(self.symmetry))
-        self.symmetry = np.broadcast_to(np.asarray(self.symmetry, np.int32), (b,)).copy()
+        self.symmetry = _cast(self.symmetry, b, np.int32)
         for name in ("origin_scale", "distance_scale", "origin_std", "direction_std"):
             setattr(self, name, _f32(getattr(self, name), b))
         for name in ("jitter_threshold", "epoch", "index"):
@@ -116,6 +124,13 @@ class BatchParams:
 
 def _permute_signed(vec: np.ndarray, sym: np.ndarray) -> np.ndarray:
     """Row-wise P_s v: vec (N, 3) float32, sym (N,) int -> (N, 3) float32 (exact)."""
+    sym = np.asarray(sym)
+    if sym.size and (sym == sym.flat[0]).all():  # one symmetry (one sample): columns only
+        perm_signs = SYMMETRY_TABLE[int(sym.flat[0])]
+        out = np.asarray(vec, dtype=np.float32)[:, perm_signs[:3]]  # a copy
+        for axis in np.flatnonzero(perm_signs[3:] < 0):
+            np.negative(out[:, axis], out=out[:, axis])
+        return out
     table = SYMMETRY_TABLE[sym]  # (N, 6)
     rows = np.arange(vec.shape[0])[:, None]
     gathered = vec[rows, table[:, :3]]

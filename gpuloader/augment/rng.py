@@ -82,6 +82,10 @@ def philox4x32(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
         (..., 4) uint32 random words.
     """
     c = np.asarray(counter, dtype=np.uint32)
+    if c.size <= 4 * _SCALAR_BLOCKS:  # a few blocks: plain ints beat ~100 tiny array ops
+        k = (int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF)
+        flat = [_philox_block(*(int(w) for w in row), *k) for row in c.reshape(-1, 4)]
+        return np.array(flat, dtype=np.uint32).reshape(c.shape)
     c0, c1, c2, c3 = (c[..., i].astype(np.uint64) for i in range(4))
     k0 = np.uint32(key[0])
     k1 = np.uint32(key[1])
@@ -100,10 +104,44 @@ def philox4x32(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
 
 
+#: up to this many counters, :func:`philox4x32` runs on Python ints (one sample's keys)
+_SCALAR_BLOCKS = 8
+
+
+def _philox_block(
+    c0: int, c1: int, c2: int, c3: int, k0: int, k1: int
+) -> tuple[int, int, int, int]:
+    """Philox4x32-10 of one counter in Python ints: the rounds of :func:`philox4x32`."""
+    for r in range(10):
+        if r:
+            k0 = (k0 + 0x9E3779B9) & 0xFFFFFFFF
+            k1 = (k1 + 0xBB67AE85) & 0xFFFFFFFF
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (
+            (p1 >> 32) ^ c1 ^ k0,
+            p1 & 0xFFFFFFFF,
+            (p0 >> 32) ^ c3 ^ k1,
+            p0 & 0xFFFFFFFF,
+        )
+    return c0, c1, c2, c3
+
+
 def random_words(
     seed: int, epoch: int, index: np.ndarray | int, purpose: int, c0: np.ndarray | int
 ) -> np.ndarray:
     """Four random uint32 words per (index, c0) pair (broadcast): shape (..., 4) uint32."""
+    if np.ndim(index) == 0 and np.ndim(c0) == 0:  # one block: no arrays to broadcast
+        k0, k1 = _key(seed)
+        words = _philox_block(
+            int(c0) & 0xFFFFFFFF,
+            int(index) & 0xFFFFFFFF,
+            int(epoch) & 0xFFFFFFFF,
+            int(purpose) & 0xFFFFFFFF,
+            int(k0),
+            int(k1),
+        )
+        return np.array(words, dtype=np.uint32)
     index = np.asarray(index, dtype=np.uint64)
     c0 = np.asarray(c0, dtype=np.uint64)
     c0, index = np.broadcast_arrays(c0, index)
@@ -175,7 +213,12 @@ def feistel_bits(n: int) -> int:
 
 def feistel_keys(seed: int, epoch: int, index: int, purpose: int = Purpose.SUBSAMPLE) -> np.ndarray:
     """The round keys of one sample's bijection: (FEISTEL_ROUNDS,) uint32 (word 0 of Philox)."""
-    return random_words(seed, epoch, index, purpose, np.arange(FEISTEL_ROUNDS))[:, 0].copy()
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    tail = (int(index) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, int(purpose) & 0xFFFFFFFF)
+    # random_words(seed, epoch, index, purpose, arange(ROUNDS))[:, 0], in Python ints
+    words = [_philox_block(r, *tail, k0, k1)[0] for r in range(FEISTEL_ROUNDS)]
+    return np.array(words, dtype=np.uint32)
 
 
 def _feistel_once(x: np.ndarray, bits: int, keys: np.ndarray) -> np.ndarray:
@@ -185,17 +228,32 @@ def _feistel_once(x: np.ndarray, bits: int, keys: np.ndarray) -> np.ndarray:
     ``bits // 2`` bits; a round maps ``(L, R)`` to ``(R, L ^ (hash32(R ^ key) & mask_L))``,
     so the two widths swap each round (an unbalanced network for odd ``bits``) and are back in
     place after the 4 rounds. Any ``bits`` works, so the domain is below ``2 n`` and
-    cycle-walking takes under 2 passes on average.
+    cycle-walking takes under 2 passes on average. (The hash is :func:`_hash32`, written out
+    in place: the arrays are small and each operation's call costs more than its work.)
     """
     wr = bits // 2
     wl = bits - wr
     left = x >> np.uint32(wr)
     right = x & np.uint32((1 << wr) - 1)
+    h = np.empty_like(right)
+    t = np.empty_like(right)
     for r in range(FEISTEL_ROUNDS):
-        f = _hash32(right ^ keys[r]) & np.uint32((1 << wl) - 1)
-        left, right = right, left ^ f
+        np.bitwise_xor(right, keys[r], out=h)
+        np.right_shift(h, _S16, out=t)
+        h ^= t
+        h *= _H1
+        np.right_shift(h, _S15, out=t)
+        h ^= t
+        h *= _H2
+        np.right_shift(h, _S16, out=t)
+        h ^= t
+        h &= np.uint32((1 << wl) - 1)
+        h ^= left
+        left, right, h = right, h, left
         wl, wr = wr, wl
-    return (left << np.uint32(wr)) | right
+    left <<= np.uint32(wr)
+    left |= right
+    return left
 
 
 def _feistel_walk_scalar(x: int, n: int, bits: int, keys: list[int]) -> int:
@@ -238,6 +296,8 @@ def feistel_permute(i: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
     bits = feistel_bits(n)
     keys = np.asarray(keys, dtype=np.uint32)
     x = np.asarray(i, dtype=np.uint32).copy()
+    if bits <= _TABLE_BITS and x.size >= _TABLE_MIN_VALUES:
+        return _feistel_permute_tables(x, n, bits, keys)
     todo = np.ones(x.shape, dtype=bool)
     # Cycle-walking: under 2 rounds on average (2**bits < 2 n), but the slowest of k values
     # takes ~log(k) rounds; vector rounds while many walk, then the few left one by one.
@@ -253,6 +313,51 @@ def feistel_permute(i: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
             for j in left:
                 out[j] = _feistel_walk_scalar(int(x[j]), n, bits, key_list)
             return out
+
+
+#: domains of up to this many bits use round tables (2**ceil(bits/2) entries per round)
+_TABLE_BITS = 22
+#: fewer values than this are permuted without tables (a table costs about one pass)
+_TABLE_MIN_VALUES = 16
+
+
+def _round_tables(bits: int, keys: np.ndarray) -> np.ndarray:
+    """Each round's function of its right half, ``hash32(R ^ key) & mask_L`` for every R, as
+    in :func:`_feistel_once`: (FEISTEL_ROUNDS, 2**ceil(bits/2)) uint32 (a round whose right
+    half is narrower reads only the first 2**width entries of its row)."""
+    wr = bits // 2
+    wl = bits - wr
+    masks = np.array([(1 << (wl if r % 2 == 0 else wr)) - 1 for r in range(FEISTEL_ROUNDS)])
+    values = np.arange(1 << wl, dtype=np.uint32)
+    tables = _hash32(values[None, :] ^ keys[:, None])
+    tables &= masks.astype(np.uint32)[:, None]
+    return tables
+
+
+def _feistel_permute_tables(x: np.ndarray, n: int, bits: int, keys: np.ndarray) -> np.ndarray:
+    """:func:`feistel_permute` of (k,) uint32 ``x`` by table lookups: the same bijection.
+
+    A round is two operations (a lookup and an xor) instead of about ten, and a domain of
+    ``bits`` bits has ``2**ceil(bits / 2)`` right halves, so the tables are small."""
+    tables = list(_round_tables(bits, keys))
+    wr0 = bits // 2
+    low = np.uint32((1 << wr0) - 1)
+    shift = np.uint32(wr0)
+    limit = np.uint32(n)
+    todo = np.arange(x.size)
+    cur = x
+    while True:
+        left = cur >> shift
+        right = cur & low
+        for table in tables:
+            left, right = right, left ^ table[right]
+        cur = (left << shift) | right  # widths back in place after the 4 rounds
+        x[todo] = cur
+        out = cur >= limit
+        if not out.any():
+            return x.astype(np.int64)
+        todo = todo[out]
+        cur = cur[out]
 
 
 def select_rows(n: int, k: int | None, seed: int, epoch: int, index: int) -> np.ndarray:

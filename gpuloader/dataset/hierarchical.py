@@ -73,11 +73,12 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from gpuloader.augment.rng import SampleContext
-from gpuloader.augment.transforms import apply_transform
+from gpuloader.augment.transforms import Compose, Transform, apply_transform
 from gpuloader.dataset.output import SAMPLE_DTYPES, to_output, to_sparse
 from gpuloader.dataset.view import ON_ERROR, DatasetView, ReadLog
 from gpuloader.errors import SkippedFileWarning
-from gpuloader.format.index import Isolation, build_index, chunk_samples
+from gpuloader.format.chunks import chunk_samples
+from gpuloader.format.index import Isolation, build_index
 from gpuloader.plan.sampler import RayRequest
 from gpuloader.stores.cache import LRUCache
 from gpuloader.stores.npz import NpzRayStore, RayStore
@@ -434,11 +435,30 @@ class HierarchicalVoxelRayDataset(Dataset):
         sample = self.view().read_sample_checked(index, epoch, num_rays)  # warns from here
         i, epoch = sample.pop("index"), sample.pop("epoch")
         skip = {k: sample.pop(k) for k in ("skipped_from", "skip_error") if k in sample}
-        sample = to_output(sample)
-        if self.transform is not None:
-            sample = apply_transform(self.transform, sample, SampleContext(self.seed, epoch, i))
+        if self.transform is not None and _plans_only(self.transform):
+            # known transforms only: applied to the numpy arrays, then converted once
+            context = SampleContext(self.seed, epoch, i)
+            sample = to_output(apply_transform(self.transform, sample, context))
+        else:
             sample = to_output(sample)
+            if self.transform is not None:
+                context = SampleContext(self.seed, epoch, i)
+                sample = apply_transform(self.transform, sample, context)
+                sample = to_output(sample)
         sample.update(skip)
         if self.sparse_voxels:
             sample = to_sparse(sample, self.sparse_mode, self.sparse_connectivity)
         return sample
+
+
+def _plans_only(transform: Any) -> bool:
+    """Whether ``transform`` is made only of known, plan-drawn transforms (no custom callable,
+    no ToDevice, no overridden ``__call__``): it then gives the same values applied to the
+    numpy raw sample as to the output tensors, so the dataset applies it before converting."""
+    if isinstance(transform, Transform):
+        if type(transform).__call__ is not Transform.__call__:
+            return False
+        transform = Compose([transform])
+    if not isinstance(transform, Compose):
+        return False
+    return bool(transform.segments) and all(isinstance(s, list) for s in transform.segments)

@@ -18,8 +18,8 @@ plain ``dict``::
     is_empty: bool        all-zero voxels (so no ray hits)
     is_trivial: bool      listed in ``trivial_hashes`` and all-empty (see below)
 
-:func:`chunk_samples` turns this list into one of chunks (``rays_per_chunk``): records that
-add ``ray_offset``, ``chunk_idx`` and ``file_num_rays`` and whose ``num_rays`` is the chunk's.
+:func:`gpuloader.format.chunks.chunk_samples` turns this list into one of chunks
+(``rays_per_chunk``).
 
 Split membership follows the format: a sub-volume belongs to a split when it is trivial or
 when any object using it is in that split. Trivial means all-empty, as upstream's pipeline
@@ -49,6 +49,7 @@ from gpuloader.errors import (
 )
 from gpuloader.format import layout
 from gpuloader.format.completeness import warn_if_incomplete
+from gpuloader.format.header_cache import HeaderCache
 from gpuloader.format.listing import (
     npz_member_header,
     read_json_checked,
@@ -59,7 +60,6 @@ from gpuloader.format.listing import (
 __all__ = [
     "SPLITS",
     "build_index",
-    "chunk_samples",
     "npz_member_header",
     "read_splits",
     "scan_ray_tree",
@@ -206,6 +206,7 @@ def _level_zero_hashes(
     ray_files: Sequence[tuple[int, str, Path]],
     guard: layout.RootGuard | None = None,
     strict: bool = True,
+    headers: HeaderCache | None = None,
 ) -> dict[int, str]:
     """``{level: hash of the all-empty grid of that level}`` for every level >= 1 with rays.
 
@@ -222,7 +223,8 @@ def _level_zero_hashes(
         if (guard is not None and guard.outside(vpath) is not None) or not vpath.is_file():
             continue
         try:
-            shape, _ = npz_member_header(vpath, "voxels")
+            read = headers.header if headers is not None else npz_member_header
+            shape, _ = read(vpath, "voxels")
         except (DamagedFileError, DatasetLayoutError):
             if strict:
                 raise
@@ -322,7 +324,8 @@ def build_index(
             "(gpuloader generate) or point ray_dataset_dir at the ray dataset root"
         )
     # Trivial = all-empty (upstream's pipeline); other listed hashes are ordinary samples.
-    zero_hashes = _level_zero_hashes(dataset_dir, ray_files, guard, errors is None)
+    headers = HeaderCache(ray_dataset_dir)
+    zero_hashes = _level_zero_hashes(dataset_dir, ray_files, guard, errors is None, headers)
     trivial &= set(zero_hashes.values())
 
     # Hashes that splits.json does not describe: fall back to the subdivision maps.
@@ -381,7 +384,7 @@ def build_index(
             continue
         if level > 0 and level not in zero_hashes:
             try:
-                shape, _ = npz_member_header(vpath, "voxels")
+                shape, _ = headers.header(vpath, "voxels")
             except (DamagedFileError, DatasetLayoutError) as exc:
                 if errors is None:
                     raise
@@ -423,6 +426,24 @@ def build_index(
             )
         )
 
+    try:
+        _count_rays(kept, counts, headers, errors)
+    finally:
+        headers.save()
+    return [s for s in kept if s["num_rays"] >= 0]
+
+
+def _count_rays(
+    kept: list[dict[str, Any]],
+    counts: dict[tuple[int, str], Any],
+    headers: HeaderCache,
+    errors: list[tuple[str, BaseException]] | None,
+) -> None:
+    """Set each sample's ``num_rays`` (-1 for a refused file, recorded in ``errors``).
+
+    A count the pack manifest gave is used as is; others come from the ``origins`` header
+    (remembered between runs by ``headers``), checked to be ``(N, 3)`` with N > 0.
+    """
     for s in kept:
         known = counts.get((s["level"], s["hash"]))
         if isinstance(known, BaseException):
@@ -435,7 +456,7 @@ def build_index(
             s["num_rays"] = int(known)
             continue
         try:
-            shape, _ = npz_member_header(s["ray_path"], "origins")
+            shape, _ = headers.header(s["ray_path"], "origins")
             if len(shape) != 2 or shape[1] != 3:
                 raise DamagedFileError(
                     f"{s['ray_path']}: 'origins' has shape {shape}, expected (N, 3); regenerate it"
@@ -453,35 +474,3 @@ def build_index(
             s["num_rays"] = -1
             continue
         s["num_rays"] = shape[0]
-    return [s for s in kept if s["num_rays"] >= 0]
-
-
-def chunk_samples(samples: Sequence[dict[str, Any]], rays_per_chunk: int) -> list[dict[str, Any]]:
-    """Cut each sample's ray file into chunks of ``rays_per_chunk`` consecutive rays.
-
-    From the index alone (``num_rays`` came from the npz headers): nothing is inflated. Each
-    chunk is a copy of its sample's record with ``num_rays`` (the chunk's rows, the last
-    chunk of a file may be shorter), ``ray_offset`` (its first row in the file),
-    ``chunk_idx`` (0, 1, ... within the file) and ``file_num_rays`` (the file's rows). A file
-    without rays gives no chunk, as upstream.
-
-    Returns:
-        the chunks, in the order of ``samples`` and, within a file, of their rows.
-    """
-    size = int(rays_per_chunk)
-    if size < 1:
-        raise ValueError(f"rays_per_chunk must be >= 1 or None; got {rays_per_chunk}")
-    out: list[dict[str, Any]] = []
-    for s in samples:
-        n = int(s["num_rays"])
-        for c, start in enumerate(range(0, n, size)):
-            out.append(
-                {
-                    **s,
-                    "num_rays": min(size, n - start),
-                    "ray_offset": start,
-                    "chunk_idx": c,
-                    "file_num_rays": n,
-                }
-            )
-    return out

@@ -66,7 +66,8 @@ def level0_voxel_path(dataset_dir: Path, object_id: int | str) -> Path:
 
 def subvolume_voxel_path(dataset_dir: Path, level: int, hash_: str) -> Path:
     """``dataset/subvolumes/level_<L>/<hh>/<hash>.npz`` (L >= 1)."""
-    return Path(dataset_dir) / "subvolumes" / f"level_{level}" / hash_[:2] / f"{hash_}.npz"
+    # one parse of the joined text (the index builds one per file; pathlib joins cost more)
+    return Path(f"{os.fspath(dataset_dir)}/subvolumes/level_{level}/{hash_[:2]}/{hash_}.npz")
 
 
 def voxel_path(dataset_dir: Path, level: int, hash_: str) -> Path:
@@ -78,7 +79,7 @@ def voxel_path(dataset_dir: Path, level: int, hash_: str) -> Path:
 
 def ray_path(ray_dir: Path, level: int, hash_: str) -> Path:
     """``ray_dataset_hierarchical/level_<L>/<hh>/<hash or ID>_rays.npz``."""
-    return Path(ray_dir) / f"level_{level}" / hash_[:2] / f"{hash_}_rays.npz"
+    return Path(f"{os.fspath(ray_dir)}/level_{level}/{hash_[:2]}/{hash_}_rays.npz")
 
 
 def parse_ray_filename(path: Path) -> tuple[int, str]:
@@ -117,14 +118,30 @@ class RootGuard:
     def outside(self, path: Path | str) -> str | None:
         """The real target of ``path`` if it resolves outside the root (else None)."""
         parent, leaf = os.path.split(os.fspath(path))
-        real_parent = self._dirs.get(parent)
-        if real_parent is None:
-            real_parent = self._dirs[parent] = os.path.realpath(parent)
+        real_parent = self._real_dir(parent)
         if os.path.islink(path):
             real = os.path.realpath(path)
         else:
             real = os.path.join(real_parent, leaf)
         return None if self._inside(real) else real
+
+    def _real_dir(self, folder: str) -> str:
+        """``os.path.realpath(folder)``, built from the cached real parent when ``folder``'s
+        last part is a plain name and not a link (one lstat instead of one per part)."""
+        real = self._dirs.get(folder)
+        if real is None:
+            parent, leaf = os.path.split(folder)
+            if (
+                parent
+                and parent != folder
+                and leaf not in ("", ".", "..")
+                and (not os.path.islink(folder))
+            ):
+                real = os.path.join(self._real_dir(parent), leaf)
+            else:
+                real = os.path.realpath(folder)
+            self._dirs[folder] = real
+        return real
 
     def error(self, path: Path | str, target: str) -> OutsideRootError:
         """The named error of ``path`` (a file or folder) that resolves to ``target``."""

@@ -86,6 +86,10 @@ def stop_pipeline(pipe: Any) -> None:
 
 #: seconds between checks while a pool starts (its workers may die and be reaped in 0.1 s)
 _START_POLL = 0.01
+#: seconds a pool start may take while its workers keep working (CPU time growing)
+_START_CAP = 60.0
+#: seconds between checks that a slow start still makes progress
+_START_PROGRESS = 0.5
 #: what a pool start reports when one of its workers ended before it was up
 _START_FAILURES = (BrokenPipeError, ConnectionError, EOFError)
 _START_MESSAGES = ("Workers initialization failed", "Sending tasks to workers failed")
@@ -94,7 +98,9 @@ _START_MESSAGES = ("Workers initialization failed", "Sending tasks to workers fa
 def build_bounded(pipe: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
     """``pipe.build()`` (which starts the parallel external source's worker pool), bounded.
 
-    The build runs in a helper thread; this one waits up to ``timeout`` seconds. A worker
+    The build runs in a helper thread; this one waits up to ``timeout`` seconds, longer (up
+    to :data:`_START_CAP`) while no worker is stopped and their CPU time still grows (a
+    spawn start importing on a loaded machine is slow, not hung). A worker
     that dies while the pool starts (killed, or failing on its own: a main module its spawn
     cannot import) makes DALI raise ``BrokenPipeError`` or ``RuntimeError: Workers
     initialization failed``, and a pool that never comes up would block for good: both end
@@ -109,7 +115,9 @@ def build_bounded(pipe: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
     recording.__enter__()
     fut = runner.submit(pipe.build)
     runner.stop()
-    deadline = time.monotonic() + float(timeout)
+    start = time.monotonic()
+    deadline = start + float(timeout)
+    cpu: int | None = None  # the workers' CPU time when the deadline was last moved
     try:
         while True:
             try:
@@ -117,8 +125,21 @@ def build_bounded(pipe: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
                 return
             except FutureTimeout:
                 _note_children(pipe, seen)
-                if time.monotonic() >= deadline:
-                    break
+                now = time.monotonic()
+                if now < deadline:
+                    continue
+                # workers still importing (none stopped, their CPU time growing) get more
+                # time, up to _START_CAP: on a loaded machine a spawn start can take seconds
+                busy = _cpu_ticks(seen)
+                if (
+                    now - start < max(float(timeout), _START_CAP)
+                    and seen
+                    and not any(is_stopped(p.pid) for p in seen)
+                    and (cpu is None or busy > cpu)
+                ):
+                    cpu, deadline = busy, now + _START_PROGRESS
+                    continue
+                break
             except Exception as exc:
                 if not _start_failure(exc):
                     raise
@@ -142,6 +163,20 @@ def build_bounded(pipe: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
         if not fut.done() or fut.exception() is not None:
             _note_children(pipe, seen)
             kill_processes(seen)
+
+
+def _cpu_ticks(procs: list[Any]) -> int:
+    """User + system CPU time of ``procs`` in clock ticks (``/proc/<pid>/stat``); 0 each for
+    those gone or unreadable."""
+    total = 0
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        except (OSError, IndexError, ValueError, AttributeError, TypeError):
+            continue
+    return total
 
 
 _START_HINT = (

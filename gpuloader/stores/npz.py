@@ -355,11 +355,14 @@ def voxel_file_side(path: Path | str) -> int | None:
     (``<dataset>/objects/object_<ID>/level_0.npz`` or
     ``<dataset>/subvolumes/level_<L>/<hh>/<hash>.npz``) and :func:`level_side`; None when
     the path is not in that layout or the metadata does not say."""
-    p = Path(path)
-    up = [q.name for q in p.parents]  # folder, its parent, ...
-    if p.name == "level_0.npz" and up[0].startswith("object_") and up[1:2] == ["objects"]:
-        return level_side(p.parents[2], 0)
-    if len(up) < 4 or up[2] != "subvolumes" or not up[1].startswith("level_"):
+    # string splits, not pathlib: this runs for every sample read
+    head, name = os.path.split(os.fspath(path).rstrip(os.sep) or os.sep)
+    head, folder = os.path.split(head)
+    head, parent = os.path.split(head)
+    if name == "level_0.npz" and folder.startswith("object_") and parent == "objects":
+        return level_side(head or ".", 0)
+    root, top = os.path.split(head)
+    if top != "subvolumes" or not parent.startswith("level_") or not folder:
         return None
-    level = up[1][len("level_") :]
-    return level_side(p.parents[3], int(level)) if level.isdigit() else None
+    level = parent[len("level_") :]
+    return level_side(root or ".", int(level)) if level.isdigit() else None

@@ -90,3 +90,35 @@ def test_scalar_tail_of_the_walk_equals_the_vector_walk(n, monkeypatch):
     fast = rng.feistel_permute(np.arange(min(n, 700)), n, keys)
     monkeypatch.setattr(rng, "_SCALAR_TAIL", -1)  # every round vectorized
     assert np.array_equal(fast, rng.feistel_permute(np.arange(min(n, 700)), n, keys))
+
+
+def test_one_block_in_python_ints_equals_the_array_rounds():
+    """A few counters take the plain-int Philox; many take the array one: same words."""
+    gen = np.random.default_rng(4)
+    counters = gen.integers(0, 2**32, size=(40, 4), dtype=np.uint64).astype(np.uint32)
+    key = (int(gen.integers(0, 2**32)), int(gen.integers(0, 2**32)))
+    many = rng.philox4x32(counters, key)  # 40 blocks: the array rounds
+    assert counters.size > 4 * rng._SCALAR_BLOCKS
+    for i in range(0, 40, 7):
+        assert np.array_equal(rng.philox4x32(counters[i], key), many[i])
+        assert np.array_equal(rng.philox4x32(counters[i : i + 2], key), many[i : i + 2])
+    idx = np.arange(20)
+    batch = rng.random_words(2**40 + 3, 6, idx, rng.Purpose.JITTER, idx * 3)
+    for i in (0, 7, 19):
+        one = rng.random_words(2**40 + 3, 6, i, rng.Purpose.JITTER, i * 3)
+        assert np.array_equal(one, batch[i])
+    keys = rng.feistel_keys(2**40 + 3, 6, 11, rng.Purpose.SUBSAMPLE)
+    want = rng.random_words(2**40 + 3, 6, np.full(40, 11), rng.Purpose.SUBSAMPLE, np.arange(40))
+    assert np.array_equal(keys, want[: rng.FEISTEL_ROUNDS, 0])
+
+
+@pytest.mark.parametrize("n", [5, 17, 100, 4400, 80000, 3_000_000])
+def test_round_tables_give_the_same_bijection(n, monkeypatch):
+    """The table-lookup walk and the hashed rounds are one function, whatever n and k."""
+    for k in (1, 15, 16, 512):
+        keys = rng.feistel_keys(9, 2, n + k)
+        i = np.arange(min(k, n))
+        tables = rng.feistel_permute(i, n, keys)
+        with monkeypatch.context() as m:
+            m.setattr(rng, "_TABLE_BITS", 0)
+            assert np.array_equal(tables, rng.feistel_permute(i, n, keys)), (n, k)

@@ -264,6 +264,41 @@ def test_plain_callable_transform_gets_the_seeds_torch_dict(dirs):
     assert sample["voxels"].dtype == torch.float32 and sample["view_ids"].dtype == torch.long
 
 
+def test_known_transforms_on_numpy_equal_the_tensor_path(dirs):
+    """The dataset applies a Compose of known transforms to the numpy raw sample (one
+    conversion): every key equals applying it to the converted tensors, as before."""
+    from gpuloader.augment.transforms import apply_transform
+    from gpuloader.dataset.output import to_output
+
+    ds, rays = dirs
+    tr = transforms.Compose(
+        [
+            transforms.RandomRotation90(p=0.8),
+            transforms.RandomFlip(p=0.5),
+            transforms.NormalizeRayOrigins(),
+            transforms.AddNoise(origin_std=0.01, direction_std=0.02),
+            transforms.VoxelOccupancyJitter(flip_prob=0.1),
+            transforms.RandomRaySubsample(num_rays=7),
+        ]
+    )
+    seen = []
+    custom = transforms.Compose([transforms.RandomFlip(), lambda s: seen.append(s) or s])
+    HierarchicalVoxelRayDataset(ds, rays, "train", transform=custom)[0]
+    assert isinstance(seen[0]["origins"], torch.Tensor)  # a custom callable: tensors, as before
+    dataset = HierarchicalVoxelRayDataset(ds, rays, "train", transform=tr, seed=3)
+    for i in range(len(dataset)):
+        raw = dataset.read_sample(i)
+        idx, epoch = raw.pop("index"), raw.pop("epoch")
+        want = to_output(apply_transform(tr, to_output(raw), SampleContext(3, epoch, idx)))
+        got = dataset[i]
+        assert set(got) == set(want)
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
+            else:
+                assert got[key] == value, key
+
+
 def test_indexing(dirs):
     ds, rays = dirs
     dataset = HierarchicalVoxelRayDataset(ds, rays, "train")

@@ -20,7 +20,7 @@ from gpuloader.augment import transforms as T
 from gpuloader.dataset.collate import collate_ray_batch
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 from gpuloader.errors import DamagedFileError
-from gpuloader.format.index import chunk_samples
+from gpuloader.format.chunks import chunk_samples
 from gpuloader.loading.loader import GPURayLoader
 from gpuloader.loading.sources.pack_stream import StreamBatches
 from gpuloader.plan.sampler import RayBatchSampler

@@ -27,15 +27,15 @@ def packed(request, tiny_dataset, tmp_path_factory):
 def _no_ray_headers(monkeypatch) -> list:
     """Make every ray file header read fail loudly; voxel headers still read."""
     seen: list = []
-    real = index_mod.npz_member_header
+    real = index_mod.HeaderCache.header  # every header the index reads (cached or not)
 
-    def spy(path, key):
+    def spy(self, path, key):
         if key == "origins":
             seen.append(path)
             raise AssertionError(f"ray header read: {path}")
-        return real(path, key)
+        return real(self, path, key)
 
-    monkeypatch.setattr(index_mod, "npz_member_header", spy)
+    monkeypatch.setattr(index_mod.HeaderCache, "header", spy)
     return seen
 
 

@@ -1,0 +1,127 @@
+"""Array headers of ray files, remembered between runs.
+
+Building the sample index reads the ``origins`` header of every ray file (a zip open and a
+few hundred inflated bytes each: two-thirds of the construction time on a small dataset).
+:class:`HeaderCache` keeps the shape and dtype it read, keyed by the file's path, size,
+mtime, ctime and inode, in one JSON file per ray dataset under the user's cache folder. A file
+whose size, mtime, ctime or inode changed is read again (ctime cannot be set back, so a file
+rewritten in place with its old size and mtime restored is still seen); one changed in the
+last :data:`SETTLE_S` seconds is read but not remembered (its times may not yet tell two
+writes apart). Only headers that
+passed every check are remembered, and the checks on the shape run on the remembered value
+too: a cached entry never hides a damaged file that a fresh read would report.
+
+The folder is ``$GPULOADER_CACHE_DIR`` (``off`` or empty: no cache), else
+``$XDG_CACHE_HOME/gpuloader``, else ``~/.cache/gpuloader``. A folder that cannot be written
+only costs the speed-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gpuloader.format.listing import npz_member_header
+
+__all__ = ["SETTLE_S", "HeaderCache", "cache_folder"]
+
+SETTLE_S = 2.0
+"""A file modified this recently is read, not remembered (coarse mtime granularity)."""
+
+_VERSION = 2
+
+
+def cache_folder() -> Path | None:
+    """The user's gpuloader cache folder, or None when ``GPULOADER_CACHE_DIR`` is off."""
+    env = os.environ.get("GPULOADER_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "0", "none") else Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "gpuloader" if xdg else Path.home() / ".cache" / "gpuloader"
+
+
+class HeaderCache:
+    """``(shape, dtype)`` of npz members under one ray dataset, remembered across runs.
+
+    Use :meth:`header` as :func:`~gpuloader.format.listing.npz_member_header`, then
+    :meth:`save` once.
+    """
+
+    def __init__(self, ray_dataset_dir: Path | str) -> None:
+        root = cache_folder()
+        self.file: Path | None = None
+        self._entries: dict[str, list] = {}
+        self._changed = False
+        self.hits = 0
+        if root is None:
+            return
+        base = str(Path(ray_dataset_dir).resolve())
+        digest = hashlib.sha1(base.encode()).hexdigest()[:16]
+        self.file = root / "headers" / f"{digest}.json"
+        self._root = base
+        try:
+            data = json.loads(self.file.read_text())
+            if data.get("version") == _VERSION and data.get("root") == base:
+                self._entries = dict(data["files"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self._entries = {}  # none yet, or unreadable: start afresh
+
+    def header(self, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of ``key`` in ``path``: remembered when the file is unchanged.
+
+        Raises what :func:`~gpuloader.format.listing.npz_member_header` raises.
+        """
+        if self.file is None:
+            return npz_member_header(path, key)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return npz_member_header(path, key)  # raises the named error
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        name = os.path.abspath(path)
+        entry = self._entries.get(name)
+        if not (isinstance(entry, list) and entry[:4] == stamp and isinstance(entry[4], dict)):
+            entry = None
+        remembered = _decode(entry[4].get(key)) if entry is not None else None
+        if remembered is not None:
+            self.hits += 1
+            return remembered
+        shape, dtype = npz_member_header(path, key)
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_S * 1e9:
+            if entry is None:
+                entry = [*stamp, {}]
+                self._entries[name] = entry
+            entry[4][key] = [list(shape), dtype.str]
+            self._changed = True
+        return shape, dtype
+
+    def save(self) -> None:
+        """Write what was learnt (atomically); a folder that cannot be written is skipped."""
+        if self.file is None or not self._changed:
+            return
+        payload = {"version": _VERSION, "root": self._root, "files": self._entries}
+        tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(payload, separators=(",", ":")))
+            os.replace(tmp, self.file)
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # the folder itself is missing or not a folder
+        self._changed = False
+
+
+def _decode(value: object) -> tuple[tuple[int, ...], np.dtype] | None:
+    """A remembered ``[shape, dtype.str]``, or None when absent or malformed."""
+    try:
+        shape, dtype = value  # type: ignore[misc]
+        return tuple(int(s) for s in shape), np.dtype(dtype)
+    except (TypeError, ValueError):
+        return None
