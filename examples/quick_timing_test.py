@@ -3,7 +3,8 @@
 Times dataset initialization, single-sample loads, the voxel cache, DataLoader throughput,
 the ray batch sampler and the transform overhead, for gpuloader and for the upstream
 baseline (benchmarks/upstream_baseline.py) in the same run, and prints the ratios
-(> 1 means gpuloader is faster). The last rows time the fast path, ``GPURayLoader`` with a
+(> 1 means gpuloader is faster). Constructions and DataLoader epochs alternate between the
+two and print the median of several. The last rows time the fast path, ``GPURayLoader`` with a
 resident store (``--store``: auto, host, gpu or stream; ``--loader cpu`` leaves it out), on
 augmented batches after one warm-up epoch. Runs with no arguments on the demo data::
 
@@ -14,6 +15,7 @@ augmented batches after one warm-up epoch. Runs with no arguments on the demo da
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import upstream_baseline as up  # noqa: E402  (baseline only, not part of gpuloader)
 
 RAYS_PER_SAMPLE = 512
+#: dataset constructions and DataLoader epochs timed per figure (the median is printed)
+REPEATS, EPOCHS = 7, 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,9 +72,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _timed(fn: Callable[[], object]) -> float:
+    """Seconds of one call, garbage collected before (a pending collection of what came before
+    would land in whichever call runs first)."""
+    gc.collect()
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def _paired(ours: Callable[[], float], base: Callable[[], float], n: int) -> tuple[float, float]:
+    """Medians of ``n`` alternating measurements of each (a noisy machine drifts)."""
+    got_o, got_b = [], []
+    for _ in range(n):
+        got_o.append(ours())
+        got_b.append(base())
+    return statistics.median(got_o), statistics.median(got_b)
 
 
 def _rays_per_second(loader: Iterable[dict]) -> tuple[float, int]:
@@ -94,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {dd.parent}  split: {args.split}  (ratio > 1: gpuloader is faster)\n")
     print(f"{'':34s} {'gpuloader':>12s} {'upstream':>12s} {'':9s} {'ratio':>8s}")
 
-    t_ours = _timed(lambda: HierarchicalVoxelRayDataset(**kw))
-    t_base = _timed(lambda: up.UpstreamDataset(**kw))
+    t_ours, t_base = _paired(
+        lambda: _timed(lambda: HierarchicalVoxelRayDataset(**kw)),
+        lambda: _timed(lambda: up.UpstreamDataset(**kw)),
+        REPEATS,
+    )
     _row("dataset init", t_ours * 1e3, t_base * 1e3, "ms", False)
 
     ours = HierarchicalVoxelRayDataset(**kw, samples_per_subvolume=RAYS_PER_SAMPLE)
@@ -119,16 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     bs = up.UpstreamRayBatchSampler(base, subvolumes_per_batch=args.batch_size, group_by_level=True)
     plain_b = DataLoader(base, batch_sampler=bs, collate_fn=up.upstream_collate, **workers)
-    o, _ = _rays_per_second(plain_o)
-    b, _ = _rays_per_second(plain_b)
+    o, b = _paired(
+        lambda: _rays_per_second(plain_o)[0], lambda: _rays_per_second(plain_b)[0], EPOCHS
+    )
     _row("DataLoader", o, b, "rays/s", True)
 
     rays_per_batch = args.batch_size * RAYS_PER_SAMPLE
     sampler = RayBatchSampler(
         ours, rays_per_batch=rays_per_batch, subvolumes_per_batch=args.batch_size
     )
-    o, _ = _rays_per_second(
-        DataLoader(ours, batch_sampler=sampler, collate_fn=collate_ray_batch, **workers)
+    batched = DataLoader(ours, batch_sampler=sampler, collate_fn=collate_ray_batch, **workers)
+    o, b = _paired(
+        lambda: _rays_per_second(batched)[0], lambda: _rays_per_second(plain_b)[0], EPOCHS
     )
     _row("RayBatchSampler", o, b, "rays/s", True)
 

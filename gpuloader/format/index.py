@@ -36,6 +36,8 @@ Filters run in this order: split (and isolation), levels, empty. When nothing su
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -370,11 +372,17 @@ def build_index(
     kept: list[dict[str, Any]] = []
     for level, hash_, path in in_levels:
         vpath = layout.voxel_path(dataset_dir, level, hash_)
-        target = guard.outside(vpath) if guard is not None else None
+        vtext = os.fspath(vpath)
+        try:  # one lstat says both: a link (then followed) and a plain file
+            st = os.lstat(vtext)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        link = st is not None and stat.S_ISLNK(st.st_mode)
+        target = guard.outside(vtext, is_link=link) if guard is not None else None
         if target is not None:
             _refuse(errors, vpath, guard.error(vpath, target))
             continue
-        if not vpath.is_file():
+        if not (os.path.isfile(vtext) if link else st is not None and stat.S_ISREG(st.st_mode)):
             missing = DatasetLayoutError(
                 f"{vpath}: voxel file missing (ray file {path} has none); the ray and voxel "
                 "datasets do not match (regenerate one from the other, or pass the "

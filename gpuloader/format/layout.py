@@ -115,11 +115,12 @@ class RootGuard:
     def _inside(self, real: str) -> bool:
         return real == self.real or real.startswith(self.real.rstrip(os.sep) + os.sep)
 
-    def outside(self, path: Path | str) -> str | None:
-        """The real target of ``path`` if it resolves outside the root (else None)."""
+    def outside(self, path: Path | str, is_link: bool | None = None) -> str | None:
+        """The real target of ``path`` if it resolves outside the root (else None);
+        ``is_link``: whether ``path`` is a symlink, when the caller's lstat already says."""
         parent, leaf = os.path.split(os.fspath(path))
         real_parent = self._real_dir(parent)
-        if os.path.islink(path):
+        if os.path.islink(path) if is_link is None else is_link:
             real = os.path.realpath(path)
         else:
             real = os.path.join(real_parent, leaf)
@@ -192,7 +193,6 @@ def walk_level_tree(
     """
     root = Path(root)
     guard = None if allow_outside else RootGuard(root, what)
-    found: list[tuple[int, str, Path]] = []
 
     def refuse(exc: FileCheckError) -> None:
         if errors is None:
@@ -223,22 +223,27 @@ def walk_level_tree(
             refuse(folder_error(path, exc))
             return []
 
+    found_text: list[tuple[int, str, str]] = []
+    cut = -len(suffix)
     for top in sorted(listing(str(root)), key=lambda e: e.name):
         level_text = top.name[len("level_") :]
         if not (top.name.startswith("level_") and level_text.isascii() and level_text.isdigit()):
             continue
         if not usable(top, True):
             continue
+        level = int(level_text)
         for prefix in sorted(listing(top.path), key=lambda e: e.name):
             if not usable(prefix, True):
                 continue
             for f in listing(prefix.path):
-                if f.name.startswith(".") or not f.name.endswith(suffix):
+                name = f.name
+                if name.startswith(".") or not name.endswith(suffix):
                     continue
-                if usable(f, False):
-                    found.append((int(level_text), f.name[: -len(suffix)], Path(f.path)))
-    found.sort(key=lambda t: (t[0], t[1], str(t[2])))
-    return found
+                # a plain file needs no check (d_type says it is no link): the common case
+                if (guard is None or not f.is_symlink()) or usable(f, False):
+                    found_text.append((level, name[:cut], f.path))
+    found_text.sort()
+    return [(lv, name, Path(path)) for lv, name, path in found_text]
 
 
 def read_json(path: Path) -> Any:
