@@ -133,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     workers = {"num_workers": args.num_workers}
-    plain_o = DataLoader(
-        ours, batch_size=args.batch_size, shuffle=True, collate_fn=collate_ray_batch, **workers
+    # the same batches for both: one level each (the baseline's collate cannot pad grids)
+    bs_o = up.UpstreamRayBatchSampler(
+        ours, subvolumes_per_batch=args.batch_size, group_by_level=True
     )
+    plain_o = DataLoader(ours, batch_sampler=bs_o, collate_fn=collate_ray_batch, **workers)
     bs = up.UpstreamRayBatchSampler(base, subvolumes_per_batch=args.batch_size, group_by_level=True)
     plain_b = DataLoader(base, batch_sampler=bs, collate_fn=up.upstream_collate, **workers)
     o, b = _paired(

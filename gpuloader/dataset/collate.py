@@ -21,6 +21,8 @@ _REQUIRED_SPARSE = ("voxel_pos", "voxel_features", "voxel_shape", *_REQUIRED[1:]
 
 
 def _tensor(x: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor) and (dtype is None or x.dtype == dtype):
+        return x  # the dataset's own output: nothing to convert
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x if x.flags.writeable else x.copy())
     t = torch.as_tensor(x)
