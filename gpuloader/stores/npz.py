@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -46,6 +47,7 @@ from gpuloader.errors import (
     DatasetLayoutError,
     WrongGridSideError,
 )
+from gpuloader.format.header_cache import SETTLE_S
 from gpuloader.format.layout import RAY_ROW_KEYS, read_json
 from gpuloader.format.npz_files import check_member_size, load_npz, make_error
 from gpuloader.format.validate import (
@@ -225,8 +227,25 @@ class NpzRayStore:
 
     keys: tuple[str, ...] = (*RAY_ROW_KEYS, "view_positions")
 
+    def __init__(self) -> None:
+        #: ``(file, first row, rows) -> file stamp`` of spans whose values passed the checks:
+        #: an unchanged file (same size, mtime, ctime, inode; settled, as
+        #: :mod:`~gpuloader.format.header_cache` rules) is not scanned for NaNs again
+        self._values_ok: dict[tuple[str, int, int], tuple[int, ...]] = {}
+
+    def _stamp(self, path: Path) -> tuple[int, ...] | None:
+        """The file's stamp when it has settled (else None: it is checked every time)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= SETTLE_S * 1e9:
+            return None
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
     def read(self, sample: dict[str, Any], rows: np.ndarray | None) -> dict[str, np.ndarray]:
         path = Path(sample["ray_path"])
+        stamp = self._stamp(path)  # before the read: a later change gives another stamp
         try:
             arrays = fast_load_npz(path, self.keys, optional=("grid_shape",))
         except FileNotFoundError as exc:
@@ -243,13 +262,17 @@ class NpzRayStore:
         # every row of the sample (file or chunk) is checked, not only the rows read: a
         # sample is bad or good as a whole, whatever rows an epoch draws (as the stores and
         # packs, which check whole samples once)
-        if count == n:
-            check_ray_values(path, arrays)
-        else:
-            span = {
-                k: (v[off : off + count] if k in RAY_ROW_KEYS else v) for k, v in arrays.items()
-            }
-            check_ray_values(path, span, np.arange(off, off + count, dtype=np.int64))
+        span_key = (str(path), off, count)
+        if stamp is None or self._values_ok.get(span_key) != stamp:
+            if count == n:
+                check_ray_values(path, arrays)
+            else:
+                span = {
+                    k: (v[off : off + count] if k in RAY_ROW_KEYS else v) for k, v in arrays.items()
+                }
+                check_ray_values(path, span, np.arange(off, off + count, dtype=np.int64))
+            if stamp is not None:
+                self._values_ok[span_key] = stamp
         if count != n and rows is None:
             rows = np.arange(off, off + count, dtype=np.int64)
         elif count != n:

@@ -1,5 +1,6 @@
-"""The remembered ray-file headers: a second index build reads no header of an unchanged
-file, and every change to a file (or a damaged cache) is seen as a fresh read would see it."""
+"""What is remembered about unchanged ray files (headers between runs, value checks within a
+process): a second index build reads no header of an unchanged file, a second read scans no
+values, and every change to a file (or a damaged cache) is seen as a fresh read sees it."""
 
 from __future__ import annotations
 
@@ -125,3 +126,37 @@ def test_default_folder_follows_xdg(monkeypatch, tmp_path):
     assert header_cache.cache_folder() == Path(tmp_path) / "gpuloader"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert header_cache.cache_folder() == Path.home() / ".cache" / "gpuloader"
+
+
+def test_values_are_scanned_once_per_unchanged_file(tiny_copy, monkeypatch):
+    """NpzRayStore scans a settled, unchanged file's values once; a rewritten file (NaN in
+    distances, its old mtime put back) is scanned again and refused."""
+    from gpuloader.errors import DamagedFileError as Damaged
+    from gpuloader.stores import npz
+
+    monkeypatch.setattr(npz, "SETTLE_S", -1.0)
+    scans: list[str] = []
+    real = npz.check_ray_values
+
+    def counting(path, *args, **kwargs):
+        scans.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(npz, "check_ray_values", counting)
+    ds, rays = tiny_copy
+    sample = build_index(ds, rays, "train")[-1]
+    store = npz.NpzRayStore()
+    first = store.read(sample, None)
+    store.read(sample, np.arange(3))
+    assert scans == [str(sample["ray_path"])]
+    path = sample["ray_path"]
+    st = os.stat(path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["distances"] = arrays["distances"].copy()
+    arrays["distances"][1] = np.nan
+    np.savez_compressed(path, **arrays)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(Damaged, match="distances"):
+        store.read(sample, None)
+    assert len(scans) == 2 and first["distances"].shape[0] == sample["num_rays"]
