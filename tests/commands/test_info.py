@@ -247,3 +247,52 @@ def test_table_per_split_and_level(tiny):
         assert (row["rays"], row["hits"]) == (want_rays, want_hits), (s, level)
     text = info.format_info(got)
     assert "split  level  objects  sub-volumes" in text
+
+
+def _forge_rows(path: Path, rows: int) -> None:
+    """Rewrite a ray file so its 'origins' header claims ``rows`` rows (the data unchanged)."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, a in arrays.items():
+            shape = (rows, 3) if key == "origins" else a.shape
+            header = {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False}
+            with zf.open(f"{key}.npy", "w") as f:
+                np.lib.format.write_array_header_1_0(f, {**header, "shape": shape})
+                f.write(np.ascontiguousarray(a).tobytes())
+
+
+def test_forged_ray_count_is_a_damaged_file_not_a_figure(tmp_path):
+    """A header claiming 10^12 rays is listed with its reason; the totals leave it out."""
+    ds, rays = write_tiny_dataset(tmp_path, max_level=1)
+    clean = info.dataset_info(ds, rays)
+    bad = next(iter(sorted(rays.glob("level_1/*/*_rays.npz"))))
+    with np.load(bad) as z:
+        n = len(z["origins"])
+    _forge_rows(bad, 10**12)
+    got = info.dataset_info(ds, rays)
+    assert got["totals"]["rays"] == clean["totals"]["rays"] - n
+    assert [p["file"] for p in got["problems"]] == [str(bad)]
+    assert "declares" in got["problems"][0]["error"]
+    text = info.format_info(got)
+    assert f"  {bad}: " in text and "1,000,000,000" not in text
+
+
+def test_layout_problems_are_listed(tmp_path):
+    """A ray folder that is a symlink loop and a ray file whose voxel file is missing: info
+    names both (the readers leave both out) instead of saying nothing."""
+    ds, rays = write_tiny_dataset(tmp_path, max_level=1)
+    level1 = sorted(rays.glob("level_1/*/*_rays.npz"))
+    loop = level1[0].parent
+    shutil.rmtree(loop)
+    loop.symlink_to(loop.name)
+    victim = next(p for p in level1 if p.parent != loop)
+    name = victim.name[: -len("_rays.npz")]
+    voxel = layout.voxel_path(ds, 1, name)
+    voxel.unlink()
+    got = info.dataset_info(ds, rays)
+    by_file = {p["file"]: p["error"] for p in got["problems"]}
+    assert set(by_file) == {str(loop), str(voxel)}
+    assert "cannot be listed" in by_file[str(loop)] and "missing" in by_file[str(voxel)]
+    text = info.format_info(got)
+    assert f"  {loop}: " in text and f"  {voxel}: voxel file missing" in text

@@ -1,6 +1,7 @@
 """Bad grids never reach a sample (issue 18 item 2): values other than 0/1 and sides other
 than the level's are named errors naming the file under ``on_error='raise'`` and skipped
-under ``'skip'``, on the dataset, the header estimate and the resident store fill."""
+under ``'skip'``, on the dataset, the header estimate, the resident store fill and the
+striped pack (which stores the grids)."""
 
 from __future__ import annotations
 
@@ -112,6 +113,22 @@ def test_fill_store_skips_a_wrong_side_grid(tiny_copy) -> None:
     assert int((store.layout.side**3).sum()) == sum(
         8**3 if s["level"] else 16**3 for s in ds.samples[:-1]
     )
+
+
+@pytest.mark.parametrize("kind", ["side4", "side16", "ray_grid_shape"])
+def test_striped_pack_refuses_another_side(tiny_copy, tmp_path, kind) -> None:
+    """A striped pack stores the grids: one of another side than its level's (or rays traced
+    for another grid) is refused when packing, named; under skip it is left out."""
+    from gpuloader.stores.pack import pack_rays
+
+    _, victim = _victim(tiny_copy)
+    bad = _damage(kind, victim)
+    kw = {"layout": "striped", "stripe_rays": 8, "dataset_dir": tiny_copy[0], "workers": 1}
+    with pytest.raises(WrongGridSideError) as err:
+        pack_rays(tiny_copy[1], tmp_path / "p", progress=False, **kw)
+    assert first_line(err.value).startswith(str(bad))
+    with pytest.warns(SkippedFileWarning, match=str(bad)):
+        pack_rays(tiny_copy[1], tmp_path / "q", progress=False, on_error="skip", **kw)
 
 
 def test_sides_come_from_the_metadata(tiny_dataset, tmp_path) -> None:

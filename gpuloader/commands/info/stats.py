@@ -20,7 +20,7 @@ from tqdm import tqdm
 from gpuloader.commands.info.splits import leakage, per_split_rows, split_names
 from gpuloader.errors import DamagedFileError, DatasetLayoutError
 from gpuloader.format import layout
-from gpuloader.format.listing import read_json_checked
+from gpuloader.format.listing import npz_member_header, read_json_checked
 
 __all__ = ["npy_member_shape", "dataset_info"]
 
@@ -64,16 +64,48 @@ def _read_member(zf: zipfile.ZipFile, member: str) -> np.ndarray:
         return np.lib.format.read_array(fp, allow_pickle=False)
 
 
-def _level_files(root: Path, pattern: str) -> dict[int, list[Path]]:
-    """``level -> files`` matching ``root/level_<L>/<hh>/<pattern>``."""
+def _level_files(
+    root: Path, suffix: str, problems: list[tuple[str, BaseException]], what: str
+) -> dict[int, list[Path]]:
+    """``level -> files`` ``root/level_<L>/<hh>/<name><suffix>``; folders that cannot be
+    listed and links out of ``root`` are appended to ``problems`` (``(path, error)``)."""
     out: dict[int, list[Path]] = {}
     if not root.is_dir():
         return out
-    for d in root.iterdir():
-        m = _LEVEL_DIR.match(d.name)
-        if m and d.is_dir():
-            files = [p for p in d.glob(f"*/{pattern}") if not p.name.startswith(".")]
-            out[int(m.group(1))] = sorted(files)
+    for top in root.iterdir():  # every level folder, even one whose files are all refused
+        m = _LEVEL_DIR.match(top.name)
+        if m and top.is_dir():
+            out.setdefault(int(m.group(1)), [])
+    try:
+        found = layout.walk_level_tree(root, suffix, problems, what=what)
+    except OSError as exc:  # the root itself cannot be listed
+        problems.append((str(root), exc))
+        return out
+    for level, _, path in found:
+        out.setdefault(level, []).append(path)
+    return out
+
+
+def _reason(path: str, exc: BaseException) -> str:
+    """The first line of ``exc`` without the ``path: `` it starts with."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[len(path) + 2 :] if text.startswith(f"{path}: ") else text
+
+
+def _missing_voxel_files(
+    ds: Path, voxel_files: dict[int, list[Path]], ray_files: dict[int, list[Path]]
+) -> list[tuple[str, BaseException]]:
+    """``(voxel path, error)`` of each ray file whose voxel file is missing."""
+    out: list[tuple[str, BaseException]] = []
+    for lv, paths in ray_files.items():
+        have = {_sample_name(p, lv) for p in voxel_files.get(lv, [])}
+        for p in paths:
+            name = _sample_name(p, lv)
+            if name not in have:
+                vpath = layout.voxel_path(ds, lv, name)
+                out.append(
+                    (str(vpath), DatasetLayoutError(f"voxel file missing (ray file {p} has none)"))
+                )
     return out
 
 
@@ -123,10 +155,14 @@ def dataset_info(
         s = object_splits.get(oid, "unassigned")
         per_split[s] = per_split.get(s, 0) + 1
 
-    voxel_files = _level_files(ds / "subvolumes", "*.npz")
+    # the readers' own walk: a folder that cannot be listed (a symlink loop) or a link out
+    # of the root is a problem listed, not silence
+    problems: list[tuple[str, BaseException]] = []
+    voxel_files = _level_files(ds / "subvolumes", ".npz", problems, "voxel tree")
     voxel_files[0] = [layout.level0_voxel_path(ds, o) for o in objects]
     voxel_files[0] = [p for p in voxel_files[0] if p.is_file()]
-    ray_files = _level_files(rays_root, "*_rays.npz")
+    ray_files = _level_files(rays_root, "_rays.npz", problems, "ray tree")
+    problems += _missing_voxel_files(ds, voxel_files, ray_files)
     levels = sorted(set(voxel_files) | set(ray_files))
     unreadable: list[str] = []
     total = sum(len(voxel_files.get(lv, [])) + len(ray_files.get(lv, [])) for lv in levels)
@@ -144,19 +180,24 @@ def dataset_info(
                 occupancy.append(float(np.count_nonzero(grid)) / max(grid.size, 1))
                 file_occupancy[(lv, _sample_name(p, lv))] = occupancy[-1]
                 side = side or int(grid.shape[0])
-            except Exception:
+            except Exception as exc:
                 unreadable.append(str(p))
+                problems.append((str(p), exc))
             bar.update()
         rays = hits = 0
         for p in ray_files.get(lv, []):
             try:
+                # headers checked against the entry first: a forged count (10^12 rays) is a
+                # damaged file, not a figure
+                n = npz_member_header(p, "origins")[0][0]
+                npz_member_header(p, "hits")
                 with zipfile.ZipFile(p) as zf:
-                    n = npy_member_shape(zf, "origins.npy")[0]
                     h = int(np.count_nonzero(_read_member(zf, "hits.npy")))
                 rays, hits = rays + n, hits + h
                 file_rays[(lv, _sample_name(p, lv))] = (n, h)
-            except Exception:
+            except Exception as exc:
                 unreadable.append(str(p))
+                problems.append((str(p), exc))
             bar.update()
         rows.append(
             {
@@ -191,4 +232,5 @@ def dataset_info(
         ),
         "leakage": leakage(splits, names),
         "unreadable_files": sorted(unreadable),
+        "problems": [{"file": f, "error": _reason(f, e)} for f, e in problems],
     }

@@ -111,11 +111,16 @@ def format_info(info: dict[str, Any]) -> str:
         out.append("WARNING: splits.json statistics disagree with the recount")
     elif leak["matches"] is None:
         out.append("(splits.json states no leak statistics)")
-    if info["unreadable_files"]:
+    problems = info.get("problems") or [
+        {"file": p, "error": "could not be read"} for p in info["unreadable_files"]
+    ]
+    if problems:
         out.append("")
         out.append(
-            f"WARNING: {len(info['unreadable_files'])} file(s) could not be read and are left "
-            "out; run `gpuloader verify` for details:"
+            f"WARNING: {len(problems)} file(s) or folder(s) could not be read, are missing or "
+            "lie outside the roots, and are left out; run `gpuloader verify` for details:"
         )
-        out += [f"  {p}" for p in info["unreadable_files"][:10]]
+        out += [f"  {p['file']}: {p['error']}" for p in problems[:10]]
+        if len(problems) > 10:
+            out.append(f"  ... and {len(problems) - 10} more")
     return "\n".join(out)

@@ -28,7 +28,8 @@ from gpuloader.errors import DamagedFileError, DatasetLayoutError, PackError
 from gpuloader.format import layout
 from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import load_npz, npz_error
-from gpuloader.format.validate import validate_voxels
+from gpuloader.format.validate import check_grid_header, validate_voxels
+from gpuloader.stores.npz import check_grid_shape, level_side, voxel_file_side
 from gpuloader.stores.pack.build_steps import (
     chunk_jobs,
     new_file,
@@ -155,6 +156,9 @@ def stripe_job(job: tuple) -> list[tuple]:
             try:
                 data, digest = read_source(path, size, mtime_ns)
                 arrays = ray_arrays(path, data, n, v)
+                grid_shape = load_npz(path, (), data=data, optional=("grid_shape",))
+                if "grid_shape" in grid_shape:  # rays traced for another grid than the level's
+                    check_grid_shape(path, grid_shape["grid_shape"], voxel_file_side(vpath))
                 guard.check(vpath)  # a link swapped since pass 1
                 try:
                     vdata, vdigest = read_source(vpath, vsize, vmtime)
@@ -254,7 +258,10 @@ class StripedWriter:
                 self.voxel_files[vrel] = [*file_stat_any(vpath), None]
                 raise npz_error(vpath, exc) from exc
             self.voxel_files[vrel] = [*stat, None]
-            shape, _ = npz_member_header(vpath, "voxels")
+            shape, dtype = npz_member_header(vpath, "voxels")
+            # the pack stores the grid: another side than its level's is refused here, as
+            # every reader of the npz files refuses it (a striped store serves what it holds)
+            check_grid_header(vpath, shape, dtype, level_side(self.dataset_dir, level))
         except DamagedFileError:
             if is_readable(vpath):
                 self.voxel_files[vrel][2] = sha256_file(vpath)
