@@ -28,8 +28,8 @@ from gpuloader.errors import DamagedFileError, DatasetLayoutError, PackError
 from gpuloader.format import layout
 from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import load_npz, npz_error
-from gpuloader.format.validate import check_grid_header, validate_voxels
-from gpuloader.stores.npz import check_grid_shape, level_side, voxel_file_side
+from gpuloader.format.validate import validate_voxels
+from gpuloader.stores.npz import check_grid_shape, voxel_file_side
 from gpuloader.stores.pack.build_steps import (
     chunk_jobs,
     new_file,
@@ -112,10 +112,13 @@ def voxel_cells(path: Path, data: bytes, voxels: int) -> np.ndarray:
     """A voxel file's grid from its bytes, checked: (side**3,) uint8 0/1, C order.
 
     Raises:
-        DamagedFileError: any check of :func:`~gpuloader.format.validate.validate_voxels`,
-            or not the ``voxels`` cells its header said.
+        DamagedFileError: any check of :func:`~gpuloader.format.validate.validate_voxels`
+            (the side its level's, from ``metadata.json``: the pack stores the grid, and every
+            reader of the npz files refuses another side), or not the ``voxels`` cells its
+            header said.
     """
-    vox = validate_voxels(path, load_npz(path, ("voxels",), data=data)["voxels"])
+    grid = load_npz(path, ("voxels",), data=data)["voxels"]
+    vox = validate_voxels(path, grid, voxel_file_side(path))
     if vox.size != voxels:
         raise DamagedFileError(
             f"{path}: holds {vox.size} voxels but its header said {voxels}; the file is "
@@ -258,10 +261,7 @@ class StripedWriter:
                 self.voxel_files[vrel] = [*file_stat_any(vpath), None]
                 raise npz_error(vpath, exc) from exc
             self.voxel_files[vrel] = [*stat, None]
-            shape, dtype = npz_member_header(vpath, "voxels")
-            # the pack stores the grid: another side than its level's is refused here, as
-            # every reader of the npz files refuses it (a striped store serves what it holds)
-            check_grid_header(vpath, shape, dtype, level_side(self.dataset_dir, level))
+            shape, _ = npz_member_header(vpath, "voxels")
         except DamagedFileError:
             if is_readable(vpath):
                 self.voxel_files[vrel][2] = sha256_file(vpath)
