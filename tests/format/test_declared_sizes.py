@@ -216,3 +216,31 @@ def test_check_member_size_bounds() -> None:
     with pytest.raises(DeclaredSizeError):  # stored: 1:1
         npz_files.check_member_size("f.npz", "a", info, (250_000,), dt)
     assert npz_files.declared_bytes((10**12, 3), dt) == 12 * 10**12  # no overflow
+
+
+@pytest.mark.parametrize("pack_layout", ["rows", "striped"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_pack_refuses_or_skips_the_bomb(tiny_copy, bomb512, tmp_path, kind, pack_layout) -> None:
+    """gpuloader pack on a dataset holding one bomb: under raise its named error (naming the
+    file) in bounded memory; under skip one warning naming it, the pack built without it."""
+    from gpuloader import PackedRayStore
+    from gpuloader.stores.pack import pack_rays
+
+    ds_dir, rays = tiny_copy
+    victim = HierarchicalVoxelRayDataset(*tiny_copy, "train", cache_size=0).samples[-1]
+    bad = _damage(kind, victim, bomb512)
+    kw = {"progress": False, "workers": 1}
+    if pack_layout == "striped":
+        kw.update(layout="striped", stripe_rays=8, dataset_dir=ds_dir)
+    if kind != "rows1e12" and pack_layout == "rows":  # the rows pack reads no grid
+        pack_rays(rays, tmp_path / "rows", **kw)
+        assert PackedRayStore(tmp_path / "rows").bad == {}
+        return
+    got, peak = _peak_mb(lambda: pack_rays(rays, tmp_path / "raise", **kw))
+    assert isinstance(got, KINDS[kind]), repr(got)
+    assert first_line(got).startswith(str(bad)) and peak < 50, peak
+    with pytest.warns(SkippedFileWarning, match=str(bad)) as warned:
+        pack_rays(rays, tmp_path / "skip", on_error="skip", **kw)
+    assert sum(str(bad) in str(w.message) for w in warned) == 1
+    store = PackedRayStore(tmp_path / "skip")
+    assert (victim["level"], victim["hash"]) in set(store.bad)

@@ -28,8 +28,8 @@ from gpuloader.errors import DamagedFileError, DatasetLayoutError, PackError
 from gpuloader.format import layout
 from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import load_npz, npz_error
-from gpuloader.format.validate import validate_voxels
-from gpuloader.stores.npz import check_grid_shape, voxel_file_side
+from gpuloader.format.validate import check_grid_header, validate_voxels
+from gpuloader.stores.npz import check_grid_shape, level_side, voxel_file_side
 from gpuloader.stores.pack.build_steps import (
     chunk_jobs,
     new_file,
@@ -261,7 +261,11 @@ class StripedWriter:
                 self.voxel_files[vrel] = [*file_stat_any(vpath), None]
                 raise npz_error(vpath, exc) from exc
             self.voxel_files[vrel] = [*stat, None]
-            shape, _ = npz_member_header(vpath, "voxels")
+            shape, dtype = npz_member_header(vpath, "voxels")
+            if len(shape) == 3 and len(set(shape)) == 1:  # a cube of another side than its
+                # level's is refused from its header, before anything is inflated (a 512^3
+                # bomb); other grid problems are found with the grid, in the write pass
+                check_grid_header(vpath, shape, dtype, level_side(self.dataset_dir, level))
         except DamagedFileError:
             if is_readable(vpath):
                 self.voxel_files[vrel][2] = sha256_file(vpath)
