@@ -1,5 +1,5 @@
 """Files the index build left out (``on_error='skip'``: a ray file whose npz header cannot
-be read) appear once in ``dataset.errors`` and in ``GPURayLoader.errors`` (issue 18, item 3)."""
+be read) appear once in ``dataset.errors`` and in ``GPURayLoader.errors`` (issue 18, item 10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``load_state_dict`` refuses a malformed state, naming the key (issue 18, item 10b): a
+"""``load_state_dict`` refuses a malformed state, naming the key (issue 18, item 9): a
 position beyond the epoch, a float, a negative number, a bool, or a required key removed
 (``seed``, ``epoch``, ... and, for the loader, ``dataset``)."""
 
