@@ -213,8 +213,7 @@ def feistel_bits(n: int) -> int:
 
 def feistel_keys(seed: int, epoch: int, index: int, purpose: int = Purpose.SUBSAMPLE) -> np.ndarray:
     """The round keys of one sample's bijection: (FEISTEL_ROUNDS,) uint32 (word 0 of Philox)."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    k0, k1 = (int(k) for k in _key(seed))
     tail = (int(index) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, int(purpose) & 0xFFFFFFFF)
     # random_words(seed, epoch, index, purpose, arange(ROUNDS))[:, 0], in Python ints
     words = [_philox_block(r, *tail, k0, k1)[0] for r in range(FEISTEL_ROUNDS)]

@@ -7,9 +7,10 @@ mtime, ctime and inode, in one JSON file per ray dataset under the user's cache 
 whose size, mtime, ctime or inode changed is read again (ctime cannot be set back, so a file
 rewritten in place with its old size and mtime restored is still seen); one changed in the
 last :data:`SETTLE_S` seconds is read but not remembered (its times may not yet tell two
-writes apart). Only headers that
-passed every check are remembered, and the checks on the shape run on the remembered value
-too: a cached entry never hides a damaged file that a fresh read would report.
+writes apart): :func:`file_stamp`, which the stores' remembered value checks use too. Only
+headers that passed every check are remembered, and the checks on the shape run on the
+remembered value too: a cached entry never hides a damaged file that a fresh read would
+report.
 
 The folder is ``$GPULOADER_CACHE_DIR`` (``off`` or empty: no cache), else
 ``$XDG_CACHE_HOME/gpuloader``, else ``~/.cache/gpuloader``. A folder that cannot be written
@@ -28,12 +29,24 @@ import numpy as np
 
 from gpuloader.format.listing import npz_member_header
 
-__all__ = ["SETTLE_S", "HeaderCache", "cache_folder"]
+__all__ = ["SETTLE_S", "HeaderCache", "cache_folder", "file_stamp"]
 
 SETTLE_S = 2.0
 """A file modified this recently is read, not remembered (coarse mtime granularity)."""
 
 _VERSION = 2
+
+
+def file_stamp(path: Path | str) -> tuple[list[int], bool] | None:
+    """``([size, mtime_ns, ctime_ns, inode], settled)`` of a file, None when it cannot be
+    stat'ed; ``settled``: unchanged for :data:`SETTLE_S` seconds, so its stamp may be trusted
+    to tell a later write apart."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_S * 1e9
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], settled
 
 
 def cache_folder() -> Path | None:
@@ -57,7 +70,6 @@ class HeaderCache:
         self.file: Path | None = None
         self._entries: dict[str, list] = {}
         self._changed = False
-        self.hits = 0
         if root is None:
             return
         base = str(Path(ray_dataset_dir).resolve())
@@ -78,21 +90,19 @@ class HeaderCache:
         """
         if self.file is None:
             return npz_member_header(path, key)
-        try:
-            st = os.stat(path)
-        except OSError:
+        got = file_stamp(path)
+        if got is None:
             return npz_member_header(path, key)  # raises the named error
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        stamp, settled = got
         name = os.path.abspath(path)
         entry = self._entries.get(name)
         if not (isinstance(entry, list) and entry[:4] == stamp and isinstance(entry[4], dict)):
             entry = None
         remembered = _decode(entry[4].get(key)) if entry is not None else None
         if remembered is not None:
-            self.hits += 1
             return remembered
         shape, dtype = npz_member_header(path, key)
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_S * 1e9:
+        if settled:
             if entry is None:
                 entry = [*stamp, {}]
                 self._entries[name] = entry

@@ -206,9 +206,9 @@ def _no_samples_message(
 def _level_zero_hashes(
     dataset_dir: Path,
     ray_files: Sequence[tuple[int, str, Path]],
+    headers: HeaderCache,
     guard: layout.RootGuard | None = None,
     strict: bool = True,
-    headers: HeaderCache | None = None,
 ) -> dict[int, str]:
     """``{level: hash of the all-empty grid of that level}`` for every level >= 1 with rays.
 
@@ -225,8 +225,7 @@ def _level_zero_hashes(
         if (guard is not None and guard.outside(vpath) is not None) or not vpath.is_file():
             continue
         try:
-            read = headers.header if headers is not None else npz_member_header
-            shape, _ = read(vpath, "voxels")
+            shape, _ = headers.header(vpath, "voxels")
         except (DamagedFileError, DatasetLayoutError):
             if strict:
                 raise
@@ -327,7 +326,7 @@ def build_index(
         )
     # Trivial = all-empty (upstream's pipeline); other listed hashes are ordinary samples.
     headers = HeaderCache(ray_dataset_dir)
-    zero_hashes = _level_zero_hashes(dataset_dir, ray_files, guard, errors is None, headers)
+    zero_hashes = _level_zero_hashes(dataset_dir, ray_files, headers, guard, errors is None)
     trivial &= set(zero_hashes.values())
 
     # Hashes that splits.json does not describe: fall back to the subdivision maps.

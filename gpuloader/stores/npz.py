@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -47,7 +46,7 @@ from gpuloader.errors import (
     DatasetLayoutError,
     WrongGridSideError,
 )
-from gpuloader.format.header_cache import SETTLE_S
+from gpuloader.format.header_cache import file_stamp
 from gpuloader.format.layout import RAY_ROW_KEYS, read_json
 from gpuloader.format.npz_files import check_member_size, load_npz, make_error
 from gpuloader.format.validate import (
@@ -233,19 +232,10 @@ class NpzRayStore:
         #: :mod:`~gpuloader.format.header_cache` rules) is not scanned for NaNs again
         self._values_ok: dict[tuple[str, int, int], tuple[int, ...]] = {}
 
-    def _stamp(self, path: Path) -> tuple[int, ...] | None:
-        """The file's stamp when it has settled (else None: it is checked every time)."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= SETTLE_S * 1e9:
-            return None
-        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
     def read(self, sample: dict[str, Any], rows: np.ndarray | None) -> dict[str, np.ndarray]:
         path = Path(sample["ray_path"])
-        stamp = self._stamp(path)  # before the read: a later change gives another stamp
+        got = file_stamp(path)  # before the read: a later change gives another stamp
+        stamp = tuple(got[0]) if got is not None and got[1] else None  # unsettled: checked
         try:
             arrays = fast_load_npz(path, self.keys, optional=("grid_shape",))
         except FileNotFoundError as exc:

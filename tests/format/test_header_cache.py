@@ -134,7 +134,7 @@ def test_values_are_scanned_once_per_unchanged_file(tiny_copy, monkeypatch):
     from gpuloader.errors import DamagedFileError as Damaged
     from gpuloader.stores import npz
 
-    monkeypatch.setattr(npz, "SETTLE_S", -1.0)
+    monkeypatch.setattr(header_cache, "SETTLE_S", -1.0)  # file_stamp: settled at once
     scans: list[str] = []
     real = npz.check_ray_values
 

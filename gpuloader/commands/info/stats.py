@@ -2,9 +2,9 @@
 
 :func:`dataset_info` gathers, per level, the voxel files' occupancy and the ray files' ray and
 hit counts, then the per-split rows and the leakage (:mod:`gpuloader.commands.info.splits`).
-Ray counts come from the .npy header of each ray file's 'origins' member
-(:func:`npy_member_shape`, nothing decompressed beyond the header); hit rates read only the
-'hits' member.
+Ray counts come from the .npy header of each ray file's 'origins' member, checked against its
+zip entry (:func:`~gpuloader.format.listing.npz_member_header`: a forged count is a damaged
+file); hit rates read only the 'hits' member, its declared size checked first.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gpuloader.commands.info.splits import leakage, per_split_rows, split_names
 from gpuloader.errors import DamagedFileError, DatasetLayoutError
 from gpuloader.format import layout
 from gpuloader.format.listing import npz_member_header, read_json_checked
+from gpuloader.format.npz_files import load_npz
 
 __all__ = ["npy_member_shape", "dataset_info"]
 
@@ -56,12 +57,6 @@ def npy_member_shape(zf: zipfile.ZipFile, member: str) -> tuple[int, ...]:
         else:  # 2.0 (and 3.0, whose header differs only in its text encoding)
             shape, _fortran, _dtype = np.lib.format.read_array_header_2_0(fp)
     return tuple(int(s) for s in shape)
-
-
-def _read_member(zf: zipfile.ZipFile, member: str) -> np.ndarray:
-    """One array of an npz, decompressing that member only."""
-    with zf.open(member) as fp:
-        return np.lib.format.read_array(fp, allow_pickle=False)
 
 
 def _level_files(
@@ -190,9 +185,7 @@ def dataset_info(
                 # headers checked against the entry first: a forged count (10^12 rays) is a
                 # damaged file, not a figure
                 n = npz_member_header(p, "origins")[0][0]
-                npz_member_header(p, "hits")
-                with zipfile.ZipFile(p) as zf:
-                    h = int(np.count_nonzero(_read_member(zf, "hits.npy")))
+                h = int(np.count_nonzero(load_npz(p, ("hits",))["hits"]))
                 rays, hits = rays + n, hits + h
                 file_rays[(lv, _sample_name(p, lv))] = (n, h)
             except Exception as exc:
