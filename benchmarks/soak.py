@@ -22,7 +22,8 @@ after ``close()``:
 * ``fds``        open file descriptors (/proc/self/fd; the pipe to the resource tracker,
   opened once per process, left out).
 
-After close the script waits up to ``--settle`` seconds (5) for exiting workers to go, then
+After close the script waits up to ``--settle`` seconds (5) for exiting workers to go and
+the descriptors opened since to close, then
 lists what appeared since before the loader was built (``new_after_close``: child
 processes, /dev/shm entries, shared mappings, file descriptors). ``--warmup`` first runs one
 unmeasured epoch of every loader, so that what a process sets up once (the first fill's
@@ -324,8 +325,9 @@ def soak_one(
         gc.collect()
     tick = time.perf_counter()
     closed = snapshot()
-    while time.perf_counter() - tick < settle and set(closed["_children"]) - set(
-        before["_children"]
+    # exiting workers, and the pipes to them that DALI's threads close after they exit
+    while time.perf_counter() - tick < settle and (
+        set(closed["_children"]) - set(before["_children"]) or appeared(before, closed)["fds"]
     ):
         time.sleep(0.1)
         closed = snapshot()
