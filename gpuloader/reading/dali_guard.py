@@ -71,14 +71,23 @@ def reraise_worker_error(exc: BaseException) -> None:
 
 def stop_pipeline(pipe: Any) -> None:
     """Stop a built DALI pipeline: its Python worker pool (processes joined, shared memory
-    freed), then the pipeline itself. ``None`` is a no-op."""
+    freed), then the pipeline itself. ``None`` is a no-op.
+
+    DALI's pool joins each worker for 1 s, then terminates and joins only those whose exit
+    code is still unknown: a worker that ends in between is never joined, and stays in
+    multiprocessing's set of children with its two spawn pipes open for the rest of the
+    process. Every ended worker is joined here."""
     if pipe is None:
         return
     pool = getattr(pipe, "_py_pool", None)
+    procs = list(getattr(getattr(pool, "pool", None), "_processes", None) or [])
     try:
         if pool is not None:
             pool.close()
     finally:
+        for p in procs:
+            if getattr(p, "_popen", None) is not None and p.exitcode is not None:
+                p.join(0)  # leaves multiprocessing's children: its Popen and pipes are freed
         shutdown = getattr(pipe, "_shutdown", None)
         if shutdown is not None:
             shutdown()

@@ -5,13 +5,15 @@ of large numpy items: a worker stopped while its batch is half written into the 
 (the main thread would block in a ``read`` no timeout bounds), a persistent worker killed just
 before the next epoch (reported at once, not after the timeout); the pack stream keeps its
 DataLoader workers across epochs and gives them back on close; DALI's pool start-up is bounded
-and a worker that dies there raises WorkerError.
+and a worker that dies there raises WorkerError; stopping a DALI pipeline joins every
+ended worker (DALI's pool can miss one, whose pipes then stay open).
 
 Every test runs under :func:`_alarm`, so that a regression fails instead of hanging.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -134,3 +136,38 @@ def test_pack_stream_torch_workers_last_across_epochs(tiny_dataset, tmp_path):
                 seen.append(children() - before)
             assert len(seen[0]) == 2 and all(s == seen[0] for s in seen), seen
         assert not (children() - before)
+
+
+def test_stopping_a_pipeline_joins_every_ended_worker() -> None:
+    """DALI's pool joins each worker for 1 s, then joins only those whose exit code is still
+    unknown: a worker that ends in between is never joined and would stay in
+    multiprocessing's children, its spawn pipes open (the soak's 'fds left after close').
+    ``stop_pipeline`` joins it; a pipeline shut down once."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from gpuloader.reading.dali_guard import stop_pipeline
+
+    ctx = multiprocessing.get_context("fork")
+    worker = ctx.Process(target=os._exit, args=(0,))
+    worker.start()
+    with alarm(30):
+        while worker.exitcode is None:  # ended, reaped by the poll: what DALI's check saw
+            time.sleep(0.01)
+    assert worker in multiprocessing.process._children  # ended, never joined
+    link = f"/proc/self/fd/{worker.sentinel}"
+    pipe_name = os.readlink(link)  # the spawn pipe, still open
+    assert pipe_name.startswith("pipe:")
+    shut: list[bool] = []
+    pool = SimpleNamespace(pool=SimpleNamespace(_processes=[worker]), close=lambda: None)
+    pipe = SimpleNamespace(_py_pool=pool, _shutdown=lambda: shut.append(True))
+    stop_pipeline(pipe)
+    assert shut == [True]
+    assert worker not in multiprocessing.process._children
+    del pipe, pool, worker
+    gc.collect()
+    try:
+        now = os.readlink(link)
+    except FileNotFoundError:
+        now = None
+    assert now != pipe_name  # closed with the Popen (the number may be reused since)
