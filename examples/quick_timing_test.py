@@ -1,9 +1,10 @@
 """Quick timing check of the seed API, each figure next to the upstream-behaviour baseline.
 
-Times dataset initialization, single-sample loads, the voxel cache, DataLoader throughput,
-the ray batch sampler and the transform overhead, for gpuloader and for the upstream
-baseline (benchmarks/upstream_baseline.py) in the same run, and prints the ratios
-(> 1 means gpuloader is faster). Constructions and DataLoader epochs alternate between the
+Times dataset initialization (repeated in this process, and the first construction in a new
+process, which is what upstream's own script times), single-sample loads, the voxel cache,
+DataLoader throughput, the ray batch sampler and the transform overhead, for gpuloader and
+for the upstream baseline (benchmarks/upstream_baseline.py) in the same run, and prints the
+ratios (> 1 means gpuloader is faster). Constructions and DataLoader epochs alternate between the
 two and print the median of several. The last rows time the fast path, ``GPURayLoader`` with a
 resident store (``--store``: auto, host, gpu or stream; ``--loader cpu`` leaves it out), on
 augmented batches after one warm-up epoch. Runs with no arguments on the demo data::
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -49,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0)")
     p.add_argument("--samples", type=int, default=30, help="single loads timed (30)")
     p.add_argument(
+        "--fresh-runs",
+        type=int,
+        default=5,
+        help="new processes timed for the first construction in a process, each (5; 0: skip)",
+    )
+    p.add_argument(
         "--torch-threads",
         type=int,
         default=1,
@@ -78,6 +86,32 @@ def _timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+_FIRST = """
+import gc, sys, time
+sys.path.insert(0, sys.argv[5])
+import torch
+if sys.argv[1] == "gpuloader":
+    from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset as Dataset
+else:
+    from upstream_baseline import UpstreamDataset as Dataset
+gc.collect()
+t = time.perf_counter()
+Dataset(dataset_dir=sys.argv[2], ray_dataset_dir=sys.argv[3], split=sys.argv[4])
+print(time.perf_counter() - t)
+"""
+
+
+def _first_construction(which: str, kw: dict) -> float:
+    """Seconds of the first construction in a new Python process (after its imports), as
+    upstream's script measures it: ``which`` is ``gpuloader`` or ``upstream``."""
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    args = [which, str(kw["dataset_dir"]), str(kw["ray_dataset_dir"]), kw["split"], bench]
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST, *args], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _paired(ours: Callable[[], float], base: Callable[[], float], n: int) -> tuple[float, float]:
@@ -115,7 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         lambda: _timed(lambda: up.UpstreamDataset(**kw)),
         REPEATS,
     )
-    _row("dataset init", t_ours * 1e3, t_base * 1e3, "ms", False)
+    _row("dataset init, repeated", t_ours * 1e3, t_base * 1e3, "ms", False)
+    if args.fresh_runs > 0:
+        f_ours, f_base = _paired(
+            lambda: _first_construction("gpuloader", kw),
+            lambda: _first_construction("upstream", kw),
+            args.fresh_runs,
+        )
+        _row("dataset init, first in a process", f_ours * 1e3, f_base * 1e3, "ms", False)
 
     ours = HierarchicalVoxelRayDataset(**kw, samples_per_subvolume=RAYS_PER_SAMPLE)
     base = up.UpstreamDataset(**kw, samples_per_subvolume=RAYS_PER_SAMPLE)

@@ -12,6 +12,13 @@ headers that passed every check are remembered, and the checks on the shape run 
 remembered value too: a cached entry never hides a damaged file that a fresh read would
 report.
 
+The same file remembers the ray tree's folder listings (the names of ``*_rays.npz`` in each
+``level_<L>/<hh>/``), keyed by the folder's mtime, ctime and inode: a listing changes only
+when an entry is added, removed or renamed, which moves the folder's times, so one ``stat``
+replaces a ``scandir``. A folder that holds a symlinked ray file, or changed in the last
+:data:`SETTLE_S` seconds, is listed every time. Within a process the parsed file is kept while
+its own size, mtime and inode stay the same (a second construction parses nothing).
+
 The folder is ``$GPULOADER_CACHE_DIR`` (``off`` or empty: no cache), else
 ``$XDG_CACHE_HOME/gpuloader``, else ``~/.cache/gpuloader``. A folder that cannot be written
 only costs the speed-up.
@@ -19,6 +26,7 @@ only costs the speed-up.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +42,11 @@ __all__ = ["SETTLE_S", "HeaderCache", "cache_folder", "file_stamp"]
 SETTLE_S = 2.0
 """A file modified this recently is read, not remembered (coarse mtime granularity)."""
 
-_VERSION = 2
+_VERSION = 3
+
+#: cache file -> (its stamp, its parsed ``files`` and ``folders``): what this process read or
+#: wrote last, reused while the file is unchanged
+_LOADED: dict[str, tuple[tuple[int, int, int], dict[str, list], dict[str, list]]] = {}
 
 
 def file_stamp(path: Path | str) -> tuple[list[int], bool] | None:
@@ -69,6 +81,7 @@ class HeaderCache:
         root = cache_folder()
         self.file: Path | None = None
         self._entries: dict[str, list] = {}
+        self._folders: dict[str, list] = {}  # folder -> [mtime_ns, ctime_ns, inode, names]
         self._changed = False
         if root is None:
             return
@@ -76,12 +89,20 @@ class HeaderCache:
         digest = hashlib.sha1(base.encode()).hexdigest()[:16]
         self.file = root / "headers" / f"{digest}.json"
         self._root = base
+        stamp = _own_stamp(self.file)
+        known = _LOADED.get(str(self.file))
+        if stamp is not None and known is not None and known[0] == stamp:
+            self._entries, self._folders = known[1], known[2]
+            return
         try:
             data = json.loads(self.file.read_text())
             if data.get("version") == _VERSION and data.get("root") == base:
                 self._entries = dict(data["files"])
+                self._folders = dict(data.get("folders") or {})
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            self._entries = {}  # none yet, or unreadable: start afresh
+            self._entries, self._folders = {}, {}  # none yet, or unreadable: start afresh
+        if stamp is not None:
+            _LOADED[str(self.file)] = (stamp, self._entries, self._folders)
 
     def header(self, path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
         """Shape and dtype of ``key`` in ``path``: remembered when the file is unchanged.
@@ -94,7 +115,9 @@ class HeaderCache:
         if got is None:
             return npz_member_header(path, key)  # raises the named error
         stamp, settled = got
-        name = os.path.abspath(path)
+        name = os.fspath(path)
+        if not name.startswith(os.sep):
+            name = os.path.abspath(name)
         entry = self._entries.get(name)
         if not (isinstance(entry, list) and entry[:4] == stamp and isinstance(entry[4], dict)):
             entry = None
@@ -114,12 +137,20 @@ class HeaderCache:
         """Write what was learnt (atomically); a folder that cannot be written is skipped."""
         if self.file is None or not self._changed:
             return
-        payload = {"version": _VERSION, "root": self._root, "files": self._entries}
+        payload = {
+            "version": _VERSION,
+            "root": self._root,
+            "files": self._entries,
+            "folders": self._folders,
+        }
         tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(payload, separators=(",", ":")))
             os.replace(tmp, self.file)
+            stamp = _own_stamp(self.file)
+            if stamp is not None:
+                _LOADED[str(self.file)] = (stamp, self._entries, self._folders)
         except OSError:
             try:
                 tmp.unlink(missing_ok=True)
@@ -127,11 +158,54 @@ class HeaderCache:
                 pass  # the folder itself is missing or not a folder
         self._changed = False
 
+    def folder(self, path: str) -> tuple[list[str] | None, list[int] | None]:
+        """``(names, stamp)`` of folder ``path``: the names remembered for it (None when
+        unknown or the folder changed since), and the stamp to pass to
+        :meth:`remember_folder` after listing it (None: not to be remembered, it changed in
+        the last :data:`SETTLE_S` seconds, cannot be stat'ed, or there is no cache)."""
+        if self.file is None:
+            return None, None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None, None
+        stamp = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = self._folders.get(path)
+        if isinstance(entry, list) and len(entry) == 4 and entry[:3] == stamp:
+            names = entry[3]
+            if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                return names, None
+        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_S * 1e9
+        return None, (stamp if settled else None)
+
+    def remember_folder(self, path: str, stamp: list[int] | None, names: list[str]) -> None:
+        """Remember ``names`` as the listing of folder ``path`` taken after ``stamp`` (from
+        :meth:`folder`; None: nothing is remembered)."""
+        if stamp is None or self.file is None:
+            return
+        self._folders[path] = [*stamp, list(names)]
+        self._changed = True
+
+
+def _own_stamp(file: Path) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of the cache file itself, None when it cannot be stat'ed."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype(text: str) -> np.dtype:
+    """``np.dtype(text)``, made once per text."""
+    return np.dtype(text)
+
 
 def _decode(value: object) -> tuple[tuple[int, ...], np.dtype] | None:
     """A remembered ``[shape, dtype.str]``, or None when absent or malformed."""
     try:
         shape, dtype = value  # type: ignore[misc]
-        return tuple(int(s) for s in shape), np.dtype(dtype)
+        return tuple(map(int, shape)), _dtype(dtype)
     except (TypeError, ValueError):
         return None

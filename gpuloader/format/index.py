@@ -302,9 +302,10 @@ def build_index(
     trivial: set[str] = set(splits.get("trivial_hashes") or ())
 
     counts: dict[tuple[int, str], Any] = {}
+    headers = HeaderCache(ray_dataset_dir)  # remembered headers and folder listings
     if ray_files is None:
         before = len(errors) if errors is not None else 0
-        ray_files = scan_ray_tree(ray_dataset_dir, errors, allow_outside)
+        ray_files = scan_ray_tree(ray_dataset_dir, errors, allow_outside, headers, as_text=True)
         if ray_files:  # none at all: the wrong folder, said below
             refused = [Path(f) for f, _ in (errors or [])[before:]]
             warn_if_incomplete(
@@ -325,7 +326,6 @@ def build_index(
             "(gpuloader generate) or point ray_dataset_dir at the ray dataset root"
         )
     # Trivial = all-empty (upstream's pipeline); other listed hashes are ordinary samples.
-    headers = HeaderCache(ray_dataset_dir)
     zero_hashes = _level_zero_hashes(dataset_dir, ray_files, headers, guard, errors is None)
     trivial &= set(zero_hashes.values())
 
@@ -409,7 +409,7 @@ def build_index(
                 "level": level,
                 "hash": hash_,
                 "object_ids": object_ids,
-                "ray_path": path,
+                "ray_path": Path(path) if isinstance(path, str) else path,
                 "voxel_path": vpath,
                 "num_rays": 0,
                 "is_empty": bool(is_empty),

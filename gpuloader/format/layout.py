@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -110,20 +110,29 @@ class RootGuard:
         self.root = Path(root)
         self.name = name
         self.real = os.path.realpath(self.root)
+        self._prefix = self.real.rstrip(os.sep) + os.sep
         self._dirs: dict[str, str] = {}
+        self._dirs_inside: dict[str, bool] = {}  # folder -> its real path is inside the root
+        self._asked: dict[str, int] = {}  # parent -> folders of it asked about
+        self._links: dict[str, set[str] | bool] = {}  # parent -> names of its links
 
     def _inside(self, real: str) -> bool:
-        return real == self.real or real.startswith(self.real.rstrip(os.sep) + os.sep)
+        return real == self.real or real.startswith(self._prefix)
 
     def outside(self, path: Path | str, is_link: bool | None = None) -> str | None:
         """The real target of ``path`` if it resolves outside the root (else None);
         ``is_link``: whether ``path`` is a symlink, when the caller's lstat already says."""
-        parent, leaf = os.path.split(os.fspath(path))
-        real_parent = self._real_dir(parent)
-        if os.path.islink(path) if is_link is None else is_link:
-            real = os.path.realpath(path)
-        else:
-            real = os.path.join(real_parent, leaf)
+        text = os.fspath(path)
+        parent, leaf = os.path.split(text)
+        if os.path.islink(text) if is_link is None else is_link:
+            real = os.path.realpath(text)
+            return None if self._inside(real) else real
+        inside = self._dirs_inside.get(parent)
+        if inside is None:
+            inside = self._dirs_inside[parent] = self._inside(self._real_dir(parent) + os.sep)
+        if inside and leaf not in ("", ".", ".."):  # a plain name in a folder inside
+            return None
+        real = os.path.join(self._real_dir(parent), leaf)
         return None if self._inside(real) else real
 
     def _real_dir(self, folder: str) -> str:
@@ -136,13 +145,30 @@ class RootGuard:
                 parent
                 and parent != folder
                 and leaf not in ("", ".", "..")
-                and (not os.path.islink(folder))
+                and not self._is_link(folder, parent, leaf)
             ):
                 real = os.path.join(self._real_dir(parent), leaf)
             else:
                 real = os.path.realpath(folder)
             self._dirs[folder] = real
         return real
+
+    def _is_link(self, folder: str, parent: str, leaf: str) -> bool:
+        """``os.path.islink(folder)``; from the second folder asked of one parent, the
+        parent is listed once instead (d_type: one ``scandir`` for its links, not one
+        ``lstat`` per folder: a voxel tree has one folder per hash prefix)."""
+        links = self._links.get(parent)
+        if links is None:
+            asked = self._asked[parent] = self._asked.get(parent, 0) + 1
+            if asked < 2:
+                return os.path.islink(folder)
+            try:
+                with os.scandir(parent) as it:
+                    links = {e.name for e in it if e.is_symlink()}
+            except OSError:
+                links = False  # cannot be listed (searchable only): one lstat each
+            self._links[parent] = links
+        return leaf in links if links is not False else os.path.islink(folder)
 
     def error(self, path: Path | str, target: str) -> OutsideRootError:
         """The named error of ``path`` (a file or folder) that resolves to ``target``."""
@@ -159,6 +185,14 @@ class RootGuard:
         target = self.outside(path)
         if target is not None:
             raise self.error(path, target)
+
+
+class FolderMemory(Protocol):
+    """Remembered folder listings (:class:`~gpuloader.format.header_cache.HeaderCache`)."""
+
+    def folder(self, path: str) -> tuple[list[str] | None, list[int] | None]: ...
+
+    def remember_folder(self, path: str, stamp: list[int] | None, names: list[str]) -> None: ...
 
 
 def folder_error(path: Path | str, exc: OSError) -> FileCheckError:
@@ -180,9 +214,14 @@ def walk_level_tree(
     errors: list[tuple[str, BaseException]] | None = None,
     allow_outside: bool = False,
     what: str = "ray tree",
-) -> list[tuple[int, str, Path]]:
+    remembered: FolderMemory | None = None,
+    as_text: bool = False,
+) -> list[tuple[int, str, Path]] | list[tuple[int, str, str]]:
     """Files ``root/level_<L>/<hh>/<name><suffix>`` (not hidden): sorted ``(level, name,
-    path)``. Only names are read (``os.scandir``); files are not opened.
+    path)``. Only names are read (``os.scandir``); files are not opened. ``remembered``
+    (a :class:`~gpuloader.format.header_cache.HeaderCache`) gives the names of an unchanged
+    ``<hh>`` folder without listing it, and learns the others (those holding no symlink).
+    ``as_text``: paths as ``str`` (the caller makes a ``Path`` of only those it keeps).
 
     A folder that cannot be listed (a symlink loop, no permission) and, unless
     ``allow_outside``, a folder or file that a symlink leads outside ``root``: with
@@ -213,7 +252,8 @@ def walk_level_tree(
                 return False
         return True
 
-    def listing(path: str) -> list[os.DirEntry]:
+    def listing(path: str) -> list[os.DirEntry] | None:
+        """The entries of ``path``; None when it cannot be listed (refused)."""
         try:
             with os.scandir(path) as it:
                 return list(it)
@@ -221,28 +261,44 @@ def walk_level_tree(
             if path == str(root):
                 raise folder_error(path, exc) from exc
             refuse(folder_error(path, exc))
-            return []
+            return None
 
     found_text: list[tuple[int, str, str]] = []
     cut = -len(suffix)
-    for top in sorted(listing(str(root)), key=lambda e: e.name):
+    for top in sorted(listing(str(root)) or (), key=lambda e: e.name):
         level_text = top.name[len("level_") :]
         if not (top.name.startswith("level_") and level_text.isascii() and level_text.isdigit()):
             continue
         if not usable(top, True):
             continue
         level = int(level_text)
-        for prefix in sorted(listing(top.path), key=lambda e: e.name):
+        for prefix in sorted(listing(top.path) or (), key=lambda e: e.name):
             if not usable(prefix, True):
                 continue
-            for f in listing(prefix.path):
+            names, stamp = remembered.folder(prefix.path) if remembered else (None, None)
+            if names is not None:  # unchanged since it was listed: plain files only
+                base = prefix.path + os.sep
+                found_text.extend((level, n[:cut], base + n) for n in names)
+                continue
+            entries = listing(prefix.path)
+            plain: list[str] | None = [] if entries is not None else None  # None: not learnt
+            for f in entries or ():
                 name = f.name
                 if name.startswith(".") or not name.endswith(suffix):
                     continue
+                link = f.is_symlink()
+                if link:
+                    plain = None  # a link's target may change: list this folder every time
+                elif plain is not None:
+                    plain.append(name)
                 # a plain file needs no check (d_type says it is no link): the common case
-                if (guard is None or not f.is_symlink()) or usable(f, False):
+                if (guard is None or not link) or usable(f, False):
                     found_text.append((level, name[:cut], f.path))
+            if remembered is not None and plain is not None:
+                remembered.remember_folder(prefix.path, stamp, plain)
     found_text.sort()
+    if as_text:
+        return found_text
     return [(lv, name, Path(path)) for lv, name, path in found_text]
 
 

@@ -110,8 +110,12 @@ def scan_ray_tree(
     ray_dataset_dir: Path,
     errors: list[tuple[str, BaseException]] | None = None,
     allow_outside: bool = False,
-) -> list[tuple[int, str, Path]]:
-    """All ray files under ``ray_dataset_hierarchical/``: sorted ``(level, hash, path)``.
+    remembered: layout.FolderMemory | None = None,
+    as_text: bool = False,
+) -> list[tuple[int, str, Path]] | list[tuple[int, str, str]]:
+    """All ray files under ``ray_dataset_hierarchical/``: sorted ``(level, hash, path)``;
+    ``remembered``: folder listings known from earlier scans (a ``HeaderCache``);
+    ``as_text``: paths as ``str``.
 
     Only names are read (``os.scandir``); files are not opened. A folder that cannot be
     listed (a symlink loop, no permission) and, unless ``allow_outside``, a symlinked
@@ -125,4 +129,6 @@ def scan_ray_tree(
             f"{root}: ray dataset directory not found; pass the folder that holds "
             "level_<L>/ sub-folders of *_rays.npz (e.g. OUT/ray_dataset_hierarchical)"
         )
-    return layout.walk_level_tree(root, "_rays.npz", errors, allow_outside)
+    return layout.walk_level_tree(
+        root, "_rays.npz", errors, allow_outside, remembered=remembered, as_text=as_text
+    )

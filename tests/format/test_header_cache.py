@@ -101,9 +101,11 @@ def test_damaged_or_unwritable_cache_costs_only_speed(tiny_copy, reads, monkeypa
     cache_file.write_text('{"version": 2, "files": [1, 2')  # cut short
     assert _counts(build_index(ds, rays, "train")) == expected
     root = str(rays.resolve())
-    for bad in ([0], {"a": 1}, "x"):  # malformed entries for every file
+    folders = {os.path.dirname(p) for p in expected}
+    for bad in ([0], {"a": 1}, "x", [0, 0, 0, [1]]):  # malformed entries for every file
         files = {p: bad for p in expected}
-        cache_file.write_text(json.dumps({"version": 2, "root": root, "files": files}))
+        payload = {"version": header_cache._VERSION, "root": root, "files": files}
+        cache_file.write_text(json.dumps(payload | {"folders": dict.fromkeys(folders, bad)}))
         assert _counts(build_index(ds, rays, "train")) == expected
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
