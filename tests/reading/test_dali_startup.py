@@ -1,6 +1,6 @@
 """DALI reader workers that fail while their pool starts (issue 18, item 1b).
 
-A worker SIGKILLed 0-0.2 s after it was started, or stopped (SIGSTOP) so that the pool never
+A worker SIGKILLed 0-1.0 s after it was started, or stopped (SIGSTOP) so that the pool never
 comes up, or failing on its own (a script run from stdin, whose main module a spawned worker
 cannot import): the loader raises ``WorkerError`` naming the worker and what happened,
 within ``worker_timeout``, never DALI's ``BrokenPipeError`` / ``RuntimeError: Workers
@@ -81,6 +81,10 @@ def _strike(sig: int, delay: float, struck: list[int]) -> threading.Thread:
 CASES = [
     pytest.param(signal.SIGKILL, 0.0, "killed by signal 9", id="kill-at-once"),
     pytest.param(signal.SIGKILL, 0.15, "killed by signal 9", id="kill-at-0.15s"),
+    # a spawn start takes about 2 s on 2 cores (the worker imports torch): these land while
+    # the workers import, after the pool's pipes and shared memory are set up
+    pytest.param(signal.SIGKILL, 0.5, "killed by signal 9", id="kill-at-0.5s"),
+    pytest.param(signal.SIGKILL, 1.0, "killed by signal 9", id="kill-at-1.0s"),
     pytest.param(signal.SIGSTOP, 0.05, "is stopped", id="stopped"),
 ]
 
