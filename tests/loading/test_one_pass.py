@@ -3,8 +3,8 @@
 A new ``iter(loader)`` ends the pass in progress: the new pass is the next epoch, complete and
 unmixed (the old pass's read-ahead never comes into it), and the old iterator's next ``next()``
 raises ``PassEndedError`` naming why. Checked on every source that runs on a CPU: the host
-store, the pack stream (torch workers, and DALI), the per-sample npz stream (torch workers)
-and the striped store.
+store, the pack stream (torch workers, and DALI), the per-sample npz stream (torch workers,
+and DALI) and the striped store (the GPU stores need a CUDA device: not checked here).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ CASES = [
     pytest.param("striped", "striped", "torch", 0, id="striped"),
     pytest.param(
         "stream", "pack", "dali", 1, id="pack-stream-dali", marks=[needs_dali, pytest.mark.slow]
+    ),
+    pytest.param(
+        "stream", None, "dali", 1, id="npz-sample-stream-dali", marks=[needs_dali, pytest.mark.slow]
     ),
 ]
 
