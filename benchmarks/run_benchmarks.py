@@ -51,6 +51,7 @@ from gpuloader import transforms  # noqa: E402
 from gpuloader.commands.demo import DEFAULT_OUT, ensure_data  # noqa: E402
 from gpuloader.dataset.collate import collate_ray_batch  # noqa: E402
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset  # noqa: E402
+from gpuloader.errors import GPULoaderError  # noqa: E402
 from gpuloader.plan.sampler import RayBatchSampler  # noqa: E402
 from gpuloader.stores.pack import PackedRayStore, PackError, pack_rays  # noqa: E402
 
@@ -579,7 +580,12 @@ def main(argv: list[str] | None = None) -> int:
         preset, folder = args.preset or "bench", args.data
     else:
         preset, folder = args.preset or "demo", DEFAULT_OUT
-    dataset_dir, ray_dir = ensure_data(folder, preset)
+    try:
+        dataset_dir, ray_dir = ensure_data(folder, preset)
+    except GPULoaderError as exc:  # another preset's data, a bad folder: one line, no traceback
+        hint = " (or pass --preset with the one it was made with)" if args.data else ""
+        print(f"run_benchmarks.py: {exc}{hint}", file=sys.stderr)
+        return 2
     pack: dict[str, Any] | None = None
     pack_dir = None
     if any(name.endswith("_packed") for name in args.loaders):
