@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stripe-rays", type=int, default=512)
     p.add_argument("--part-mib", type=float, default=8.0, help="bytes per range request")
     p.add_argument("--concurrency", type=int, default=8, help="range requests in flight")
+    p.add_argument(
+        "--gap-kib",
+        type=float,
+        default=1024.0,
+        help="spans this close are one range request, the bytes between dropped (1024)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p.parse_args(argv)
 
@@ -96,6 +102,7 @@ def run_once(args: argparse.Namespace, where: str, url: str, opts: dict) -> dict
         store = PackedRayStore(url, storage_options=opts)
         store.files.part_bytes = int(args.part_mib * 2**20)
         store.files.max_concurrency = args.concurrency
+        store.files.gap_bytes = int(args.gap_kib * 1024)
     ds_dir, ray_dir = args.data / "dataset", args.data / "ray_dataset_hierarchical"
     per = args.rays_per_batch // args.subvolumes_per_batch
     ds = HierarchicalVoxelRayDataset(ds_dir, ray_dir, levels=args.levels, ray_store=store)

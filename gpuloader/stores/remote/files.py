@@ -29,9 +29,17 @@ from gpuloader.stores.remote.cache import StripeCache
 from gpuloader.stores.remote.faults import NO_KEY, ShortRead, classify, with_retries
 from gpuloader.stores.remote.urls import filesystem, is_url, join
 
-__all__ = ["DEFAULT_PART_BYTES", "RemotePackFiles", "bounded_filesystem", "split_parts"]
+__all__ = [
+    "DEFAULT_GAP_BYTES",
+    "DEFAULT_PART_BYTES",
+    "RemotePackFiles",
+    "bounded_filesystem",
+    "split_parts",
+]
 
 DEFAULT_PART_BYTES = 8 << 20
+#: spans this close are fetched as one range (the bytes between read and dropped)
+DEFAULT_GAP_BYTES = 1 << 20
 _S3 = ("s3", "s3a")
 _UNPICKLED = ("_fs", "_path", "_pool", "_lock", "_pid")
 
@@ -58,15 +66,38 @@ def bounded_filesystem(
     return fs, path
 
 
-def split_parts(spans: Sequence[tuple[int, int]], part_bytes: int) -> list[tuple[int, int, int]]:
-    """``(file offset, nbytes, offset in out)`` of each request: the spans, one after the
-    other in ``out``, cut into pieces of at most ``part_bytes`` (empty spans dropped)."""
-    parts = []
+#: a piece of a request: (offset in the request's bytes, nbytes, offset in out)
+Piece = tuple[int, int, int]
+
+
+def split_parts(
+    spans: Sequence[tuple[int, int]], part_bytes: int, gap_bytes: int = 0
+) -> list[tuple[int, int, list[Piece]]]:
+    """The ranged GETs that read ``spans`` (ascending, not overlapping; one after the other
+    in ``out``): ``(file offset, nbytes, pieces)`` each, ``pieces`` saying where its bytes
+    go. A request of at most ``part_bytes`` takes the following spans while the bytes
+    between them are at most ``gap_bytes`` (read and dropped: a request costs far more than a
+    few KB on an object store); a longer span is cut into requests of ``part_bytes``."""
+    parts: list[tuple[int, int, list[Piece]]] = []
+    cur: list[Any] | None = None  # [start, end, pieces] of the request being filled
     at = 0
     for offset, nbytes in spans:
-        for k in range(0, nbytes, part_bytes):
-            parts.append((offset + k, min(part_bytes, nbytes - k), at + k))
+        pos = 0
+        while pos < nbytes:
+            a = offset + pos
+            if cur is not None and a - cur[1] <= gap_bytes and a - cur[0] < part_bytes:
+                take = min(nbytes - pos, part_bytes - (a - cur[0]))
+                cur[2].append((a - cur[0], take, at + pos))
+                cur[1] = a + take
+            else:
+                if cur is not None:
+                    parts.append((cur[0], cur[1] - cur[0], cur[2]))
+                take = min(nbytes - pos, part_bytes)
+                cur = [a, a + take, [(0, take, at + pos)]]
+            pos += take
         at += nbytes
+    if cur is not None:
+        parts.append((cur[0], cur[1] - cur[0], cur[2]))
     return parts
 
 
@@ -78,6 +109,9 @@ class RemotePackFiles:
         storage_options: passed to fsspec (s3fs: ``key``, ``secret``, ``client_kwargs``
             (``endpoint_url``, ``region_name``), ``config_kwargs``, ``anon``...).
         part_bytes: the most bytes one ranged GET asks for.
+        gap_bytes: spans at most this far apart are fetched as one range, the bytes between
+            them read and dropped (fewer requests: the samples of one split lie between
+            others' in a stripe file); 0: only adjacent spans are joined.
         max_concurrency: range requests in flight at once (one read_spans call).
         attempts: tries per request (transient errors: timeouts, 5xx, resets, short reads).
         timeout_s: the longest one try may take.
@@ -95,6 +129,7 @@ class RemotePackFiles:
         storage_options: dict[str, Any] | None = None,
         *,
         part_bytes: int = DEFAULT_PART_BYTES,
+        gap_bytes: int = DEFAULT_GAP_BYTES,
         max_concurrency: int = 8,
         attempts: int = 5,
         timeout_s: float = 60.0,
@@ -114,12 +149,15 @@ class RemotePackFiles:
         ):
             if int(value) < 1:
                 raise ValueError(f"RemotePackFiles {arg} must be >= 1; got {value!r}")
+        if int(gap_bytes) < 0:
+            raise ValueError(f"RemotePackFiles gap_bytes must be >= 0; got {gap_bytes!r}")
         if not timeout_s > 0:
             raise ValueError(f"RemotePackFiles timeout_s must be > 0 seconds; got {timeout_s!r}")
         self.root = url.rstrip("/")
         self.protocol = self.root.split("://", 1)[0].lower()
         self.storage_options = dict(storage_options or {})
         self.part_bytes = int(part_bytes)
+        self.gap_bytes = int(gap_bytes)
         self.max_concurrency = int(max_concurrency)
         self.attempts = int(attempts)
         self.timeout_s = float(timeout_s)
@@ -275,7 +313,7 @@ class RemotePackFiles:
         key = self._cache_key(name, got) if self.cache is not None else None
         if key is not None and self.cache.get(key, out):  # type: ignore[union-attr]
             return
-        parts = split_parts(got, self.part_bytes)
+        parts = split_parts(got, self.part_bytes, self.gap_bytes)
         if len(parts) == 1:
             self._fetch(name, *parts[0], out, None)
         else:
@@ -299,11 +337,12 @@ class RemotePackFiles:
         name: str,
         offset: int,
         nbytes: int,
-        at: int,
+        pieces: list[Piece],
         out: memoryview,
         gate: _Gate | None,
     ) -> None:
-        """One part: a ranged GET (retried), its length checked, copied to ``out[at:]``."""
+        """One part: a ranged GET (retried), its length checked, its ``pieces`` copied to
+        ``out`` (:func:`split_parts`)."""
 
         def once() -> bytes:
             data = self._call("cat_file", name, start=offset, end=offset + nbytes)
@@ -312,13 +351,18 @@ class RemotePackFiles:
                 raise ShortRead(offset, nbytes, len(data))
             return data
 
-        data = self._retry(once, name, "read")
+        data = memoryview(self._retry(once, name, "read"))
+
+        def place() -> None:
+            for p, n, at in pieces:
+                out[at : at + n] = data[p : p + n]
+
         if gate is None:
-            out[at : at + nbytes] = data
+            place()
             return
         with gate.lock:
             if not gate.closed:
-                out[at : at + nbytes] = data
+                place()
 
     def _bound_s(self, nparts: int) -> float:
         """How long ``nparts`` parts may take at most, every try and wait included."""

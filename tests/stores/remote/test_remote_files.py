@@ -21,6 +21,7 @@ from gpuloader.errors import (
 )
 from gpuloader.stores.files import LocalPackFiles, PackFiles
 from gpuloader.stores.remote import RemotePackFiles
+from gpuloader.stores.remote.files import split_parts
 from support.s3_server import PACK_FILES, free_port, storage_options
 
 STRIPE = "level_0/stripe_0.bin"
@@ -76,13 +77,53 @@ def test_read_spans_bit_for_bit(files, local_pack, seed):
 
 
 def test_parts_are_concurrent_ranged_gets(s3, remote_pack, local_pack, proxy):
-    files = RemotePackFiles(remote_pack, proxy.storage_options, **FAST)
+    files = RemotePackFiles(remote_pack, proxy.storage_options, gap_bytes=0, **FAST)
     spans = [(10, 700_000), (900_000, 5), (1_000_000, 300_000)]
     assert read(files, STRIPE, spans) == read(LocalPackFiles(local_pack), STRIPE, spans)
     ranges = sorted(r for m, _, r in proxy.requests if m == "GET" and r)
     # 700_000 bytes = 3 parts of <= 256 KiB, then 1, then 2
     assert len(ranges) == 6 and proxy.count() == 6
     assert "bytes=10-262153" in ranges
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_parts_reads_every_span_and_little_else(seed):
+    """Requests ascending, none longer than part_bytes nor of gap only, no gap between two
+    spans of one request longer than gap_bytes; placing their pieces rebuilds the spans."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(1, 200_000))
+    blob = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    spans = random_spans(rng, size, int(rng.integers(1, 40)))
+    part, gap = int(rng.integers(1, 50_000)), int(rng.choice([0, 1, 100, 10_000, 1 << 20]))
+    parts = split_parts(spans, part, gap)
+    out = bytearray(sum(n for _, n in spans))
+    end = 0
+    for offset, nbytes, pieces in parts:
+        assert offset >= end and 0 < nbytes <= part
+        end = offset + nbytes
+        data = blob[offset : offset + nbytes]
+        assert pieces[0][0] == 0 and pieces[-1][0] + pieces[-1][1] == nbytes
+        for (p, n, _), (q, _, _) in zip(pieces, pieces[1:], strict=False):
+            assert q - (p + n) <= gap  # the bytes read and dropped
+        for p, n, at in pieces:
+            out[at : at + n] = data[p : p + n]
+    assert bytes(out) == b"".join(blob[a : a + n] for a, n in spans)
+    if gap == 0:  # only adjacent spans share a request
+        assert len(parts) >= len([1 for i, (a, n) in enumerate(spans) if n and (
+            i == 0 or a != spans[i - 1][0] + spans[i - 1][1])])  # fmt: skip
+
+
+def test_spans_close_together_are_one_request(s3, remote_pack, local_pack, proxy):
+    spans = [(10, 1000), (5000, 1000), (600_000, 100)]
+    want = read(LocalPackFiles(local_pack), STRIPE, spans)
+    for gap, count in ((1 << 20, 2), (0, 3)):
+        before = len(proxy.requests)
+        files = RemotePackFiles(remote_pack, proxy.storage_options, gap_bytes=gap, **FAST)
+        assert read(files, STRIPE, spans) == want
+        ranges = sorted(r for m, _, r in proxy.requests[before:] if m == "GET" and r)
+        assert len(ranges) == count, ranges  # 256 KiB parts: the long gap skipped
+        if gap:  # the first two spans and the 4 KB between them in one GET
+            assert "bytes=10-5999" in ranges and "bytes=600000-600099" in ranges
 
 
 def test_pickles_without_filesystem(files, local_pack):
