@@ -5,7 +5,8 @@ stand-in for an object store on the network), uploads the bench striped pack the
 (``pack_to_url``'s upload: manifest last), then times ``--epochs`` epochs of
 ``GPURayLoader(store="striped")`` on the train split of ``--levels`` twice per repeat, in
 alternating order: reading the pack from local disk (its files evicted from the page cache
-first, so every stripe comes from the disk) and from the S3 server. Figures: rays/s and
+first, so every stripe comes from the disk) and from the S3 server, after one uncounted
+warm-up run of each (the first run in a process pays one-off costs). Figures: rays/s and
 bytes fetched per ray delivered (local: read from the block device, /proc/diskstats; S3:
 the bytes the store's range requests received), medians of ``--repeats``, the ratio S3 /
 local per repeat. Writes ``benchmarks/results/remote_<timestamp>.json`` and a PNG.
@@ -52,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1024.0,
         help="spans this close are one range request, the bytes between dropped (1024)",
+    )
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="time the first run of each too (by default one run of each is not counted)",
     )
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p.parse_args(argv)
@@ -183,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         upload_pack(pack, url, opts, progress=True)
         print(f"  uploaded in {time.perf_counter() - t:.1f} s")
         runs: dict[str, list[dict]] = {"local": [], "s3": []}
+        for where in ("local", "s3") if args.warmup else ():
+            got = run_once(args, where, url, opts)  # first-run costs (imports, page tables)
+            print(f"  warm-up {where:6s} {got['rays_per_s']:>12,.0f} rays/s (not counted)")
         for r in range(args.repeats):
             order = ("local", "s3") if r % 2 == 0 else ("s3", "local")
             for where in order:

@@ -49,6 +49,7 @@ from gpuloader.stores.pack.striped import (
     stripe_count,
     stripe_rows,
 )
+from gpuloader.stores.pack.striped_build import SPLIT_GROUPS
 from support.damage import damage
 from support.damage import same_sample as _same
 from support.generated import generate_small
@@ -60,6 +61,24 @@ KEYS = (*ROW_KEYS, "view_positions")
 def _pack(rays: Path, out: Path, w: int = 64, **kw) -> dict:
     kw.setdefault("workers", 1)
     return pack_rays(rays, out, progress=False, layout="striped", stripe_rays=w, **kw)
+
+
+def _split_members(ds_dir: Path, rays: Path) -> dict[tuple[int, str], set[str]]:
+    """(level, hash) -> the splits whose index holds the sample (empty ones too)."""
+    got: dict[tuple[int, str], set[str]] = {}
+    for split in ("train", "val", "test"):
+        try:
+            ds = HierarchicalVoxelRayDataset(ds_dir, rays, split=split, include_empty=True)
+        except Exception:  # a split without samples
+            continue
+        for s in ds.samples:
+            got.setdefault((s["level"], s["hash"]), set()).add(split)
+    return got
+
+
+def _runs(positions: list[int]) -> int:
+    """Runs of consecutive integers in ascending ``positions``."""
+    return sum(1 for i, p in enumerate(positions) if i == 0 or p != positions[i - 1] + 1)
 
 
 def _all_samples(ds_dir: Path, rays: Path) -> list[dict]:
@@ -111,6 +130,8 @@ def copy3(tiny_dataset3, tmp_path) -> tuple[Path, Path]:
 def test_stripes_hold_every_row_by_the_documented_rule(tiny_dataset3, tiny3_packs, w) -> None:
     store = PackedRayStore(tiny3_packs[w])
     samples = {(s["level"], s["hash"]): s for s in _all_samples(*tiny_dataset3)}
+    members = _split_members(*tiny_dataset3)
+    assert {"train", "val", "test"} <= set().union(*members.values())
     manifest = read_manifest(tiny3_packs[w])
     assert manifest["format_version"] == STRIPED_FORMAT_VERSION and manifest["seed"] == 0
     assert store.layout == "striped" and store.stripe_rays == w
@@ -121,7 +142,14 @@ def test_stripes_hold_every_row_by_the_documented_rule(tiny_dataset3, tiny3_pack
         assert lv.stripes == stripe_count(int(n_all.max()), w) == -(-int(n_all.max()) // w)
         assert manifest["level_info"][str(level)]["stripes"] == lv.stripes
         assert lv.record_bytes == 31 and lv.record == level_record(int(lv.view_count.max()))
-        assert list(lv.hashes) == sorted(lv.hashes)  # pack order: hash order
+        # pack order: grouped by the splits that use a sample, hash order in a group; one
+        # run per split (test: two) in every stripe file
+        hashes = lv.hashes.tolist()
+        ranks = [SPLIT_GROUPS.get(frozenset(members.get((level, h), ())), 7) for h in hashes]
+        assert sorted(zip(ranks, hashes, strict=True)) == list(zip(ranks, hashes, strict=True))
+        for split, most in (("train", 1), ("val", 1), ("test", 2)):
+            where = [i for i, h in enumerate(hashes) if split in members.get((level, h), ())]
+            assert _runs(where) <= most, (level, split, where)
         np.testing.assert_array_equal(lv.keys, level_keys(0, level, lv.num_samples))
         whole = [lv.read_stripe(s) for s in range(lv.stripes)]  # one read per stripe
         for i, h in enumerate(lv.hashes.tolist()):

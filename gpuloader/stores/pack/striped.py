@@ -36,9 +36,14 @@ R, ``grid_bytes`` G_L, ``file_bytes``)::
                                   sample i in its permutation (stripe p // W, slot p % W);
                                   only the CPU API (``read``) uses it
 
-Pack order is the ordinary pack's: the level's ray files sorted by hash, minus the files
-left out as bad (``on_error="skip"``). The unit is a ray file: a dataset's chunks
-(``rays_per_chunk``) are row ranges of one file, read through ``positions.npy``.
+Pack order: the level's ray files grouped by the splits that use each sample (train only,
+train and test, all three (trivial), train and val, val only, val and test, test only, none:
+``striped_build.SPLIT_GROUPS``), sorted by hash within a group, minus the files left out as
+bad (``on_error="skip"``); so one split's samples are one run of each stripe file (test:
+two), read forward without gaps (from disk) or in few range requests (object storage).
+Readers look samples up by hash (the index's ``hashes``) and need no particular order.
+The unit is a ray file: a dataset's chunks (``rays_per_chunk``) are row ranges of one file,
+read through ``positions.npy``.
 
 Record (:func:`record_dtype`; the level's is in the manifest, :func:`level_record`): a packed
 (``align=False``), little-endian structured dtype, one ray, fields in

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from gpuloader.augment.rng import feistel_permute
-from gpuloader.errors import DamagedFileError, DatasetLayoutError, PackError
+from gpuloader.errors import DamagedFileError, DatasetLayoutError, GPULoaderError, PackError
 from gpuloader.format import layout
 from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import load_npz, npz_error
@@ -214,6 +214,24 @@ def _narrowed(path: Path, name: str, a: np.ndarray, dt: np.dtype) -> np.ndarray:
     return a.astype(dt)
 
 
+#: the rank of each set of splits in a striped level's order: train's samples are ranks
+#: 0-3, val's 2-5, test's 1-2 and 5-6 (a sample in no split, or unknown, comes last)
+SPLIT_GROUPS: dict[frozenset[str], int] = {
+    frozenset(g): r
+    for r, g in enumerate(
+        [
+            {"train"},
+            {"train", "test"},
+            {"train", "val", "test"},
+            {"train", "val"},
+            {"val"},
+            {"val", "test"},
+            {"test"},
+        ]
+    )
+}
+
+
 class StripedWriter:
     """The striped layout for :func:`~gpuloader.stores.pack.build.pack_rays`.
 
@@ -234,6 +252,7 @@ class StripedWriter:
         self._levels: dict[int, dict[str, Any]] = {}
         self._vrel: dict[str, str] = {}  # ray file rel -> its voxel file's rel
         self._guard = layout.RootGuard(self.dataset_dir, "dataset")
+        self._splits: tuple | None = None  # (object_splits, usage, trivial), read once
 
     def probe(self, level: int, hash_: str, path: Path) -> tuple:
         """Pass 1 for one ray file: its voxel file's ``(rel, size, mtime_ns, cells, side)``
@@ -313,6 +332,8 @@ class StripedWriter:
         index, with ``pack_id``, is written when the level is finished)."""
         w = self.stripe_rays
         k = len(files)
+        perm = self.split_order(level, files)
+        files = [files[i] for i in perm]
         n = np.array([f[1] for f in files], dtype=np.int64)
         v = np.array([f[2] for f in files], dtype=np.int64)
         g = np.array([f[6] for f in files], dtype=np.int64)
@@ -325,6 +346,7 @@ class StripedWriter:
             "g": g,
             "side": np.array([f[7] for f in files], dtype=np.int64),
             "keys": level_keys(self.seed, level, k),
+            "perm": perm,
             "stripes": s_count,
             "record": record,
         }
@@ -347,6 +369,36 @@ class StripedWriter:
             for part in chunk_jobs(entries, workers)
         ]
 
+    def split_order(self, level: int, files: list[tuple]) -> np.ndarray:
+        """The pack order of a level's files (the plan's, in hash order): grouped by the
+        splits that use each sample (:data:`SPLIT_GROUPS`), hash order within a group, so
+        that one split's samples are one run of each stripe file (two for test) and an
+        epoch reads it forward without gaps: (K,) int64 indices into ``files``. Hash order
+        when ``splits.json`` cannot be read."""
+        from gpuloader.format.index import split_membership
+        from gpuloader.format.listing import read_splits
+
+        if self._splits is None:
+            try:
+                sp = read_splits(self.dataset_dir)
+                self._splits = (
+                    {str(k): str(v) for k, v in sp["object_splits"].items()},
+                    dict(sp.get("hash_object_usage") or {}),
+                    set(sp.get("trivial_hashes") or ()),
+                )
+            except (GPULoaderError, OSError, AttributeError, TypeError, ValueError):
+                self._splits = ({}, {}, set())
+        objects, usage, trivial = self._splits
+        ranks = []
+        for f in files:
+            h = layout.parse_ray_filename(Path(f[0]))[1]
+            try:
+                member = frozenset(split_membership(h, level, objects, usage, trivial))
+            except (AttributeError, TypeError):  # a malformed usage entry: last
+                member = frozenset()
+            ranks.append(SPLIT_GROUPS.get(member, len(SPLIT_GROUPS)))
+        return np.argsort(np.array(ranks, dtype=np.int64), kind="stable")
+
     def collect(self, rel: str, vdigest: Any) -> None:
         """A job's result for ray file ``rel``: its voxel file's digest."""
         self.voxel_files[self._vrel[rel]][2] = vdigest
@@ -356,6 +408,7 @@ class StripedWriter:
         the level's ``level_info`` (None: no file kept, the caller removes the folder)."""
         st = self._levels[level]
         w, record = self.stripe_rays, st["record"]
+        keep = np.asarray(keep, dtype=bool)[st["perm"]]  # the plan's order -> the pack's
         if not keep.any():
             return None
         n, v, g = st["n"], st["v"], st["g"]
