@@ -63,16 +63,23 @@ def _pack(rays: Path, out: Path, w: int = 64, **kw) -> dict:
     return pack_rays(rays, out, progress=False, layout="striped", stripe_rays=w, **kw)
 
 
-def _split_members(ds_dir: Path, rays: Path) -> dict[tuple[int, str], set[str]]:
-    """(level, hash) -> the splits whose index holds the sample (empty ones too)."""
-    got: dict[tuple[int, str], set[str]] = {}
+def _split_samples(ds_dir: Path, rays: Path) -> list[tuple[str, dict]]:
+    """``(split, sample)`` of every split's index (empty samples too)."""
+    out = []
     for split in ("train", "val", "test"):
         try:
             ds = HierarchicalVoxelRayDataset(ds_dir, rays, split=split, include_empty=True)
         except Exception:  # a split without samples
             continue
-        for s in ds.samples:
-            got.setdefault((s["level"], s["hash"]), set()).add(split)
+        out += [(split, s) for s in ds.samples]
+    return out
+
+
+def _split_members(ds_dir: Path, rays: Path) -> dict[tuple[int, str], set[str]]:
+    """(level, hash) -> the splits whose index holds the sample."""
+    got: dict[tuple[int, str], set[str]] = {}
+    for split, s in _split_samples(ds_dir, rays):
+        got.setdefault((s["level"], s["hash"]), set()).add(split)
     return got
 
 
@@ -83,15 +90,7 @@ def _runs(positions: list[int]) -> int:
 
 def _all_samples(ds_dir: Path, rays: Path) -> list[dict]:
     """Every sample of every split (empty ones too), one per (level, hash)."""
-    got: dict[tuple, dict] = {}
-    for split in ("train", "val", "test"):
-        try:
-            ds = HierarchicalVoxelRayDataset(ds_dir, rays, split=split, include_empty=True)
-        except Exception:  # a split without samples
-            continue
-        for s in ds.samples:
-            got[(s["level"], s["hash"])] = s
-    return list(got.values())
+    return list({(s["level"], s["hash"]): s for _, s in _split_samples(ds_dir, rays)}.values())
 
 
 def _file(sample: dict) -> dict[str, np.ndarray]:
