@@ -382,9 +382,9 @@ class StripedLevel:
     ) -> np.ndarray:
         """Stripe ``s`` of several sample ranges ``(first, num)`` (ascending, not
         overlapping), one after the other: one pass forward through the stripe file, one
-        read per range and nothing between them (with several ranges a local file is read
-        without the kernel's read-ahead, ``POSIX_FADV_RANDOM``, so the gaps stay unread; a
-        remote one with concurrent range requests: :class:`PackFiles`).
+        read per range and nothing between them (a local file is read without the kernel's
+        read-ahead, ``POSIX_FADV_RANDOM``, so neither the gaps nor what follows the last
+        range are read; a remote one with concurrent range requests: :class:`PackFiles`).
 
         Args:
             out: as :meth:`read_stripe`'s, of at least ``sum(num)*W*R`` bytes.
