@@ -39,6 +39,7 @@ from gpuloader.plan.sampler import RayRequest
 from gpuloader.stores.npz import NpzRayStore, read_voxel_file
 from gpuloader.stores.pack import PackedRayStore, StripedLevel, pack_rays, read_manifest
 from gpuloader.stores.pack.manifest import MANIFEST, STRIPED_FORMAT_VERSION
+from gpuloader.stores.pack.split_order import SPLIT_GROUPS, SplitOrder
 from gpuloader.stores.pack.striped import (
     id_dtype,
     level_keys,
@@ -49,7 +50,6 @@ from gpuloader.stores.pack.striped import (
     stripe_count,
     stripe_rows,
 )
-from gpuloader.stores.pack.striped_build import SPLIT_GROUPS
 from support.damage import damage
 from support.damage import same_sample as _same
 from support.generated import generate_small
@@ -664,3 +664,21 @@ def test_read_stripe_ranges_reads_the_ranges_one_after_another(tiny3_packs) -> N
     assert got.tobytes() == want.tobytes()
     with pytest.raises(IndexError):
         lv.read_stripe_ranges(1, [(3, 2), (4, 1)])
+
+
+def test_split_order_groups_by_the_splits_that_use_a_sample(tmp_path) -> None:
+    (tmp_path / "metadata.json").write_text("{}")
+    splits = {
+        "object_splits": {"A": "train", "B": "val", "C": "test"},
+        "hash_object_usage": {"h1": {"B": "val"}, "h2": {"A": "train"},
+                              "h4": {"A": "train", "C": "test"}, "h5": {"C": "test"}},
+        "trivial_hashes": ["h3"],
+    }  # fmt: skip
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    order = SplitOrder(tmp_path)
+    hashes = ["h1", "h2", "h3", "h4", "h5", "h6"]  # h6: in no split, last
+    assert [hashes[i] for i in order.of(1, hashes)] == ["h2", "h4", "h3", "h1", "h5", "h6"]
+    assert [["A", "B", "C"][i] for i in order.of(0, ["A", "B", "C"])] == ["A", "B", "C"]
+    assert [["C", "B", "A"][i] for i in order.of(0, ["C", "B", "A"])] == ["A", "B", "C"]
+    missing = SplitOrder(tmp_path / "nowhere")  # no splits.json: hash order
+    np.testing.assert_array_equal(missing.of(1, hashes), np.arange(len(hashes)))

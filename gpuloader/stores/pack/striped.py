@@ -38,7 +38,7 @@ R, ``grid_bytes`` G_L, ``file_bytes``)::
 
 Pack order: the level's ray files grouped by the splits that use each sample (train only,
 train and test, all three (trivial), train and val, val only, val and test, test only, none:
-``striped_build.SPLIT_GROUPS``), sorted by hash within a group, minus the files left out as
+``split_order.SPLIT_GROUPS``), sorted by hash within a group, minus the files left out as
 bad (``on_error="skip"``); so one split's samples are one run of each stripe file (test:
 two), read forward without gaps (from disk) or in few range requests (object storage).
 Readers look samples up by hash (the index's ``hashes``) and need no particular order.

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from gpuloader.augment.rng import feistel_permute
-from gpuloader.errors import DamagedFileError, DatasetLayoutError, GPULoaderError, PackError
+from gpuloader.errors import DamagedFileError, DatasetLayoutError, PackError
 from gpuloader.format import layout
 from gpuloader.format.listing import npz_member_header
 from gpuloader.format.npz_files import load_npz, npz_error
@@ -51,6 +51,7 @@ from gpuloader.stores.pack.manifest import (
     is_readable,
     sha256_file,
 )
+from gpuloader.stores.pack.split_order import SplitOrder
 from gpuloader.stores.pack.striped import (
     GRIDS,
     POSITIONS,
@@ -214,24 +215,6 @@ def _narrowed(path: Path, name: str, a: np.ndarray, dt: np.dtype) -> np.ndarray:
     return a.astype(dt)
 
 
-#: the rank of each set of splits in a striped level's order: train's samples are ranks
-#: 0-3, val's 2-5, test's 1-2 and 5-6 (a sample in no split, or unknown, comes last)
-SPLIT_GROUPS: dict[frozenset[str], int] = {
-    frozenset(g): r
-    for r, g in enumerate(
-        [
-            {"train"},
-            {"train", "test"},
-            {"train", "val", "test"},
-            {"train", "val"},
-            {"val"},
-            {"val", "test"},
-            {"test"},
-        ]
-    )
-}
-
-
 class StripedWriter:
     """The striped layout for :func:`~gpuloader.stores.pack.build.pack_rays`.
 
@@ -252,7 +235,7 @@ class StripedWriter:
         self._levels: dict[int, dict[str, Any]] = {}
         self._vrel: dict[str, str] = {}  # ray file rel -> its voxel file's rel
         self._guard = layout.RootGuard(self.dataset_dir, "dataset")
-        self._splits: tuple | None = None  # (object_splits, usage, trivial), read once
+        self._order = SplitOrder(self.dataset_dir)
 
     def probe(self, level: int, hash_: str, path: Path) -> tuple:
         """Pass 1 for one ray file: its voxel file's ``(rel, size, mtime_ns, cells, side)``
@@ -332,7 +315,7 @@ class StripedWriter:
         index, with ``pack_id``, is written when the level is finished)."""
         w = self.stripe_rays
         k = len(files)
-        perm = self.split_order(level, files)
+        perm = self._order.of(level, [layout.parse_ray_filename(Path(f[0]))[1] for f in files])
         files = [files[i] for i in perm]
         n = np.array([f[1] for f in files], dtype=np.int64)
         v = np.array([f[2] for f in files], dtype=np.int64)
@@ -368,36 +351,6 @@ class StripedWriter:
             (str(ldir), str(root), str(self.dataset_dir), part, skip, w, s_count, descr)
             for part in chunk_jobs(entries, workers)
         ]
-
-    def split_order(self, level: int, files: list[tuple]) -> np.ndarray:
-        """The pack order of a level's files (the plan's, in hash order): grouped by the
-        splits that use each sample (:data:`SPLIT_GROUPS`), hash order within a group, so
-        that one split's samples are one run of each stripe file (two for test) and an
-        epoch reads it forward without gaps: (K,) int64 indices into ``files``. Hash order
-        when ``splits.json`` cannot be read."""
-        from gpuloader.format.index import split_membership
-        from gpuloader.format.listing import read_splits
-
-        if self._splits is None:
-            try:
-                sp = read_splits(self.dataset_dir)
-                self._splits = (
-                    {str(k): str(v) for k, v in sp["object_splits"].items()},
-                    dict(sp.get("hash_object_usage") or {}),
-                    set(sp.get("trivial_hashes") or ()),
-                )
-            except (GPULoaderError, OSError, AttributeError, TypeError, ValueError):
-                self._splits = ({}, {}, set())
-        objects, usage, trivial = self._splits
-        ranks = []
-        for f in files:
-            h = layout.parse_ray_filename(Path(f[0]))[1]
-            try:
-                member = frozenset(split_membership(h, level, objects, usage, trivial))
-            except (AttributeError, TypeError):  # a malformed usage entry: last
-                member = frozenset()
-            ranks.append(SPLIT_GROUPS.get(member, len(SPLIT_GROUPS)))
-        return np.argsort(np.array(ranks, dtype=np.int64), kind="stable")
 
     def collect(self, rel: str, vdigest: Any) -> None:
         """A job's result for ray file ``rel``: its voxel file's digest."""
