@@ -270,6 +270,12 @@ class WrongGridSideError(BadGridError):
     ``base_resolution >> level`` (``dataset/metadata.json``)."""
 
 
+class GridHashError(FileCheckError):
+    """A sub-volume's grid whose content SHA-256 is not its name (the hash in its file
+    name): the file holds another sub-volume's grid. Checked on read only when the dataset
+    asks (``check_grid_hash=True``); ``gpuloader verify`` always checks it."""
+
+
 class DeclaredSizeError(FileCheckError):
     """An npz member whose ``.npy`` header declares more bytes than the file can hold
     (more than its zip member's size, or than deflate can inflate from its compressed

@@ -174,6 +174,10 @@ class HierarchicalVoxelRayDataset(Dataset):
             sample reproducibly, record it: module doc).
         allow_outside: serve files and folders that symlinks lead outside the two roots
             (refused by default, as object IDs that are not plain names always are).
+        check_grid_hash: check each sub-volume's grid (level >= 1), when it is read, against
+            its hash (the SHA-256 of its bytes, the file's name): a file holding another
+            sub-volume's grid raises ``GridHashError`` (or is skipped). Off by default (a
+            hash per grid read, under 1 ms per MB); ``gpuloader verify`` always checks.
 
     Raises:
         DatasetLayoutError, NoSamplesError, DamagedFileError: see :mod:`gpuloader.format.index`.
@@ -198,6 +202,7 @@ class HierarchicalVoxelRayDataset(Dataset):
         sparse_connectivity: int = 6,
         on_error: str = "raise",
         allow_outside: bool = False,
+        check_grid_hash: bool = False,
     ) -> None:
         if samples_per_subvolume is not None and samples_per_subvolume < 0:
             raise ValueError(f"samples_per_subvolume must be >= 0; got {samples_per_subvolume}")
@@ -221,6 +226,7 @@ class HierarchicalVoxelRayDataset(Dataset):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
         self.on_error, self.allow_outside = on_error, bool(allow_outside)
+        self.check_grid_hash = bool(check_grid_hash)
         #: what reads met in this process (``errors``, ``skipped``; shared with the view)
         self.read_log = ReadLog()
         index_errors: list[tuple[str, BaseException]] = []
@@ -379,6 +385,7 @@ class HierarchicalVoxelRayDataset(Dataset):
                 sparse_voxels=self.sparse_voxels,
                 sparse_mode=self.sparse_mode,
                 sparse_connectivity=self.sparse_connectivity,
+                check_grid_hash=self.check_grid_hash,
                 voxel_cache=self.voxel_cache,
                 log=self.read_log,
             )
@@ -400,6 +407,7 @@ class HierarchicalVoxelRayDataset(Dataset):
             and v.sparse_voxels == self.sparse_voxels
             and v.sparse_mode == self.sparse_mode
             and v.sparse_connectivity == self.sparse_connectivity
+            and v.check_grid_hash == getattr(self, "check_grid_hash", False)
         )
 
     def voxels(self, index: int) -> np.ndarray:

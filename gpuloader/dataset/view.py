@@ -13,6 +13,7 @@ A :class:`DatasetView` is what every reader needs of a
     samples_per_subvolume   int | None                most rays read per sample
     transform               callable | None           its ray budget limits the rows read
     sparse_voxels, sparse_mode, sparse_connectivity   the dataset's sparse output options
+    check_grid_hash         bool                      grids checked against their hash
     voxel_cache             LRUCache                  this process's grids, shared by variants
     log                     ReadLog                   bad files met and replacements made
 
@@ -71,6 +72,7 @@ _VARIABLE = (
     "sparse_voxels",
     "sparse_mode",
     "sparse_connectivity",
+    "check_grid_hash",
     "voxel_cache",
 )
 
@@ -145,6 +147,7 @@ class DatasetView:
     sparse_voxels: bool = False
     sparse_mode: str = "coo"
     sparse_connectivity: int = 6
+    check_grid_hash: bool = False
     voxel_cache: LRUCache = field(default_factory=lambda: LRUCache(0))
     log: ReadLog = field(default_factory=ReadLog)
 
@@ -285,10 +288,15 @@ class DatasetView:
         return i
 
     def voxels(self, index: int) -> np.ndarray:
-        """Grid of sample ``index`` through the cache: (D, H, W) bool, read-only."""
+        """Grid of sample ``index`` through the cache: (D, H, W) bool, read-only; with
+        ``check_grid_hash`` a sub-volume's grid (level >= 1) is checked against its hash
+        when it is read (a cached grid was checked then)."""
         s = self.samples[self.normalize_index(index)]
         key = (s["level"], s["hash"])
-        return self.voxel_cache.get_or_load(key, lambda: read_voxel_file(s["voxel_path"]))
+        expect = str(s["hash"]) if self.check_grid_hash and int(s["level"]) >= 1 else None
+        return self.voxel_cache.get_or_load(
+            key, lambda: read_voxel_file(s["voxel_path"], expected_hash=expect)
+        )
 
     def read_sample(self, index: int, epoch: int, num_rays: int | None = None) -> dict[str, Any]:
         """The raw, untransformed sample: numpy arrays with on-disk dtypes (module doc).

@@ -51,6 +51,7 @@ from gpuloader.format.layout import RAY_ROW_KEYS, read_json
 from gpuloader.format.npz_files import check_member_size, load_npz, make_error
 from gpuloader.format.validate import (
     as_ray_dtypes,
+    check_grid_hash,
     check_grid_header,
     check_ray_shapes,
     check_ray_values,
@@ -284,19 +285,24 @@ class NpzRayStore:
         return arrays
 
 
-def read_voxel_file(path: Path, expected_side: int | None = None) -> np.ndarray:
+def read_voxel_file(
+    path: Path, expected_side: int | None = None, expected_hash: str | None = None
+) -> np.ndarray:
     """The ``voxels`` array of a voxel ``.npz``: (D, H, W) bool, C-contiguous.
 
     Args:
         expected_side: the side of the grid's level; None: :func:`voxel_file_side` (from the
             dataset's ``metadata.json``; no side check when it says nothing).
+        expected_hash: the sub-volume's hash, checked against the grid's SHA-256
+            (:func:`~gpuloader.format.validate.check_grid_hash`); None: not checked.
 
     Raises:
         DatasetLayoutError: the file is missing.
         DamagedFileError: unreadable, no ``voxels`` key, a header declaring more than the
             file holds, not a cube with a power-of-two side, another side than its level's,
-            values other than 0 and 1 (the named subclasses of
-            :mod:`gpuloader.format.validate`); the side is checked before inflating.
+            values other than 0 and 1, another grid than ``expected_hash`` names (the named
+            subclasses of :mod:`gpuloader.format.validate`); the side is checked before
+            inflating.
     """
     path = Path(path)
     side = voxel_file_side(path) if expected_side is None else int(expected_side)
@@ -311,7 +317,10 @@ def read_voxel_file(path: Path, expected_side: int | None = None) -> np.ndarray:
             f"{path}: voxel file not found; the voxel dataset does not match the index "
             "(regenerate it, or pass the dataset_dir the rays were made from)"
         ) from exc
-    return validate_voxels(path, vox, side)
+    grid = validate_voxels(path, vox, side)
+    if expected_hash is not None:
+        check_grid_hash(path, grid, expected_hash)
+    return grid
 
 
 def check_grid_shape(path: Any, grid_shape: np.ndarray, expected_side: int | None) -> None:

@@ -1,7 +1,8 @@
 """Bad grids never reach a sample (issue 18 item 2): values other than 0/1 and sides other
 than the level's are named errors naming the file under ``on_error='raise'`` and skipped
 under ``'skip'``, on the dataset, the header estimate, the resident store fill and the
-striped pack (which stores the grids)."""
+striped pack (which stores the grids); with ``check_grid_hash=True`` so is a grid whose
+SHA-256 is not its name (another sub-volume's)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset, SkippedF
 from gpuloader.errors import (
     BadGridError,
     BadVoxelValueError,
+    GridHashError,
     InvalidValueError,
     WrongDtypeError,
     WrongGridSideError,
@@ -195,3 +197,43 @@ def test_ray_grid_shape_forms() -> None:
     for bad in ([16, 16, 16], [8, 8, 4], 4):
         with pytest.raises(WrongGridSideError, match="r.npz: 'grid_shape'"):
             check_grid_shape("r.npz", np.array(bad), 8)
+
+
+def _swap_grid(dirs) -> tuple[HierarchicalVoxelRayDataset, dict, Path]:
+    """The last train sample's voxel file rewritten with another level-1 sub-volume's grid
+    (same side, valid values: only its hash tells)."""
+    clean, victim = _victim(dirs)
+    other = next(
+        s for s in clean.samples
+        if s["level"] == 1 and s["hash"] != victim["hash"]
+        and not np.array_equal(_grid(s["voxel_path"]), _grid(victim["voxel_path"]))
+    )  # fmt: skip
+    bad = Path(victim["voxel_path"])
+    np.savez_compressed(bad, voxels=_grid(other["voxel_path"]))
+    return clean, victim, bad
+
+
+def test_another_sub_volumes_grid_is_found_by_its_hash_when_asked(tiny_copy) -> None:
+    """Item 2c: with ``check_grid_hash=True`` a grid under another sub-volume's hash raises
+    GridHashError naming the file (or is skipped); without it the swap goes unseen, as
+    nothing else can tell."""
+    clean, victim, bad = _swap_grid(tiny_copy)
+    plain = HierarchicalVoxelRayDataset(*tiny_copy, "train", cache_size=0, seed=3)
+    assert plain[len(plain) - 1]["hash"] == victim["hash"]  # not checked: served
+    ds = HierarchicalVoxelRayDataset(
+        *tiny_copy, "train", cache_size=0, seed=3, check_grid_hash=True
+    )
+    for i in range(len(ds) - 1):  # every honest grid passes
+        assert same_sample(ds[i], clean[i])
+    with pytest.raises(GridHashError) as err:
+        ds[len(ds) - 1]
+    assert first_line(err.value).startswith(str(bad)) and victim["hash"] in first_line(err.value)
+    with pytest.raises(GridHashError):  # the fill of a resident store reads through the view
+        fill_store(ds, "host", num_workers=0, progress=False)
+    with pytest.warns(SkippedFileWarning, match=str(bad)):
+        skip = HierarchicalVoxelRayDataset(
+            *tiny_copy, "train", cache_size=0, seed=3, on_error="skip", check_grid_hash=True
+        )
+        got = skip[len(skip) - 1]
+    assert got["skipped_from"] == len(skip) - 1 and got["hash"] != victim["hash"]
+    assert [f for f, _ in skip.errors] == [str(bad)]
