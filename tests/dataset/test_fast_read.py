@@ -4,6 +4,7 @@ on a bad file, the same named error."""
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
@@ -50,3 +51,78 @@ def test_same_errors_as_load_npz(tmp_path: Path) -> None:
         zf.writestr("a.npy", header + b"\0" * 16)
     with pytest.raises(DeclaredSizeError):
         fast_load_npz(forged, ("a",))
+
+
+@pytest.fixture()
+def direct(monkeypatch) -> list[str]:
+    """Files just written count as settled (their directories are remembered), and every
+    fall-back to ``load_npz`` is listed: the direct reader should take every sound file."""
+    from gpuloader.format import header_cache
+    from gpuloader.stores import npz
+
+    monkeypatch.setattr(header_cache, "SETTLE_S", -1.0)
+    npz._DIRS.clear()
+    fell: list[str] = []
+    real = npz.load_npz
+
+    def counting(path, *a, **k):
+        fell.append(str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(npz, "load_npz", counting)
+    return fell
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "deflated"])
+def test_sound_files_are_read_directly(tmp_path: Path, direct, save) -> None:
+    """Stored and deflated members, a member longer than the first inflated block, an empty
+    array and a Fortran-ordered one: the arrays of ``np.load``, without a fall-back."""
+    p = tmp_path / "r.npz"
+    rng = np.random.default_rng(0)
+    arrays = {
+        "big": rng.standard_normal((20_000, 3)).astype(np.float32),  # 240 KB: many blocks
+        "empty": np.zeros((0, 3), np.float32),
+        "f": np.asfortranarray(rng.integers(0, 9, (5, 7)).astype(np.int16)),
+        "s": np.float64(2.5),
+    }
+    save(p, **arrays)
+    for _ in range(2):  # the second read from the remembered directory
+        got = fast_load_npz(p, tuple(arrays))
+        for k, want in arrays.items():
+            assert got[k].dtype == want.dtype and got[k].shape == np.shape(want)
+            assert np.array_equal(got[k], want) and got[k].flags.writeable
+    assert got["f"].flags.f_contiguous
+    assert direct == []
+
+
+def test_a_rewritten_file_is_read_afresh(tmp_path: Path, direct) -> None:
+    """A file rewritten in place (its remembered directory then lies about offsets): the new
+    arrays, whether the rewrite moved its size or only its times."""
+    p = tmp_path / "r.npz"
+    np.savez_compressed(p, a=np.arange(1000, dtype=np.int64), b=np.ones(3))
+    assert np.array_equal(fast_load_npz(p, ("a", "b"))["a"], np.arange(1000))
+    np.savez_compressed(p, a=np.arange(5, dtype=np.int64), b=np.zeros(3))
+    got = fast_load_npz(p, ("a", "b"))
+    assert np.array_equal(got["a"], np.arange(5)) and np.array_equal(got["b"], np.zeros(3))
+    assert direct == []
+
+
+def test_a_member_longer_than_its_header_is_refused_as_load_npz_refuses_it(
+    tmp_path: Path, direct
+) -> None:
+    """A member that inflates to more than its ``.npy`` header declares (extra bytes after
+    the data): the direct reader stops one byte past the data and hands the file to
+    ``load_npz``, which names the error (or reads it as numpy does)."""
+    p = tmp_path / "long.npz"
+    buf = io.BytesIO()
+    np.save(buf, np.arange(4, dtype=np.float32))
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.npy", buf.getvalue() + b"\0" * (1 << 20))  # 1 MiB after the data
+    try:
+        want = load_npz(p, ("a",))
+    except Exception as exc:  # noqa: BLE001 - the named error load_npz gives
+        with pytest.raises(type(exc)):
+            fast_load_npz(p, ("a",))
+    else:
+        assert np.array_equal(fast_load_npz(p, ("a",))["a"], want["a"])
+    assert direct == [str(p)]
