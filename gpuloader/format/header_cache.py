@@ -46,7 +46,7 @@ _VERSION = 3
 
 #: cache file -> (its stamp, its parsed ``files`` and ``folders``): what this process read or
 #: wrote last, reused while the file is unchanged
-_LOADED: dict[str, tuple[tuple[int, int, int], dict[str, list], dict[str, list]]] = {}
+_LOADED: dict[str, tuple[tuple[int, ...], dict[str, list], dict[str, list]]] = {}
 
 
 def file_stamp(path: Path | str) -> tuple[list[int], bool] | None:
@@ -81,7 +81,7 @@ class HeaderCache:
         root = cache_folder()
         self.file: Path | None = None
         self._entries: dict[str, list] = {}
-        self._folders: dict[str, list] = {}  # folder -> [mtime_ns, ctime_ns, inode, names]
+        self._folders: dict[str, list] = {}  # folder -> [*file_stamp, names]
         self._changed = False
         if root is None:
             return
@@ -165,17 +165,15 @@ class HeaderCache:
         the last :data:`SETTLE_S` seconds, cannot be stat'ed, or there is no cache)."""
         if self.file is None:
             return None, None
-        try:
-            st = os.stat(path)
-        except OSError:
+        got = file_stamp(path)
+        if got is None:
             return None, None
-        stamp = [st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        stamp, settled = got
         entry = self._folders.get(path)
-        if isinstance(entry, list) and len(entry) == 4 and entry[:3] == stamp:
-            names = entry[3]
+        if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stamp:
+            names = entry[4]
             if isinstance(names, list) and all(isinstance(n, str) for n in names):
                 return names, None
-        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_S * 1e9
         return None, (stamp if settled else None)
 
     def remember_folder(self, path: str, stamp: list[int] | None, names: list[str]) -> None:
@@ -187,13 +185,11 @@ class HeaderCache:
         self._changed = True
 
 
-def _own_stamp(file: Path) -> tuple[int, int, int] | None:
-    """(size, mtime_ns, inode) of the cache file itself, None when it cannot be stat'ed."""
-    try:
-        st = os.stat(file)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns, st.st_ino
+def _own_stamp(file: Path) -> tuple[int, ...] | None:
+    """The cache file's own :func:`file_stamp` (its last write need not have settled: this
+    process wrote or read it), None when it cannot be stat'ed."""
+    got = file_stamp(file)
+    return None if got is None else tuple(got[0])
 
 
 @functools.lru_cache(maxsize=64)

@@ -35,7 +35,6 @@ Filters run in this order: split (and isolation), levels, empty. When nothing su
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -51,6 +50,7 @@ from gpuloader.errors import (
 )
 from gpuloader.format import layout
 from gpuloader.format.completeness import warn_if_incomplete
+from gpuloader.format.grid_hash import zero_grid_hash
 from gpuloader.format.header_cache import HeaderCache
 from gpuloader.format.listing import (
     npz_member_header,
@@ -153,18 +153,6 @@ def split_membership(
     return {object_splits[oid] for oid in users if oid in object_splits}
 
 
-def _zero_hash(side: int) -> str:
-    """SHA-256 of an all-False ``(side, side, side)`` bool grid, hashed in chunks."""
-    h = hashlib.sha256()
-    total = side**3
-    chunk = bytes(min(total, 1 << 20))
-    while total > 0:
-        n = min(total, len(chunk))
-        h.update(chunk[:n])
-        total -= n
-    return h.hexdigest()
-
-
 def _no_samples_message(
     dataset_dir: Path,
     ray_dataset_dir: Path,
@@ -230,7 +218,7 @@ def _level_zero_hashes(
             if strict:
                 raise
             continue
-        out[level] = _zero_hash(shape[0] if shape else 0)
+        out[level] = zero_grid_hash(shape[0] if shape else 0)
     return out
 
 
@@ -398,7 +386,7 @@ def build_index(
                 errors.append((str(vpath), exc))
                 continue
             side_of_level[level] = shape[0] if shape else 0
-            zero_hashes[level] = _zero_hash(side_of_level[level])
+            zero_hashes[level] = zero_grid_hash(side_of_level[level])
         is_empty = level > 0 and (hash_ == zero_hashes[level] or hash_ in map_empty)
         if is_empty and not include_empty:
             continue

@@ -38,7 +38,6 @@ never reaches a sample and a row is judged the same on every store.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -52,7 +51,6 @@ from gpuloader.errors import (
     DatasetLayoutError,
     EmptyRayFileError,
     FileCheckError,
-    GridHashError,
     HitsMismatchError,
     InvalidValueError,
     MissingKeyError,
@@ -72,7 +70,6 @@ __all__ = [
     "RAY_KEYS",
     "UNIT_TOL",
     "as_ray_dtypes",
-    "check_grid_hash",
     "check_grid_header",
     "check_ray_batch",
     "check_ray_shapes",
@@ -456,26 +453,6 @@ def validate_voxels(path: Any, vox: np.ndarray, expected_side: int | None = None
     if vox.dtype != np.bool_:
         vox = vox != 0
     return np.ascontiguousarray(vox)
-
-
-def check_grid_hash(path: Any, grid: np.ndarray, expected: str) -> None:
-    """A sub-volume grid ((S, S, S) bool, C-contiguous: :func:`validate_voxels`) against its
-    name: the SHA-256 of its bytes, as the generator names sub-volumes.
-
-    Raises:
-        GridHashError: another grid than the one its name says.
-    """
-    digest = hashlib.sha256(np.ascontiguousarray(grid, dtype=np.bool_).tobytes()).hexdigest()
-    if digest != expected:
-        detail = f"content SHA-256 is {digest}, not its name {expected}"
-        raise GridHashError(
-            f"{path}: 'voxels': {detail}: the file holds another sub-volume's grid; "
-            "regenerate it (rerun the same `gpuloader generate` command into the same OUT), "
-            "or delete the sample's ray file to leave the sample out",
-            path=path,
-            key="voxels",
-            detail=detail,
-        )
 
 
 # ------------------------------------------------------------------ policy helper

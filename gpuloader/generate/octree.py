@@ -12,19 +12,15 @@ order of a depth-first cut, which is also upstream's order).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpuloader.format.grid_hash import grid_hash
+
 OCTANT_OFFSETS: tuple[tuple[int, int, int], ...] = tuple(
     (i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)
 )
-
-
-def grid_hash(grid: np.ndarray) -> str:
-    """SHA-256 hex digest of ``grid.astype(bool).tobytes()`` (C order)."""
-    return hashlib.sha256(np.ascontiguousarray(grid, dtype=bool).tobytes()).hexdigest()
 
 
 def is_power_of_two(n: int) -> bool:

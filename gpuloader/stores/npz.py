@@ -46,12 +46,12 @@ from gpuloader.errors import (
     DatasetLayoutError,
     WrongGridSideError,
 )
+from gpuloader.format.grid_hash import check_grid_hash
 from gpuloader.format.header_cache import file_stamp
 from gpuloader.format.layout import RAY_ROW_KEYS, read_json
 from gpuloader.format.npz_files import check_member_size, load_npz, make_error
 from gpuloader.format.validate import (
     as_ray_dtypes,
-    check_grid_hash,
     check_grid_header,
     check_ray_shapes,
     check_ray_values,

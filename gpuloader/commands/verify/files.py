@@ -10,7 +10,6 @@ faces their face_ids name.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from gpuloader.errors import (
     UnreadableFileError,
 )
 from gpuloader.format import layout, npz_files, validate
+from gpuloader.format.grid_hash import grid_hash
 
 __all__ = ["UNIT_TOL", "npz_problem", "check_voxel_file", "check_ray_file", "check_sample"]
 
@@ -112,7 +112,7 @@ def check_voxel_file(
         )
     grid = arr.astype(bool)
     if level >= 1:
-        digest = hashlib.sha256(grid.tobytes()).hexdigest()
+        digest = grid_hash(grid)
         if digest != name:
             res.add(path, f"content SHA-256 is {digest}, not the file name {name}", HASH)
     return grid

@@ -8,7 +8,6 @@ and re-hashes the sub-volume each record names from the level-0 grid. It reports
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from gpuloader.commands.verify.report import (
     describe,
 )
 from gpuloader.format import layout
+from gpuloader.format.grid_hash import grid_hash
 
 __all__ = ["MAP_KEYS", "check_object"]
 
@@ -142,7 +142,7 @@ def check_object(job: tuple[str, ...]) -> UnitResult:
             issues["have global positions outside the level-0 grid"].append(n)
             continue
         sub = grid[gpos[0] : gpos[0] + side, gpos[1] : gpos[1] + side, gpos[2] : gpos[2] + side]
-        if hashlib.sha256(sub.tobytes()).hexdigest() != h:
+        if grid_hash(sub) != h:
             content["have a hash that differs from the level-0 grid at their position"].append(n)
         if rec["is_empty"] is not (not sub.any()):
             content["have is_empty that disagrees with the level-0 grid"].append(n)
