@@ -132,7 +132,7 @@ class RootGuard:
             inside = self._dirs_inside[parent] = self._inside(self._real_dir(parent) + os.sep)
         if inside and leaf not in ("", ".", ".."):  # a plain name in a folder inside
             return None
-        real = os.path.join(self._real_dir(parent), leaf)
+        real = os.path.join(self._real_dir(parent), leaf)  # cached by the lookup above
         return None if self._inside(real) else real
 
     def _real_dir(self, folder: str) -> str:
