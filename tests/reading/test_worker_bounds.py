@@ -16,8 +16,10 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -53,15 +55,28 @@ def _loader(persistent: bool = False, timeout: float = HANG) -> torch.utils.data
     )  # fmt: skip
 
 
-def _reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("gpuloader-dl-read")]
+def _reader_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("gpuloader-dl-read")}
+
+
+def _assert_readers_ended(before: set[threading.Thread], wait: float = 3.0) -> None:
+    """Every reading thread started since ``before`` ends within ``wait`` seconds (another
+    test's are not this one's); the message shows where a live one stands."""
+    deadline = time.monotonic() + wait
+    while _reader_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    live = _reader_threads() - before
+    frames = sys._current_frames()
+    stacks = {t.ident: "".join(traceback.format_stack(frames[t.ident])) for t in live
+              if t.ident in frames}  # fmt: skip
+    assert not live, stacks
 
 
 def test_worker_stopped_mid_message_is_bounded():
     """Both workers stopped once their batches fill the result pipe: the main thread would
     read half a message and block for good; it raises WorkerError within the timeout."""
     with alarm(30):
-        before = children()
+        before, readers = children(), _reader_threads()
         dl = _loader()
         it = guarded_batches(dl, HANG)
         assert next(it)[0] == 0
@@ -80,10 +95,7 @@ def test_worker_stopped_mid_message_is_bounded():
         assert waited < HANG + SLACK, waited
         assert f"within {HANG:g} s" in str(err.value).splitlines()[0]
         assert not (set(workers) & children())
-        deadline = time.monotonic() + 3
-        while _reader_threads() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _reader_threads()  # the read stuck mid-message ended too
+        _assert_readers_ended(readers)  # the read stuck mid-message ended too
         # the loader again: new workers, whole batches
         assert [int(b[0]) for b in guarded_batches(dl, HANG)] == [i % 256 for i in range(12)]
         assert not (children() - before)
@@ -93,7 +105,7 @@ def test_persistent_worker_killed_just_before_next_epoch():
     """A persistent worker killed right before the next pass: raised at once (its sentinel),
     not after the timeout (20 s here)."""
     with alarm(30):
-        before = children()
+        before, readers = children(), _reader_threads()
         dl = _loader(persistent=True, timeout=20.0)
         try:
             assert len(list(guarded_batches(dl, 20.0))) == 12
@@ -109,8 +121,7 @@ def test_persistent_worker_killed_just_before_next_epoch():
         finally:
             stop_loader(dl)
         assert not (children() - before)
-        time.sleep(0.3)
-        assert not _reader_threads()
+        _assert_readers_ended(readers)
 
 
 def test_pack_stream_torch_workers_last_across_epochs(tiny_dataset, tmp_path):
