@@ -83,6 +83,9 @@ class HeaderCache:
         self._entries: dict[str, list] = {}
         self._folders: dict[str, list] = {}  # folder -> [*file_stamp, names]
         self._changed = False
+        #: every file and folder asked about -> its stamp (None: not settled, or a folder not
+        #: learnt); what a remembered index checks (:mod:`gpuloader.format.index_memo`)
+        self.seen: dict[str, list[int] | None] = {}
         if root is None:
             return
         base = str(Path(ray_dataset_dir).resolve())
@@ -118,6 +121,7 @@ class HeaderCache:
         name = os.fspath(path)
         if not name.startswith(os.sep):
             name = os.path.abspath(name)
+        self.seen[name] = stamp if settled else None
         entry = self._entries.get(name)
         if not (isinstance(entry, list) and entry[:4] == stamp and isinstance(entry[4], dict)):
             entry = None
@@ -173,7 +177,9 @@ class HeaderCache:
         if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stamp:
             names = entry[4]
             if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                self.seen[path] = stamp
                 return names, None
+        self.seen[path] = None  # until it is learnt (remember_folder)
         return None, (stamp if settled else None)
 
     def remember_folder(self, path: str, stamp: list[int] | None, names: list[str]) -> None:
@@ -181,6 +187,7 @@ class HeaderCache:
         :meth:`folder`; None: nothing is remembered)."""
         if stamp is None or self.file is None:
             return
+        self.seen[path] = stamp
         self._folders[path] = [*stamp, list(names)]
         self._changed = True
 

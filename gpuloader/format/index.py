@@ -48,10 +48,10 @@ from gpuloader.errors import (
     EmptyRayFileError,
     NoSamplesError,
 )
-from gpuloader.format import layout
+from gpuloader.format import index_memo, layout
 from gpuloader.format.completeness import warn_if_incomplete
 from gpuloader.format.grid_hash import zero_grid_hash
-from gpuloader.format.header_cache import HeaderCache
+from gpuloader.format.header_cache import HeaderCache, cache_folder
 from gpuloader.format.listing import (
     npz_member_header,
     read_json_checked,
@@ -275,6 +275,16 @@ def build_index(
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
     if isolation not in ("shared", "strict"):
         raise ValueError(f"isolation must be 'shared' or 'strict'; got {isolation!r}")
+    memo = None  # a scanned tree's index is remembered in this process (index_memo)
+    if ray_files is None and cache_folder() is not None:
+        memo = index_memo.memo_key(
+            dataset_dir, ray_dataset_dir, split, levels, include_empty, isolation, allow_outside
+        )
+        known = index_memo.recall(memo)
+        if known is not None:
+            return known
+    inputs = index_memo.Inputs()
+    n_errors = len(errors) if errors is not None else 0
     dataset_dir = Path(dataset_dir)
     ray_dataset_dir = Path(ray_dataset_dir)
     guard = None if allow_outside else layout.RootGuard(dataset_dir, "dataset")
@@ -296,9 +306,10 @@ def build_index(
         ray_files = scan_ray_tree(ray_dataset_dir, errors, allow_outside, headers, as_text=True)
         if ray_files:  # none at all: the wrong folder, said below
             refused = [Path(f) for f, _ in (errors or [])[before:]]
-            warn_if_incomplete(
+            if warn_if_incomplete(
                 ray_dataset_dir, splits, [(lv, h) for lv, h, _ in ray_files], refused
-            )
+            ):
+                inputs.refuse()
     else:
         counts = {(int(lv), str(h)): n for lv, h, _, n in ray_files}
         ray_files = sorted(((int(lv), str(h), Path(p)) for lv, h, p, _ in ray_files))
@@ -321,6 +332,7 @@ def build_index(
     map_empty: set[str] = set()
     unknown = [h for lv, h, _ in ray_files if lv > 0 and h not in usage and h not in trivial]
     if unknown:
+        inputs.refuse()  # the maps' stamps are not kept: built afresh each time
         map_usage, map_empty = _usage_from_subdivision_maps(
             dataset_dir, object_splits, guard, errors
         )
@@ -365,6 +377,8 @@ def build_index(
         except (FileNotFoundError, NotADirectoryError):
             st = None
         link = st is not None and stat.S_ISLNK(st.st_mode)
+        if st is not None:
+            inputs.add_lstat(vtext, st)
         target = guard.outside(vtext, is_link=link) if guard is not None else None
         if target is not None:
             _refuse(errors, vpath, guard.error(vpath, target))
@@ -425,7 +439,14 @@ def build_index(
         _count_rays(kept, counts, headers, errors)
     finally:
         headers.save()
-    return [s for s in kept if s["num_rays"] >= 0]
+    out = [s for s in kept if s["num_rays"] >= 0]
+    if memo is not None:
+        if errors is not None and len(errors) > n_errors:
+            inputs.refuse()
+        voxels = [s["voxel_path"] for s in kept]
+        inputs.note_build(headers.seen, dataset_dir, ray_dataset_dir, voxels)
+        index_memo.remember(memo, out, inputs)
+    return out
 
 
 def _count_rays(
