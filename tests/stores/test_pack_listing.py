@@ -9,6 +9,7 @@ import pytest
 
 import gpuloader.format.index as index_mod
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
+from gpuloader.format import index_memo
 from gpuloader.stores.pack import PackedRayStore, pack_rays
 
 
@@ -25,7 +26,9 @@ def packed(request, tiny_dataset, tmp_path_factory):
 
 
 def _no_ray_headers(monkeypatch) -> list:
-    """Make every ray file header read fail loudly; voxel headers still read."""
+    """Make every ray file header read fail loudly; voxel headers still read. No index is
+    remembered from before (a scan answered by index_memo reads no header)."""
+    monkeypatch.setattr(index_memo, "_MEMO", type(index_memo._MEMO)())
     seen: list = []
     real = index_mod.HeaderCache.header  # every header the index reads (cached or not)
 
