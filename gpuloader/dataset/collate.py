@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -59,6 +60,11 @@ def collate_ray_batch(
     voxels), which keeps the padded grid centred on the origin: its rays still trace the same
     distances through it. Optional ray keys missing from any sample are left out.
 
+    The tensors of a batch are views of one buffer (one storage, each key at a 64-byte
+    boundary): a DataLoader worker hands the main process one shared-memory block per batch
+    instead of one per key. A tensor kept from a batch keeps the batch's buffer alive
+    (``.clone()`` what you keep for long).
+
     ``skipped`` (only when a sample of the batch replaced a bad one under the dataset's
     ``on_error='skip'``): a list of ``(position in the batch, index of the bad sample, error)``.
 
@@ -90,8 +96,11 @@ def collate_ray_batch(
         missing = [k for k in required if k not in s]
         if missing:
             raise ValueError(f"sample {i} of the batch lacks {missing}")
-    out = _collate_sparse(batch) if sparse[0] else _collate_grids(batch, pad)
-    return _collate_rays(batch, out)
+    if not sparse[0]:
+        return _collate_grids(batch, pad)
+    rays = _ray_tensors(batch)
+    device = _tensor(batch[0]["distances"]).device
+    return _fill_rays(batch, rays, _block(_ray_specs(batch, rays), device), _collate_sparse(batch))
 
 
 def _collate_sparse(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -126,8 +135,30 @@ def _collate_sparse(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _block(
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Empty tensors of ``specs`` (``{key: (shape, dtype)}``) carved out of one byte buffer,
+    each at a 64-byte boundary: one storage for the batch, so that a DataLoader worker hands
+    the main process one shared-memory block instead of one per key (each costs a file
+    descriptor passed over a socket: 12 of them were 6-17% of a 2-worker loader's time).
+    A tensor kept from a batch keeps the whole block alive."""
+    offsets: dict[str, tuple[int, int]] = {}
+    total = 0
+    for key, (shape, dtype) in specs.items():
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        offsets[key] = (total, nbytes)
+        total += -(-nbytes // 64) * 64
+    buf = torch.empty(total, dtype=torch.uint8, device=device)
+    return {
+        key: buf[o : o + n].view(specs[key][1]).view(specs[key][0])
+        for key, (o, n) in offsets.items()
+    }
+
+
 def _collate_grids(batch: Sequence[dict[str, Any]], pad: str) -> dict[str, Any]:
-    """Stack (zero-padding) the dense grids of B samples (see collate_ray_batch)."""
+    """Stack (zero-padding) the dense grids of B samples and concatenate their rays, all in
+    one block (:func:`_block`; see collate_ray_batch)."""
     grids = [_tensor(s["voxels"]) for s in batch]
     for i, g in enumerate(grids):
         if g.dim() == 3:
@@ -137,12 +168,20 @@ def _collate_grids(batch: Sequence[dict[str, Any]], pad: str) -> dict[str, Any]:
     dtype = grids[0].dtype
     for g in grids[1:]:
         dtype = torch.promote_types(dtype, g.dtype)
-    shapes = torch.tensor([list(g.shape[1:]) for g in grids], dtype=torch.long)
-    big = shapes.max(dim=0).values.tolist()
-    if all(list(g.shape[1:]) == big for g in grids):
-        voxels = torch.stack([g.to(dtype) for g in grids])
+    shapes = [tuple(g.shape[1:]) for g in grids]
+    big = tuple(max(sh[a] for sh in shapes) for a in range(3))
+    specs = {
+        "voxels": ((len(grids), 1, *big), dtype),
+        "voxel_shapes": ((len(grids), 3), torch.long),
+    }
+    rays = _ray_tensors(batch)
+    specs.update(_ray_specs(batch, rays))
+    block = _block(specs, grids[0].device)
+    voxels = block["voxels"]
+    if all(sh == big for sh in shapes):
+        torch.stack([g.to(dtype) for g in grids], out=voxels)
     else:
-        voxels = torch.zeros((len(grids), 1, *big), dtype=dtype, device=grids[0].device)
+        voxels.zero_()
         for i, g in enumerate(grids):
             d, h, w = g.shape[1:]
             if pad == "end":
@@ -150,25 +189,67 @@ def _collate_grids(batch: Sequence[dict[str, Any]], pad: str) -> dict[str, Any]:
             else:
                 z0, y0, x0 = (big[0] - d) // 2, (big[1] - h) // 2, (big[2] - w) // 2
             voxels[i, :, z0 : z0 + d, y0 : y0 + h, x0 : x0 + w] = g.to(dtype)
-    return {"voxels": voxels, "voxel_shapes": shapes}
+    voxel_shapes = block["voxel_shapes"].copy_(torch.tensor(shapes).reshape(-1, 3))
+    return _fill_rays(batch, rays, block, {"voxels": voxels, "voxel_shapes": voxel_shapes})
 
 
-def _collate_rays(batch: Sequence[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
-    """Add the concatenated rays and the per-sample keys of B samples to ``out``."""
-    for key, kdtype in RAY_DTYPES.items():
-        if all(key in s and s[key] is not None for s in batch):
-            out[key] = torch.cat([_tensor(s[key], kdtype) for s in batch], dim=0)
-    num_rays = torch.tensor([len(s["distances"]) for s in batch], dtype=torch.long)
-    out["ray_to_voxel"] = torch.repeat_interleave(torch.arange(len(batch)), num_rays)
-    out["num_rays"] = num_rays
-    out["levels"] = torch.tensor([int(s.get("level", -1)) for s in batch], dtype=torch.long)
-    out["hashes"] = [str(s.get("hash", "")) for s in batch]
+def _ray_tensors(batch: Sequence[dict[str, Any]]) -> dict[str, list[torch.Tensor]]:
+    """The per-ray keys every sample has, as tensors of the batch dtypes, and
+    ``view_positions`` when every sample has them with one trailing shape."""
+    rays = {
+        key: [_tensor(s[key], kdtype) for s in batch]
+        for key, kdtype in RAY_DTYPES.items()
+        if all(key in s and s[key] is not None for s in batch)
+    }
     if all("view_positions" in s and s["view_positions"] is not None for s in batch):
-        views = [_tensor(s["view_positions"], torch.float32) for s in batch]
-        if all(v.dim() == 2 and v.shape[1:] == views[0].shape[1:] for v in views):
-            # one storage for the B views: a DataLoader worker hands one shared-memory block
-            # to the main process instead of B (8 small blocks cost 10% of a worker's batch)
-            views = list(torch.cat(views).split([len(v) for v in views]))
+        rays["view_positions"] = [_tensor(s["view_positions"], torch.float32) for s in batch]
+    return rays
+
+
+def _ray_specs(
+    batch: Sequence[dict[str, Any]], rays: dict[str, list[torch.Tensor]]
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of the batch's ray keys (for :func:`_block`)."""
+    n = sum(len(s["distances"]) for s in batch)
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for key, parts in rays.items():
+        if key == "view_positions":
+            views = parts
+            if all(v.dim() == 2 and v.shape[1:] == views[0].shape[1:] for v in views):
+                specs[key] = ((sum(len(v) for v in views), *views[0].shape[1:]), torch.float32)
+            continue
+        specs[key] = ((n, *parts[0].shape[1:]), parts[0].dtype)
+    specs["ray_to_voxel"] = ((n,), torch.long)
+    specs["num_rays"] = ((len(batch),), torch.long)
+    specs["levels"] = ((len(batch),), torch.long)
+    return specs
+
+
+def _fill_rays(
+    batch: Sequence[dict[str, Any]],
+    rays: dict[str, list[torch.Tensor]],
+    block: dict[str, torch.Tensor],
+    head: dict[str, Any],
+) -> dict[str, Any]:
+    """The batch: ``head`` (the grid keys), then the ray keys of ``block`` (tensors of
+    :func:`_ray_specs`' shapes, filled here) and the per-sample keys of B samples, in the
+    order collate_ray_batch lists them."""
+    out = dict(head)
+    for key, parts in rays.items():
+        if key != "view_positions":
+            out[key] = torch.cat(parts, dim=0, out=block[key])
+    num_rays = block["num_rays"].copy_(torch.tensor([len(s["distances"]) for s in batch]))
+    out["ray_to_voxel"] = block["ray_to_voxel"].copy_(
+        torch.repeat_interleave(torch.arange(len(batch)), num_rays)
+    )
+    out["num_rays"] = num_rays
+    out["levels"] = block["levels"].copy_(torch.tensor([int(s.get("level", -1)) for s in batch]))
+    out["hashes"] = [str(s.get("hash", "")) for s in batch]
+    views = rays.get("view_positions")
+    if views is not None and "view_positions" in block:  # one trailing shape: one block
+        flat = torch.cat(views, dim=0, out=block["view_positions"])
+        out["view_positions"] = list(flat.split([len(v) for v in views]))
+    elif views is not None:
         out["view_positions"] = views
     skipped = [
         (b, int(s["skipped_from"]), str(s.get("skip_error", "")))

@@ -137,3 +137,59 @@ def test_docstring_lists_every_batch_key(tiny_dataset):
     doc = collate_ray_batch.__doc__
     for key in batch:
         assert f"    {key} " in doc, key
+
+
+def _storages(out: dict) -> set[int]:
+    tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
+    tensors += [v for v in out.get("view_positions") or () if isinstance(v, torch.Tensor)]
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _separately(batch: list[dict]) -> dict:
+    """The batch built key by key (one tensor each), as the seed's collate does."""
+    return {
+        "origins": torch.cat([s["origins"] for s in batch]),
+        "directions": torch.cat([s["directions"] for s in batch]),
+        "distances": torch.cat([s["distances"] for s in batch]),
+        "hits": torch.cat([s["hits"] for s in batch]),
+        "view_ids": torch.cat([s["view_ids"] for s in batch]),
+        "face_ids": torch.cat([s["face_ids"] for s in batch]),
+    }
+
+
+@pytest.mark.parametrize("sides", [(8, 8, 8), (4, 16, 8)])
+def test_one_block_per_batch_with_the_values_of_each_key(sides):
+    """Every tensor of a dense batch is a view of one storage (one shared-memory block per
+    batch from a DataLoader worker), aligned, not overlapping, and holding what a key-by-key
+    collate holds; writing one key leaves the others as they were."""
+    batch = [fake_sample(side, 3 + i, 2 + i, i) for i, side in enumerate(sides)]
+    out = collate_ray_batch(batch)
+    assert len(_storages(out)) == 1
+    for key, want in _separately(batch).items():
+        assert torch.equal(out[key], want), key
+        assert out[key].data_ptr() % 64 == 0 and out[key].is_contiguous()
+    for i, s in enumerate(batch):
+        assert torch.equal(out["view_positions"][i], s["view_positions"])
+    before = {k: v.clone() for k, v in out.items() if isinstance(v, torch.Tensor)}
+    out["origins"].fill_(-7.0)
+    out["ray_to_voxel"].fill_(99)
+    for key, was in before.items():
+        if key not in ("origins", "ray_to_voxel"):
+            assert torch.equal(out[key], was), key
+
+
+def test_a_worker_batch_equals_the_in_process_batch(tiny_dataset):
+    ds = HierarchicalVoxelRayDataset(*tiny_dataset, "train", samples_per_subvolume=16, seed=3)
+    idx = [[0, 1, 2], [3, 4]]
+    here = [collate_ray_batch([ds[i] for i in b]) for b in idx]
+    loader = DataLoader(ds, batch_sampler=idx, collate_fn=collate_ray_batch, num_workers=1)
+    there = list(loader)
+    for a, b in zip(here, there, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key
+            elif key == "view_positions":
+                assert all(torch.equal(x, y) for x, y in zip(a[key], b[key], strict=True))
+            else:
+                assert a[key] == b[key], key
