@@ -32,12 +32,11 @@ place in the layout); it is checked from the header, before the grid is inflated
 from __future__ import annotations
 
 import functools
-import io
 import os
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -49,7 +48,8 @@ from gpuloader.errors import (
 from gpuloader.format.grid_hash import check_grid_hash
 from gpuloader.format.header_cache import file_stamp
 from gpuloader.format.layout import RAY_ROW_KEYS, read_json
-from gpuloader.format.npz_files import check_member_size, load_npz, make_error
+from gpuloader.format.npz_direct import fast_load_npz
+from gpuloader.format.npz_files import make_error
 from gpuloader.format.validate import (
     as_ray_dtypes,
     check_grid_header,
@@ -111,202 +111,6 @@ def chunk_span(sample: dict[str, Any], n_file: int, where: Any = None) -> tuple[
             "rebuild the dataset object"
         )
     return off, count
-
-
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
-_NPY_MAGIC = b"\x93NUMPY"
-
-
-#: parsed ``.npy`` headers by their bytes (files of one dataset share a few dozen)
-_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
-
-
-def _npy_header(f: Any) -> tuple[tuple, bool, Any]:
-    """``(shape, fortran_order, dtype)`` of the ``.npy`` data ``f`` is at the start of (left
-    after the header). A header is parsed by numpy once per distinct text, then remembered."""
-    magic = f.read(len(_NPY_MAGIC) + 2)
-    if magic[: len(_NPY_MAGIC)] != _NPY_MAGIC or len(magic) < len(_NPY_MAGIC) + 2:
-        raise ValueError("not a .npy member")
-    version = (magic[-2], magic[-1])
-    if version not in ((1, 0), (2, 0), (3, 0)):
-        raise ValueError("unknown .npy version")
-    width = 2 if version == (1, 0) else 4
-    raw = f.read(width)
-    n = int.from_bytes(raw, "little")
-    if len(raw) != width or n > 10000:
-        raise ValueError("bad .npy header length")
-    header = f.read(n)
-    if len(header) != n:
-        raise ValueError("short .npy header")
-    key = magic[-2:] + header
-    got = _HEADERS.get(key)
-    if got is None:
-        read = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        if version == (3, 0):  # utf-8 text: numpy's 2.0 reader takes it as latin-1
-            header.decode("utf-8")
-        shape, fortran, dtype = read(io.BytesIO(raw + header))
-        got = (tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype))
-        if len(_HEADERS) > 4096:
-            _HEADERS.clear()
-        _HEADERS[key] = got
-    return got
-
-
-#: a member's first bytes inflated to read its ``.npy`` header (the header is < 10 KB)
-_HEAD_BYTES = 16 << 10
-
-
-class _Entry(NamedTuple):
-    """What a read needs of a zip member's directory entry (``zipfile.ZipInfo``'s names)."""
-
-    header_offset: int
-    compress_type: int
-    compress_size: int
-    file_size: int
-    CRC: int  # noqa: N815 - ZipInfo's name
-    flag_bits: int
-
-
-#: zip directories of settled, unchanged files: path -> (stamp, {member name: entry});
-#: at most this many files (then forgotten all at once: a larger dataset reads each
-#: directory once per pass, as without them)
-_DIRS: dict[str, tuple[list[int], dict[str, _Entry]]] = {}
-_DIRS_MAX = 16384
-
-
-def _directory(path: Path, fh: Any) -> dict[str, _Entry]:
-    """The zip directory of the open file ``fh`` (``path``): remembered while the file's
-    size, times and inode stay the same (:func:`~gpuloader.format.header_cache.file_stamp`;
-    a file changed in the last seconds is read every time)."""
-    name = os.fspath(path)
-    got = file_stamp(path)
-    known = _DIRS.get(name)
-    if got is not None and known is not None and known[0] == got[0]:
-        return known[1]
-    fh.seek(0)
-    with zipfile.ZipFile(fh) as zf:
-        entries = {
-            i.filename: _Entry(
-                i.header_offset, i.compress_type, i.compress_size, i.file_size, i.CRC,
-                i.flag_bits,
-            )
-            for i in zf.infolist()
-        }  # fmt: skip
-    if got is not None and got[1]:
-        if len(_DIRS) >= _DIRS_MAX:
-            _DIRS.clear()
-        _DIRS[name] = (got[0], entries)
-    return entries
-
-
-class _Member:
-    """One member read straight from the file: its compressed bytes inflated in two steps
-    (the first :data:`_HEAD_BYTES` for the ``.npy`` header, then the rest into the array),
-    its CRC and length checked. Deflated and stored members only (others: ValueError)."""
-
-    def __init__(self, fh: Any, info: _Entry) -> None:
-        if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, 8):
-            raise ValueError("encrypted, or a compression other than deflate")
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-        if len(local) != 30 or local[:4] != b"PK\x03\x04":
-            raise ValueError("bad local header")
-        skip = int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-        fh.seek(info.header_offset + 30 + skip)
-        self.comp = fh.read(info.compress_size)
-        if len(self.comp) != info.compress_size:
-            raise ValueError("short member")
-        self.info = info
-        if info.compress_type == zipfile.ZIP_STORED:
-            self.z = None
-            self.head = self.comp[:_HEAD_BYTES]
-        else:
-            self.z = zlib.decompressobj(-15)
-            self.head = self.z.decompress(self.comp, _HEAD_BYTES)
-        f = io.BytesIO(self.head)
-        self.shape, self.fortran, self.dtype = _npy_header(f)
-        self.start = f.tell()  # where the data begins in the member
-
-    def read_into(self, arr: np.ndarray) -> None:
-        """The member's data into ``arr`` (exactly its bytes), CRC and length checked; never
-        inflates more than ``arr`` holds (plus one byte to see that the member ends there)."""
-        out = memoryview(arr).cast("B")
-        need = self.start + out.nbytes - len(self.head)  # bytes still to inflate
-        if need < 0:
-            raise ValueError("member longer than its header declares")
-        if self.z is None:
-            rest = self.comp[len(self.head) :]
-        else:
-            rest = self.z.decompress(self.z.unconsumed_tail, need + 1)
-            if len(rest) == need and not self.z.eof:  # the end of the stream, and no more
-                if self.z.decompress(self.z.unconsumed_tail, 1) or not self.z.eof:
-                    raise ValueError("member longer than its header declares, or cut short")
-        if len(rest) != need:
-            raise ValueError("member of another size than its header declares")
-        crc = zlib.crc32(rest, zlib.crc32(self.head))
-        if len(self.head) + need != self.info.file_size or crc != self.info.CRC:
-            raise ValueError("bad CRC or length")
-        first = self.head[self.start :]
-        out[: len(first)] = first
-        out[len(first) :] = rest
-
-
-def fast_load_npz(
-    path: Path,
-    keys: tuple[str, ...],
-    optional: tuple[str, ...] = (),
-    check_header: Any = None,
-) -> dict[str, np.ndarray]:
-    """:func:`~gpuloader.format.npz_files.load_npz` in one pass over one open zip archive.
-
-    Same checks, in the same order (every member's header, its declared size and
-    ``check_header``, before the member is inflated past its header; the CRC and length of
-    each member), but the archive's directory is read once per unchanged file in a process
-    (:func:`_directory`) and each member is read straight from the file: its compressed
-    bytes in one read, inflated in two C calls into the array (:class:`_Member`; never more
-    than the array holds), not through ``zipfile``'s 64 KB Python loop (``load_npz`` reads
-    the headers twice, then lets ``np.load`` read them again). Anything unusual (not a zip, a
-    missing key, a bad header, a short, long or corrupt member, encryption, another
-    compression, ...) is handed to ``load_npz``, so every error is the one it raises, named
-    the same.
-
-    Raises:
-        FileNotFoundError; the errors of ``load_npz``.
-    """
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(4) not in _ZIP_MAGIC:
-                raise ValueError("not a zip")
-            size = os.fstat(fh.fileno()).st_size
-            infos = _directory(path, fh)
-            wanted = list(keys)
-            wanted += [k for k in optional if f"{k}.npy" in infos or k in infos]
-            heads = []
-            for key in wanted:
-                m = _Member(fh, infos[key if key in infos else f"{key}.npy"])
-                if m.dtype.hasobject or any(d < 0 for d in m.shape):
-                    raise ValueError("object or negative shape")
-                check_member_size(path, key, m.info, m.shape, m.dtype, size)
-                if check_header is not None:
-                    check_header(key, m.shape, m.dtype)
-                heads.append((key, m))
-            out: dict[str, np.ndarray] = {}
-            for key, m in heads:
-                count = int(np.prod(m.shape, dtype=np.int64)) if m.shape else 1
-                arr = np.empty(count, dtype=m.dtype)
-                m.read_into(arr)
-                shape = m.shape
-                out[key] = arr.reshape(shape[::-1]).T if m.fortran else arr.reshape(shape)
-            return out
-    except FileNotFoundError:
-        raise
-    except Exception:  # noqa: BLE001 - load_npz names the error (or reads it after all)
-        _DIRS.pop(os.fspath(path), None)
-        return load_npz(path, keys, optional=optional, check_header=check_header)
 
 
 class NpzRayStore:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gpuloader.errors import DeclaredSizeError, MissingKeyError, NotAnNpzError
+from gpuloader.format.npz_direct import fast_load_npz
 from gpuloader.format.npz_files import load_npz
-from gpuloader.stores.npz import fast_load_npz
 
 
 def test_same_arrays_as_load_npz(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def direct(monkeypatch) -> list[str]:
     """Files just written count as settled (their directories are remembered), and every
     fall-back to ``load_npz`` is listed: the direct reader should take every sound file."""
     from gpuloader.format import header_cache
-    from gpuloader.stores import npz
+    from gpuloader.format import npz_direct as npz
 
     monkeypatch.setattr(header_cache, "SETTLE_S", -1.0)
     npz._DIRS.clear()
@@ -126,3 +126,31 @@ def test_a_member_longer_than_its_header_is_refused_as_load_npz_refuses_it(
     else:
         assert np.array_equal(fast_load_npz(p, ("a",))["a"], want["a"])
     assert direct == [str(p)]
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "deflated"])
+def test_a_read_holds_one_inflater_and_one_chunk_besides_its_arrays(
+    tmp_path: Path, direct, save
+) -> None:
+    """Ten members of 400 KB: the peak of a read is its arrays plus a bounded working set
+    (one inflater, one chunk of input and one of output), not one inflater and the whole
+    compressed member per member, nor a copy of each member before it lands in its array."""
+    import tracemalloc
+
+    from gpuloader.format import npz_direct
+
+    rng = np.random.default_rng(1)
+    arrays = {f"m{i}": rng.integers(0, 50, 100_000).astype(np.float32) for i in range(10)}
+    p = tmp_path / "many.npz"
+    save(p, **arrays)
+    fast_load_npz(p, tuple(arrays))  # the directory remembered, modules warm
+    tracemalloc.start()
+    got = fast_load_npz(p, tuple(arrays))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    held = sum(a.nbytes for a in got.values())
+    assert all(np.array_equal(got[k], v) for k, v in arrays.items())
+    # input and its unconsumed tail, output blocks and their joined bytes, one inflater
+    bound = 2 * npz_direct._IN_CHUNK + 2 * npz_direct._OUT_CHUNK + (64 << 10)
+    assert peak - held < bound, (peak, held)
+    assert direct == []

@@ -13,8 +13,9 @@ import pytest
 from gpuloader.dataset.hierarchical import HierarchicalVoxelRayDataset
 from gpuloader.errors import DamagedFileError, SkippedFileWarning
 from gpuloader.format.listing import npz_member_header
+from gpuloader.format.npz_direct import fast_load_npz
 from gpuloader.format.npz_files import load_npz, member_headers
-from gpuloader.stores.npz import fast_load_npz, read_voxel_file
+from gpuloader.stores.npz import read_voxel_file
 
 RAY_KEYS = ("origins", "directions", "distances", "hits")
 
