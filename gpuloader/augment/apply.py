@@ -60,7 +60,19 @@ def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> di
             if k in arrays:
                 arrays[k] = arrays[k][rows]
         n = rows.size
-    if not plan.is_identity:
+    changed = set(arrays) if rows is not None else set()  # keys to hand back, converted
+    if not plan.is_identity and _symmetry_only(plan):
+        # a rotation or flip alone: the rays' and views' columns permuted and signed, the
+        # distances kept (what the general pass gives, bit for bit: it scales them by 1.0)
+        sym = np.full(1, plan.symmetry, np.int32)
+        for k in ("origins", "directions", "view_positions"):
+            if k in arrays:
+                arrays[k] = augment_numpy._permute_signed(arrays[k], sym)
+                changed.add(k)
+        if "voxels" in arrays:
+            arrays["voxels"] = _transform_grid(arrays["voxels"], to_batch_params([plan], [context]))
+            changed.add("voxels")
+    elif not plan.is_identity:
         params = to_batch_params([plan], [context])
         zeros = np.zeros(n, dtype=np.int32)
         o, d, dist = augment_numpy.transform_rays(
@@ -72,24 +84,38 @@ def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> di
             params,
         )
         arrays["origins"], arrays["directions"], arrays["distances"] = o, d, dist
+        changed.update(("origins", "directions", "distances"))
         if "view_positions" in arrays:
             vp = arrays["view_positions"]
             arrays["view_positions"] = augment_numpy.transform_points(
                 vp, np.zeros(vp.shape[0], np.int32), params
             )
+            changed.add("view_positions")
         if "voxels" in arrays and (plan.symmetry != 0 or plan.jitter_prob > 0):
-            vox = arrays["voxels"]
-            grid = vox.reshape(vox.shape[-3:])
-            if len(set(grid.shape)) != 1:
-                raise ValueError(
-                    f"geometric transforms need a cubic grid; got voxels of shape {vox.shape}"
-                )
-            new = augment_numpy.transform_voxels(
-                (grid != 0).astype(np.uint8)[None], np.array([grid.shape[0]]), params
-            )[0]
-            arrays["voxels"] = new.reshape(vox.shape)
-    elif rows is None:
-        return out
-    for k, a in arrays.items():
-        out[k] = conv[k](a)
+            arrays["voxels"] = _transform_grid(arrays["voxels"], params)
+            changed.add("voxels")
+    for k in changed:
+        out[k] = conv[k](arrays[k])
     return out
+
+
+def _symmetry_only(plan: SamplePlan) -> bool:
+    """The plan only turns or flips (no scale, noise or jitter)."""
+    return (
+        plan.origin_scale == 1.0
+        and plan.distance_scale == 1.0
+        and plan.origin_std == 0.0
+        and plan.direction_std == 0.0
+        and plan.jitter_prob == 0.0
+    )
+
+
+def _transform_grid(vox: np.ndarray, params: augment_numpy.BatchParams) -> np.ndarray:
+    """One grid ((1, S, S, S) or (S, S, S)) turned and jittered as ``params`` say (0/1)."""
+    grid = vox.reshape(vox.shape[-3:])
+    if len(set(grid.shape)) != 1:
+        raise ValueError(f"geometric transforms need a cubic grid; got voxels of shape {vox.shape}")
+    new = augment_numpy.transform_voxels(
+        (grid != 0).astype(np.uint8)[None], np.array([grid.shape[0]]), params
+    )[0]
+    return new.reshape(vox.shape)

@@ -357,6 +357,25 @@ def _feistel_permute_tables(x: np.ndarray, n: int, bits: int, keys: np.ndarray) 
             return x.astype(np.int64)
         todo = todo[out]
         cur = cur[out]
+        if todo.size <= _SCALAR_TAIL:  # the few still walking: on in scalar code
+            return _walk_tail(x.astype(np.int64), todo, cur, n, int(wr0), tables)
+
+
+def _walk_tail(
+    out: np.ndarray, todo: np.ndarray, cur: np.ndarray, n: int, shift: int, tables: list
+) -> np.ndarray:
+    """Finish the cycle walk of the values ``cur`` (at ``out[todo]``) one by one, with the
+    round tables as lists: the rounds of :func:`_feistel_permute_tables`, in Python."""
+    rows = [t.tolist() for t in tables]
+    low = (1 << shift) - 1
+    for j, c in zip(todo.tolist(), cur.tolist(), strict=True):
+        while c >= n:
+            left, right = c >> shift, c & low
+            for table in rows:
+                left, right = right, left ^ table[right]
+            c = (left << shift) | right
+        out[j] = c
+    return out
 
 
 def select_rows(n: int, k: int | None, seed: int, epoch: int, index: int) -> np.ndarray:
