@@ -15,7 +15,7 @@ import numpy as np
 
 from gpuloader import schema
 from gpuloader.augment import numpy_backend as augment_numpy
-from gpuloader.augment import rng
+from gpuloader.augment import rng, symmetry
 from gpuloader.augment.plan import SamplePlan, to_batch_params
 
 __all__ = ["apply_plan"]
@@ -39,14 +39,10 @@ def _to_numpy(v: Any) -> tuple[np.ndarray, Any]:
 
 
 def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> dict:
-    """Apply one plan to one sample dict (numpy back end); returns a new dict."""
+    """Apply one plan to one sample dict (numpy back end); returns a new dict (the keys it
+    leaves as they are are the sample's own objects)."""
     out = dict(sample)
-    conv = {}
-    arrays = {}
-    for k in (*RAY_KEYS, "view_positions", "voxels"):
-        if k in sample and sample[k] is not None:
-            arrays[k], conv[k] = _to_numpy(sample[k])
-    n = int(arrays["origins"].shape[0])
+    n = int(np.shape(sample["origins"])[0])
     rows = None
     if plan.num_rays is not None and plan.num_rays < n:
         keys = rng.feistel_keys(
@@ -56,22 +52,37 @@ def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> di
             rng.Purpose.SUBSAMPLE + plan.purpose_offset,
         )
         rows = rng.feistel_permute(np.arange(plan.num_rays), n, keys)
+        n = rows.size
+    symmetry_only = not plan.is_identity and _symmetry_only(plan)
+    if plan.is_identity:
+        wanted: tuple[str, ...] = ()
+    elif symmetry_only:
+        wanted = ("origins", "directions", "view_positions", "voxels")
+    else:
+        wanted = ("origins", "directions", "distances", "view_positions", "voxels")
+    if rows is not None:
+        wanted = (*RAY_KEYS, *wanted)
+    conv, arrays = {}, {}
+    for k in dict.fromkeys(wanted):  # only the keys this plan changes, as numpy
+        if k in sample and sample[k] is not None:
+            arrays[k], conv[k] = _to_numpy(sample[k])
+    if rows is not None:
         for k in RAY_KEYS:
             if k in arrays:
                 arrays[k] = arrays[k][rows]
-        n = rows.size
-    changed = set(arrays) if rows is not None else set()  # keys to hand back, converted
-    if not plan.is_identity and _symmetry_only(plan):
+    if symmetry_only:
         # a rotation or flip alone: the rays' and views' columns permuted and signed, the
-        # distances kept (what the general pass gives, bit for bit: it scales them by 1.0)
+        # grid's axes, distances kept (what the general pass gives, bit for bit: it scales
+        # them by 1.0 and, without jitter, only permutes the 0/1 grid)
         sym = np.full(1, plan.symmetry, np.int32)
         for k in ("origins", "directions", "view_positions"):
             if k in arrays:
                 arrays[k] = augment_numpy._permute_signed(arrays[k], sym)
-                changed.add(k)
         if "voxels" in arrays:
-            arrays["voxels"] = _transform_grid(arrays["voxels"], to_batch_params([plan], [context]))
-            changed.add("voxels")
+            vox = arrays["voxels"]
+            grid = _cubic(vox).reshape(vox.shape[-3:])
+            turned = symmetry.apply_grid(plan.symmetry, (grid != 0).astype(np.uint8))
+            arrays["voxels"] = np.ascontiguousarray(turned).reshape(vox.shape)
     elif not plan.is_identity:
         params = to_batch_params([plan], [context])
         zeros = np.zeros(n, dtype=np.int32)
@@ -84,19 +95,30 @@ def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> di
             params,
         )
         arrays["origins"], arrays["directions"], arrays["distances"] = o, d, dist
-        changed.update(("origins", "directions", "distances"))
         if "view_positions" in arrays:
             vp = arrays["view_positions"]
             arrays["view_positions"] = augment_numpy.transform_points(
                 vp, np.zeros(vp.shape[0], np.int32), params
             )
-            changed.add("view_positions")
         if "voxels" in arrays and (plan.symmetry != 0 or plan.jitter_prob > 0):
-            arrays["voxels"] = _transform_grid(arrays["voxels"], params)
-            changed.add("voxels")
-    for k in changed:
-        out[k] = conv[k](arrays[k])
+            vox = arrays["voxels"]
+            grid = _cubic(vox).reshape(vox.shape[-3:])
+            new = augment_numpy.transform_voxels(
+                (grid != 0).astype(np.uint8)[None], np.array([grid.shape[0]]), params
+            )[0]
+            arrays["voxels"] = new.reshape(vox.shape)
+        elif "voxels" in arrays and rows is None:
+            del arrays["voxels"]  # left as it is
+    for k, a in arrays.items():
+        out[k] = conv[k](a)
     return out
+
+
+def _cubic(vox: np.ndarray) -> np.ndarray:
+    """``vox`` when its last three sides are equal; else ValueError (turns need a cube)."""
+    if len(set(vox.shape[-3:])) != 1:
+        raise ValueError(f"geometric transforms need a cubic grid; got voxels of shape {vox.shape}")
+    return vox
 
 
 def _symmetry_only(plan: SamplePlan) -> bool:
@@ -108,14 +130,3 @@ def _symmetry_only(plan: SamplePlan) -> bool:
         and plan.direction_std == 0.0
         and plan.jitter_prob == 0.0
     )
-
-
-def _transform_grid(vox: np.ndarray, params: augment_numpy.BatchParams) -> np.ndarray:
-    """One grid ((1, S, S, S) or (S, S, S)) turned and jittered as ``params`` say (0/1)."""
-    grid = vox.reshape(vox.shape[-3:])
-    if len(set(grid.shape)) != 1:
-        raise ValueError(f"geometric transforms need a cubic grid; got voxels of shape {vox.shape}")
-    new = augment_numpy.transform_voxels(
-        (grid != 0).astype(np.uint8)[None], np.array([grid.shape[0]]), params
-    )[0]
-    return new.reshape(vox.shape)
