@@ -265,3 +265,39 @@ def test_flip_draws_all_combinations_independently():
         for c in itertools.combinations(range(3), r)
     }
     assert set(counts) == expected and min(counts.values()) > 60
+
+
+@pytest.mark.parametrize("rows", [None, 7])
+def test_a_turn_alone_gives_what_the_general_pass_gives(rows, monkeypatch):
+    """Every one of the 48 symmetries, alone (the short path of apply_plan) and with an
+    origin scale of exactly 1 forced through the general pass: bit for bit the same rays,
+    views and grid; keys it does not change are the sample's own objects."""
+    from gpuloader.augment import apply as apply_mod
+    from gpuloader.augment.plan import SamplePlan
+
+    gen = np.random.default_rng(3)
+    d = gen.standard_normal((20, 3)).astype(np.float32)
+    sample = {
+        "origins": torch.from_numpy(gen.standard_normal((20, 3)).astype(np.float32)),
+        "directions": torch.from_numpy(d / np.linalg.norm(d, axis=1, keepdims=True)),
+        "distances": torch.from_numpy(gen.random(20).astype(np.float32)),
+        "hits": torch.ones(20),
+        "view_ids": torch.arange(20),
+        "view_positions": torch.from_numpy(gen.standard_normal((4, 3)).astype(np.float32)),
+        "voxels": torch.from_numpy((gen.random((1, 8, 8, 8)) > 0.5).astype(np.float32)),
+    }
+    ctx = SampleContext(5, 1, 2)
+    for s in range(symmetry.NUM_SYMMETRIES):
+        short = apply_mod.apply_plan(SamplePlan(symmetry=s, num_rays=rows), sample, ctx)
+        with monkeypatch.context() as m:
+            m.setattr(apply_mod, "_symmetry_only", lambda plan: False)  # the general pass
+            full = apply_mod.apply_plan(SamplePlan(symmetry=s, num_rays=rows), sample, ctx)
+        assert short.keys() == full.keys()
+        for k in short:
+            assert torch.equal(short[k], full[k]), (s, k)
+            assert short[k].dtype == full[k].dtype, (s, k)
+        if rows is None:
+            assert short["distances"] is sample["distances"]
+            assert short["hits"] is sample["hits"]
+        want = symmetry.apply_grid(s, sample["voxels"].numpy()[0])
+        assert np.array_equal(short["voxels"].numpy()[0], want)
