@@ -53,13 +53,15 @@ def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> di
         )
         rows = rng.feistel_permute(np.arange(plan.num_rays), n, keys)
         n = rows.size
-    symmetry_only = not plan.is_identity and _symmetry_only(plan)
+    symmetry_only = not plan.is_identity and plan.turns_only
+    grid_changes = plan.symmetry != 0 or plan.jitter_prob > 0
     if plan.is_identity:
         wanted: tuple[str, ...] = ()
     elif symmetry_only:
         wanted = ("origins", "directions", "view_positions", "voxels")
     else:
-        wanted = ("origins", "directions", "distances", "view_positions", "voxels")
+        wanted = ("origins", "directions", "distances", "view_positions")
+        wanted += ("voxels",) if grid_changes else ()
     if rows is not None:
         wanted = (*RAY_KEYS, *wanted)
     conv, arrays = {}, {}
@@ -100,15 +102,13 @@ def apply_plan(plan: SamplePlan, sample: dict, context: rng.SampleContext) -> di
             arrays["view_positions"] = augment_numpy.transform_points(
                 vp, np.zeros(vp.shape[0], np.int32), params
             )
-        if "voxels" in arrays and (plan.symmetry != 0 or plan.jitter_prob > 0):
+        if "voxels" in arrays:
             vox = arrays["voxels"]
             grid = _cubic(vox).reshape(vox.shape[-3:])
             new = augment_numpy.transform_voxels(
                 (grid != 0).astype(np.uint8)[None], np.array([grid.shape[0]]), params
             )[0]
             arrays["voxels"] = new.reshape(vox.shape)
-        elif "voxels" in arrays and rows is None:
-            del arrays["voxels"]  # left as it is
     for k, a in arrays.items():
         out[k] = conv[k](a)
     return out
@@ -119,14 +119,3 @@ def _cubic(vox: np.ndarray) -> np.ndarray:
     if len(set(vox.shape[-3:])) != 1:
         raise ValueError(f"geometric transforms need a cubic grid; got voxels of shape {vox.shape}")
     return vox
-
-
-def _symmetry_only(plan: SamplePlan) -> bool:
-    """The plan only turns or flips (no scale, noise or jitter)."""
-    return (
-        plan.origin_scale == 1.0
-        and plan.distance_scale == 1.0
-        and plan.origin_std == 0.0
-        and plan.direction_std == 0.0
-        and plan.jitter_prob == 0.0
-    )

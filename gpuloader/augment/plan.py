@@ -40,15 +40,19 @@ class SamplePlan:
     purpose_offset: int = 0
 
     @property
-    def is_identity(self) -> bool:
+    def turns_only(self) -> bool:
+        """At most a rotation or flip: no scale, noise or jitter."""
         return (
-            self.symmetry == 0
-            and self.origin_scale == 1.0
+            self.origin_scale == 1.0
             and self.distance_scale == 1.0
             and self.origin_std == 0.0
             and self.direction_std == 0.0
             and self.jitter_prob == 0.0
         )
+
+    @property
+    def is_identity(self) -> bool:
+        return self.symmetry == 0 and self.turns_only
 
 
 def to_batch_params(plans: list[SamplePlan], contexts: list[rng.SampleContext]) -> BatchParams:

@@ -146,7 +146,7 @@ def _block(
     offsets: dict[str, tuple[int, int]] = {}
     total = 0
     for key, (shape, dtype) in specs.items():
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         offsets[key] = (total, nbytes)
         total += -(-nbytes // 64) * 64
     buf = torch.empty(total, dtype=torch.uint8, device=device)
@@ -195,7 +195,8 @@ def _collate_grids(batch: Sequence[dict[str, Any]], pad: str) -> dict[str, Any]:
 
 def _ray_tensors(batch: Sequence[dict[str, Any]]) -> dict[str, list[torch.Tensor]]:
     """The per-ray keys every sample has, as tensors of the batch dtypes, and
-    ``view_positions`` when every sample has them with one trailing shape."""
+    ``view_positions`` when every sample has them (one block only with one trailing
+    shape: :func:`_ray_specs`)."""
     rays = {
         key: [_tensor(s[key], kdtype) for s in batch]
         for key, kdtype in RAY_DTYPES.items()

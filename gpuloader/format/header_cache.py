@@ -37,7 +37,7 @@ import numpy as np
 
 from gpuloader.format.listing import npz_member_header
 
-__all__ = ["SETTLE_S", "HeaderCache", "cache_folder", "file_stamp"]
+__all__ = ["SETTLE_S", "HeaderCache", "cache_folder", "file_stamp", "is_settled"]
 
 SETTLE_S = 2.0
 """A file modified this recently is read, not remembered (coarse mtime granularity)."""
@@ -57,8 +57,13 @@ def file_stamp(path: Path | str) -> tuple[list[int], bool] | None:
         st = os.stat(path)
     except OSError:
         return None
-    settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_S * 1e9
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], settled
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], is_settled(st)
+
+
+def is_settled(st: os.stat_result) -> bool:
+    """Whether a file (its ``stat`` or ``lstat``) has been unchanged for :data:`SETTLE_S`
+    seconds: a later write then moves its times."""
+    return time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_S * 1e9
 
 
 def cache_folder() -> Path | None:

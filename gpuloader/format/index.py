@@ -283,7 +283,9 @@ def build_index(
         known = index_memo.recall(memo)
         if known is not None:
             return known
-    inputs = index_memo.Inputs()
+    inputs = index_memo.Inputs()  # what this build reads, stamped (none kept without a memo)
+    if memo is None:
+        inputs.refuse()
     n_errors = len(errors) if errors is not None else 0
     dataset_dir = Path(dataset_dir)
     ray_dataset_dir = Path(ray_dataset_dir)

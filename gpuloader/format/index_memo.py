@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gpuloader.format import header_cache
 from gpuloader.format.completeness import SUMMARY
+from gpuloader.format.header_cache import is_settled
 
 __all__ = ["MAX_INDEXES", "Inputs", "recall", "remember", "memo_key"]
 
@@ -71,38 +71,36 @@ def memo_key(
     )
 
 
-def _stamp(path: str, follow: bool) -> Stamp:
-    try:
-        st = os.stat(path) if follow else os.lstat(path)
-    except OSError:
-        return None
+def _stamp(path: str, follow: bool) -> tuple[Stamp, bool]:
+    """``(stamp, settled)`` of ``path`` now: ``file_stamp``'s (``os.stat``), or with
+    ``follow`` False the ``lstat`` with the mode; ``(None, True)`` when it does not exist."""
     if follow:
-        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
-
-
-def _settled(stamp: Stamp, now_ns: int) -> bool:
-    return stamp is None or now_ns - max(stamp[1], stamp[2]) > header_cache.SETTLE_S * 1e9
+        got = header_cache.file_stamp(path)
+        return (None, True) if got is None else (tuple(got[0]), got[1])
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None, True
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode), is_settled(st)
 
 
 class Inputs:
     """What one build read, with stamps; :attr:`usable` turns False at the first input that
-    rules remembering out (unsettled, a link, an error)."""
+    rules remembering out (unsettled, a link, an error), or at once by :meth:`refuse`."""
 
     def __init__(self) -> None:
         self.stamps: dict[str, tuple[bool, Stamp]] = {}
         self.usable = True
-        self._now = time.time_ns()
 
     def refuse(self) -> None:
         """This build is not to be remembered."""
         self.usable = False
 
-    def add(self, path: str, stamp: Stamp, follow: bool = True) -> None:
-        """An input and the stamp it had when read (a file that is now missing: None)."""
+    def add(self, path: str, stamp: Stamp, settled: bool, follow: bool = True) -> None:
+        """An input and the stamp it had when read (a file that is missing: None)."""
         if not self.usable:
             return
-        if not _settled(stamp, self._now):
+        if not settled:
             self.usable = False
             return
         self.stamps[path] = (follow, stamp)
@@ -110,25 +108,24 @@ class Inputs:
     def stat(self, paths: Iterable[str]) -> None:
         """Inputs stamped now (``os.stat``; a missing one recorded as absent)."""
         for p in paths:
-            self.add(p, _stamp(p, True))
+            self.add(p, *_stamp(p, True))
 
     def add_lstat(self, path: str, st: os.stat_result) -> None:
         """A voxel file by its ``lstat``: a link rules remembering out (its target may move
         without the link)."""
+        if not self.usable:
+            return
         if stat.S_ISLNK(st.st_mode):
             self.usable = False
             return
         stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
-        self.add(path, stamp, follow=False)
+        self.add(path, stamp, is_settled(st), follow=False)
 
     def add_seen(self, seen: dict[str, list[int] | None]) -> None:
         """The header cache's stamps of the files and folders it was asked about (None: not
         settled, or a folder it did not learn)."""
         for path, got in seen.items():
-            if got is None:
-                self.usable = False
-                return
-            self.add(path, tuple(got))
+            self.add(path, None if got is None else tuple(got), got is not None)
 
     def note_build(
         self,
@@ -177,7 +174,7 @@ def recall(key: tuple) -> list[dict[str, Any]] | None:
         return None
     samples, deps = got
     for path, follow, stamp in deps:
-        if _stamp(path, follow) != stamp:
+        if _stamp(path, follow)[0] != stamp:
             del _MEMO[key]
             return None
     _MEMO.move_to_end(key)

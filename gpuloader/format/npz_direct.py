@@ -93,21 +93,22 @@ class _Entry(NamedTuple):
 
 
 class _Directory:
-    """A zip directory, compact: the member names (one tuple shared by every file with the
-    same members) and six integers per member in one array (a file costs under 1 KB)."""
+    """A zip directory, compact: the members' positions (one dict shared by every file with
+    the same members) and six integers per member in one array (a file costs under 1 KB)."""
 
-    __slots__ = ("names", "_index", "_fields")
+    __slots__ = ("_index", "_fields")
 
-    _SHARED: dict[tuple[str, ...], tuple[tuple[str, ...], dict[str, int]]] = {}
+    #: member names -> their positions, one dict for every file with those members
+    _SHARED: dict[tuple[str, ...], dict[str, int]] = {}
 
     def __init__(self, infos: list[zipfile.ZipInfo]) -> None:
         names = tuple(sys.intern(i.filename) for i in infos)
-        known = self._SHARED.get(names)
-        if known is None:
+        index = self._SHARED.get(names)
+        if index is None:
             if len(self._SHARED) > 256:
                 self._SHARED.clear()
-            known = self._SHARED[names] = (names, {n: k for k, n in enumerate(names)})
-        self.names, self._index = known
+            index = self._SHARED[names] = {n: k for k, n in enumerate(names)}
+        self._index = index
         self._fields = array.array(
             "q",
             [v for i in infos for v in (i.header_offset, i.compress_type, i.compress_size,

@@ -290,7 +290,7 @@ def test_a_turn_alone_gives_what_the_general_pass_gives(rows, monkeypatch):
     for s in range(symmetry.NUM_SYMMETRIES):
         short = apply_mod.apply_plan(SamplePlan(symmetry=s, num_rays=rows), sample, ctx)
         with monkeypatch.context() as m:
-            m.setattr(apply_mod, "_symmetry_only", lambda plan: False)  # the general pass
+            m.setattr(SamplePlan, "turns_only", property(lambda plan: False))  # general pass
             full = apply_mod.apply_plan(SamplePlan(symmetry=s, num_rays=rows), sample, ctx)
         assert short.keys() == full.keys()
         for k in short:
