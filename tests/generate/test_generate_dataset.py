@@ -256,7 +256,36 @@ def test_resume_keeps_created_at(tmp_path):
     assert layout.read_json(meta_path)["created_at"] != "2001-02-03T04:05:06"
 
 
-def test_seed_changes_rays(tmp_path):
+def _stamps(root: Path) -> dict[str, tuple[int, int, int]]:
+    """(mtime_ns, ctime_ns, inode) of every file and folder below ``root``."""
+    out = {}
+    for p in [root, *root.rglob("*")]:
+        st = p.stat()
+        out[str(p.relative_to(root))] = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return out
+
+
+def test_resume_of_a_complete_dataset_moves_no_stamp(tmp_path):
+    """A resumed run that has nothing to do rewrites nothing (``ensure_data`` runs one before
+    every example): a reader's remembered index stays valid. (The first resume records its
+    own counts in processing_summary.json, ``skipped_already_exists``, as upstream's does.)"""
+    cfg = dataclasses.replace(SMALL, shapes=["asym", "torus"])
+    out = tmp_path / "out"
+    generate_dataset(out, cfg, progress=False)
+    generate_dataset(out, dataclasses.replace(cfg), progress=False)
+    before = _stamps(out)
+    again = generate_dataset(out, dataclasses.replace(cfg), progress=False)
+    assert again["resumed"] and again["files_written"] == 0
+    after = _stamps(out)
+    del before["."], after["."]  # OUT itself: the run's write test comes and goes there
+    assert after == before
+    # a file whose content a resumed run does change is still rewritten
+    meta_path = out / "dataset" / "metadata.json"
+    doc = layout.read_json(meta_path)
+    doc["num_objects"] = -1
+    meta_path.write_text(json.dumps(doc))
+    generate_dataset(out, dataclasses.replace(cfg), progress=False)
+    assert layout.read_json(meta_path)["num_objects"] != -1
     cfg = dataclasses.replace(SMALL, shapes=["sphere"], min_resolution=16)
     a = generate_dataset(tmp_path / "a", cfg, progress=False)
     b = generate_dataset(tmp_path / "b", dataclasses.replace(cfg, seed=4), progress=False)
