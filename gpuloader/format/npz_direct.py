@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import io
 import os
+import struct
 import sys
 import zipfile
 import zlib
@@ -101,19 +102,24 @@ class _Directory:
     #: member names -> their positions, one dict for every file with those members
     _SHARED: dict[tuple[str, ...], dict[str, int]] = {}
 
-    def __init__(self, infos: list[zipfile.ZipInfo]) -> None:
-        names = tuple(sys.intern(i.filename) for i in infos)
-        index = self._SHARED.get(names)
+    def __init__(self, names: list[str], fields: list[int]) -> None:
+        """``names`` of the members in order; ``fields``: six integers per member, in the
+        order of :class:`_Entry`."""
+        key = tuple(sys.intern(n) for n in names)
+        index = self._SHARED.get(key)
         if index is None:
             if len(self._SHARED) > 256:
                 self._SHARED.clear()
-            index = self._SHARED[names] = {n: k for k, n in enumerate(names)}
+            index = self._SHARED[key] = {n: k for k, n in enumerate(key)}
         self._index = index
-        self._fields = array.array(
-            "q",
-            [v for i in infos for v in (i.header_offset, i.compress_type, i.compress_size,
-                                        i.file_size, i.CRC, i.flag_bits)],
-        )  # fmt: skip
+        self._fields = array.array("q", fields)
+
+    @classmethod
+    def of_infos(cls, infos: list[zipfile.ZipInfo]) -> _Directory:
+        """The directory of ``zipfile``'s entries."""
+        fields = [v for i in infos for v in (i.header_offset, i.compress_type, i.compress_size,
+                                             i.file_size, i.CRC, i.flag_bits)]  # fmt: skip
+        return cls([i.filename for i in infos], fields)
 
     def __contains__(self, name: str) -> bool:
         return name in self._index
@@ -130,24 +136,86 @@ _DIRS: dict[str, tuple[tuple[int, ...], _Directory]] = {}
 _DIRS_MAX = 16384
 
 
-def _directory(path: Path, fh: Any) -> _Directory:
-    """The zip directory of the open file ``fh`` (``path``): remembered while the file's
-    size, times and inode stay the same (:func:`~gpuloader.format.header_cache.file_stamp`;
-    a file changed in the last seconds is read every time)."""
+def _directory(path: Path, fh: Any, size: int) -> _Directory:
+    """The zip directory of the open file ``fh`` (``path``, ``size`` bytes): remembered
+    while the file's size, times and inode stay the same
+    (:func:`~gpuloader.format.header_cache.file_stamp`; a file changed in the last seconds
+    is read every time)."""
     name = os.fspath(path)
     got = file_stamp(path)
     stamp = tuple(got[0]) if got is not None else None
     known = _DIRS.get(name)
     if stamp is not None and known is not None and known[0] == stamp:
         return known[1]
-    fh.seek(0)
-    with zipfile.ZipFile(fh) as zf:
-        entries = _Directory(zf.infolist())
+    entries = _read_directory(fh, size)
+    if entries is None:  # zip64, data before the archive, a comment, ...: zipfile's reader
+        fh.seek(0)
+        with zipfile.ZipFile(fh) as zf:
+            entries = _Directory.of_infos(zf.infolist())
     if stamp is not None and got[1]:
         if len(_DIRS) >= _DIRS_MAX:
             _DIRS.clear()
         _DIRS[name] = (stamp, entries)
     return entries
+
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record (22 bytes)
+_CDIR = struct.Struct("<4s6H3L5H2L")  # central directory entry (46 bytes, then the name)
+#: the archive's last bytes read at once: the end record and, mostly, the whole directory
+_TAIL_READ = 4096
+
+
+def _read_directory(fh: Any, size: int) -> _Directory | None:
+    """The central directory of a plain zip archive (what ``numpy.savez`` writes): one read
+    of the file's last bytes, parsed with :mod:`struct` (``zipfile`` builds an object per
+    member, ~10 us each). None for anything else (zip64 fields, a comment, bytes before the
+    archive, more than one disk, an entry that does not parse): ``zipfile`` then reads it,
+    and names what is wrong. The members themselves are checked as they are read."""
+    if size < _EOCD.size:
+        return None
+    tail_at = max(0, size - _TAIL_READ)
+    fh.seek(tail_at)
+    tail = fh.read(size - tail_at)
+    if len(tail) != size - tail_at:
+        return None
+    sig, disk, cd_disk, n_here, n_all, cd_size, cd_at, comment = _EOCD.unpack_from(
+        tail, len(tail) - _EOCD.size
+    )
+    if sig != b"PK\x05\x06" or comment or disk or cd_disk or n_here != n_all:
+        return None
+    if 0xFFFF in (n_here, n_all) or 0xFFFFFFFF in (cd_size, cd_at):
+        return None  # zip64
+    if cd_at + cd_size != size - _EOCD.size:
+        return None  # bytes before the archive, or between directory and end record
+    if cd_at >= tail_at:
+        cd = tail[cd_at - tail_at : cd_at - tail_at + cd_size]
+    else:
+        fh.seek(cd_at)
+        cd = fh.read(cd_size)
+    if len(cd) != cd_size:
+        return None
+    names: list[str] = []
+    fields: list[int] = []
+    pos = 0
+    for _ in range(n_all):
+        if pos + _CDIR.size > cd_size:
+            return None
+        e = _CDIR.unpack_from(cd, pos)
+        if e[0] != b"PK\x01\x02":
+            return None
+        flags, method, crc, csize, usize = e[3], e[4], e[7], e[8], e[9]
+        n_name, n_extra, n_comment, offset = e[10], e[11], e[12], e[16]
+        if 0xFFFFFFFF in (csize, usize, offset):
+            return None  # zip64 values in the extra field
+        raw = cd[pos + _CDIR.size : pos + _CDIR.size + n_name]
+        pos += _CDIR.size + n_name + n_extra + n_comment
+        if len(raw) != n_name or pos > cd_size:
+            return None
+        names.append(raw.decode("utf-8" if flags & 0x800 else "cp437"))
+        fields += (offset, method, csize, usize, crc, flags)
+    if pos != cd_size or len(set(names)) != len(names):
+        return None
+    return _Directory(names, fields)
 
 
 class _Member:
@@ -278,7 +346,7 @@ def fast_load_npz(
             if fh.read(4) not in _ZIP_MAGIC:
                 raise ValueError("not a zip")
             size = os.fstat(fh.fileno()).st_size
-            infos = _directory(path, fh)
+            infos = _directory(path, fh, size)
             wanted = list(keys)
             wanted += [k for k in optional if f"{k}.npy" in infos or k in infos]
             out: dict[str, np.ndarray] = {}

@@ -419,7 +419,8 @@ def _value_problem(path: Any, vox: np.ndarray) -> FileCheckError | None:
     """A number grid's voxels that are not exactly 0 or 1 (NaN, -1, 1e-30 ...; of a bool
     grid, bytes other than 0 and 1, which numpy reads as True)."""
     raw = vox.view(np.uint8) if vox.dtype == np.bool_ else vox
-    if vox.size == 0 or (raw.dtype.kind in "iu" and raw.min() >= 0 and raw.max() <= 1):
+    kind = raw.dtype.kind
+    if vox.size == 0 or (kind in "iu" and raw.max() <= 1 and (kind == "u" or raw.min() >= 0)):
         return None
     bad = (raw != 0) & (raw != 1)  # NaN compares unequal to both
     if not bad.any():

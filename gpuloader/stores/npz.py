@@ -256,12 +256,12 @@ def level_side(dataset_dir: Path | str, level: int) -> int | None:
     """The grid side of ``level`` in the voxel dataset ``dataset_dir``: its
     ``metadata.json``'s ``base_resolution >> level`` (else ``level_resolutions[level]``);
     None when the file says neither (then no side can be checked)."""
-    meta = Path(dataset_dir) / "metadata.json"
+    meta = os.path.join(os.fspath(dataset_dir), "metadata.json")  # runs for every sample
     try:
         st = os.stat(meta)
     except OSError:
         return None
-    base, sides = _level_sides(str(meta), (st.st_size, st.st_mtime_ns))
+    base, sides = _level_sides(meta, (st.st_size, st.st_mtime_ns))
     level = int(level)
     if base is not None:
         return base >> level if level >= 0 and base >> level >= 1 else None
@@ -273,14 +273,21 @@ def voxel_file_side(path: Path | str) -> int | None:
     (``<dataset>/objects/object_<ID>/level_0.npz`` or
     ``<dataset>/subvolumes/level_<L>/<hh>/<hash>.npz``) and :func:`level_side`; None when
     the path is not in that layout or the metadata does not say."""
-    # string splits, not pathlib: this runs for every sample read
     head, name = os.path.split(os.fspath(path).rstrip(os.sep) or os.sep)
+    place = _voxel_place(head, name == "level_0.npz")
+    return None if place is None else level_side(*place)
+
+
+@functools.lru_cache(maxsize=4096)
+def _voxel_place(head: str, level_0: bool) -> tuple[str, int] | None:
+    """``(dataset root, level)`` of a voxel file in folder ``head`` (``level_0``: it is named
+    ``level_0.npz``), from the layout's folder names alone."""
     head, folder = os.path.split(head)
     head, parent = os.path.split(head)
-    if name == "level_0.npz" and folder.startswith("object_") and parent == "objects":
-        return level_side(head or ".", 0)
+    if level_0 and folder.startswith("object_") and parent == "objects":
+        return head or ".", 0
     root, top = os.path.split(head)
     if top != "subvolumes" or not parent.startswith("level_") or not folder:
         return None
     level = parent[len("level_") :]
-    return level_side(root or ".", int(level)) if level.isdigit() else None
+    return (root or ".", int(level)) if level.isdigit() else None

@@ -154,3 +154,68 @@ def test_a_read_holds_one_inflater_and_one_chunk_besides_its_arrays(
     bound = 2 * npz_direct._IN_CHUNK + 2 * npz_direct._OUT_CHUNK + (64 << 10)
     assert peak - held < bound, (peak, held)
     assert direct == []
+
+
+def _archives(tmp_path: Path) -> dict[str, Path]:
+    """Zip archives of npy members as numpy, zipfile and other writers make them."""
+    buf = io.BytesIO()
+    np.save(buf, np.arange(300, dtype=np.float32))
+    npy = buf.getvalue()
+    made: dict[str, Path] = {}
+
+    def zipped(name: str, **kw) -> zipfile.ZipFile:
+        made[name] = tmp_path / f"{name}.npz"
+        return zipfile.ZipFile(made[name], "w", **kw)
+
+    np.savez_compressed(tmp_path / "numpy.npz", a=np.ones((40, 3), np.float32), b=np.int64(3))
+    made["numpy"] = tmp_path / "numpy.npz"
+    many = {f"m{i:03d}": np.full(i + 1, i, np.int32) for i in range(150)}  # directory > 4 KB
+    np.savez(tmp_path / "many.npz", **many)
+    made["many"] = tmp_path / "many.npz"
+    with zipped("comment", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.npy", npy)
+        zf.comment = b"a comment"
+    # zip64 fields in the local header only (as numpy writes each member)
+    with zipped("local_zip64") as zf, zf.open("a.npy", "w", force_zip64=True) as f:
+        f.write(npy)
+    with zipped("utf8") as zf:
+        zf.writestr("é.npy", npy)
+        zf.writestr("a.npy", npy)
+    with zipped("duplicate") as zf, pytest.warns(UserWarning, match="Duplicate"):
+        zf.writestr("a.npy", npy)
+        zf.writestr("a.npy", npy[:-4] + b"\0\0\0\0")
+    prepended = tmp_path / "prepended.npz"
+    prepended.write_bytes(b"\0" * 100 + made["numpy"].read_bytes())
+    made["prepended"] = prepended
+    return made
+
+
+def test_the_directory_is_zipfiles_or_left_to_zipfile(tmp_path: Path) -> None:
+    """The struct parser of the central directory gives exactly ``zipfile``'s entries for a
+    plain archive, and None (``zipfile`` reads it) for anything it does not parse; reads
+    through either give ``load_npz``'s arrays or its error."""
+    import os
+
+    from gpuloader.format import npz_direct as npz
+
+    parsed = []
+    for name, p in _archives(tmp_path).items():
+        with open(p, "rb", buffering=0) as fh:
+            got = npz._read_directory(fh, os.fstat(fh.fileno()).st_size)
+            fh.seek(0)
+            with zipfile.ZipFile(fh) as zf:
+                want = npz._Directory.of_infos(zf.infolist())
+                keys = tuple(n.removesuffix(".npy") for n in zf.namelist())
+        if got is not None:
+            parsed.append(name)
+            assert got._index == want._index and got._fields == want._fields, name
+        npz._DIRS.clear()
+        try:
+            ref = load_npz(p, keys)
+        except Exception as exc:  # noqa: BLE001 - the same named error (data before the zip)
+            with pytest.raises(type(exc)):
+                fast_load_npz(p, keys)
+            continue
+        for k, v in fast_load_npz(p, keys).items():
+            assert np.array_equal(v, ref[k]), (name, k)
+    assert sorted(parsed) == ["local_zip64", "many", "numpy", "utf8"]
