@@ -141,27 +141,36 @@ class Suite:
         lb = DataLoader(base, batch_sampler=sb, collate_fn=up.upstream_collate, **extra)
         return lo, lb
 
-    def throughput(self, loader: Iterable[dict], epochs: int = 2) -> dict[str, float]:
-        """One warm-up epoch, then the median rays/s and samples/s of ``epochs`` epochs."""
+    def _epoch(self, loader: Iterable[dict]) -> tuple[float, float, float]:
+        """(rays/s, samples/s, rays per batch) of one epoch (or ``--max-batches``)."""
         limit = self.args.max_batches
-        rates: list[tuple[float, float, float]] = []
-        for e in range(epochs + 1):
-            tick = time.perf_counter()
-            rays = samples = batches = 0
-            for batch in loader:
-                rays += int(batch["origins"].shape[0])
-                samples += int(batch["voxels"].shape[0])
-                batches += 1
-                if limit is not None and batches >= limit:
-                    break
-            secs = max(time.perf_counter() - tick, 1e-9)
-            if e > 0:
-                rates.append((rays / secs, samples / secs, rays / max(batches, 1)))
-        return {
-            "rays_per_s": statistics.median(r[0] for r in rates),
-            "samples_per_s": statistics.median(r[1] for r in rates),
-            "rays_per_batch": statistics.median(r[2] for r in rates),
-        }
+        tick = time.perf_counter()
+        rays = samples = batches = 0
+        for batch in loader:
+            rays += int(batch["origins"].shape[0])
+            samples += int(batch["voxels"].shape[0])
+            batches += 1
+            if limit is not None and batches >= limit:
+                break
+        secs = max(time.perf_counter() - tick, 1e-9)
+        return rays / secs, samples / secs, rays / max(batches, 1)
+
+    def throughput_pair(
+        self, ours: Iterable[dict], base: Iterable[dict], epochs: int = 3
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """One warm-up epoch of each, then ``epochs`` epochs of each, alternately (a noisy
+        machine drifts: the side timed in a quiet spell would win), and the medians of each
+        side's rays/s, samples/s and rays per batch."""
+        self._epoch(ours), self._epoch(base)
+        got: tuple[list, list] = ([], [])
+        for _ in range(epochs):
+            got[0].append(self._epoch(ours))
+            got[1].append(self._epoch(base))
+        keys = ("rays_per_s", "samples_per_s", "rays_per_batch")
+        o, b = (
+            {k: statistics.median(r[j] for r in side) for j, k in enumerate(keys)} for side in got
+        )
+        return o, b
 
     def add(
         self,
@@ -186,13 +195,19 @@ class Suite:
         print(f"  {name:38s} {ours:12,.2f} {base:12,.2f} {unit:10s} {ratio:7.2f}x")
 
 
-def _median_ms(fn: Callable[[int], object], n: int) -> float:
-    times = []
+def _median_ms(
+    ours: Callable[[int], object], base: Callable[[int], object], n: int
+) -> tuple[float, float]:
+    """Median milliseconds of ``ours(i)`` and ``base(i)`` for i < n, called alternately
+    (each collected before: a pending collection would land in whichever runs next)."""
+    times: tuple[list[float], list[float]] = ([], [])
     for i in range(n):
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+        for side, fn in enumerate((ours, base)):
+            gc.collect()
+            t = time.perf_counter()
+            fn(i)
+            times[side].append(time.perf_counter() - t)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def bench_single(s: Suite) -> None:
@@ -201,16 +216,14 @@ def bench_single(s: Suite) -> None:
     s.add(
         "single",
         "cold voxel cache",
-        _median_ms(ours.__getitem__, n),
-        _median_ms(base.__getitem__, n),
+        *_median_ms(ours.__getitem__, base.__getitem__, n),
         "ms/sample",
         False,
     )
     s.add(
         "single",
         "warm voxel cache",
-        _median_ms(ours.__getitem__, n),
-        _median_ms(base.__getitem__, n),
+        *_median_ms(ours.__getitem__, base.__getitem__, n),
         "ms/sample",
         False,
     )
@@ -218,7 +231,7 @@ def bench_single(s: Suite) -> None:
 
 def bench_loader(s: Suite) -> None:
     lo, lb = s.loaders(s.ours(), s.base(), s.args.num_workers, ray_sampler=False)
-    o, b = s.throughput(lo), s.throughput(lb)
+    o, b = s.throughput_pair(lo, lb)
     s.add(
         "loader",
         f"DataLoader, {s.args.num_workers} workers",
@@ -255,7 +268,7 @@ def bench_batch(s: Suite) -> None:
             num_workers=s.args.num_workers,
             persistent_workers=s.args.num_workers > 0,
         )
-        o, b = s.throughput(lo, epochs=1), s.throughput(lb, epochs=1)
+        o, b = s.throughput_pair(lo, lb, epochs=2)
         print(
             f"  rays_per_batch={rpb}: gpuloader batches hold {o['rays_per_batch']:,.0f} rays, "
             f"upstream {b['rays_per_batch']:,.0f} (it ignores rays_per_batch)"
@@ -282,7 +295,7 @@ def bench_cache(s: Suite) -> None:
     for size in sorted({0, 10, 100, n}):
         ours, base = s.ours(cache_size=size), s.base(cache_size=size)
         lo, lb = s.loaders(ours, base, 0)
-        o, b = s.throughput(lo), s.throughput(lb)
+        o, b = s.throughput_pair(lo, lb)
         s.add("cache", f"cache_size={size}", o["samples_per_s"], b["samples_per_s"], "samples/s")
         hit_b = base.cache_hits / max(1, base.cache_hits + base.cache_misses)
         print(f"  {'':38s} {_cache_use(ours, lo)} vs upstream's hit rate {hit_b:.0%}")
@@ -334,8 +347,7 @@ def bench_transform(s: Suite) -> None:
         s.add(
             "transform",
             name,
-            _median_ms(ours.__getitem__, n),
-            _median_ms(base.__getitem__, n),
+            *_median_ms(ours.__getitem__, base.__getitem__, n),
             "ms/sample",
             False,
         )
@@ -397,7 +409,7 @@ def bench_workers(s: Suite) -> None:
     counts = sorted({0, 1, 2, s.args.num_workers})
     for w in counts:
         lo, lb = s.loaders(s.ours(), s.base(), w)
-        o, b = s.throughput(lo), s.throughput(lb)
+        o, b = s.throughput_pair(lo, lb)
         s.add("workers", f"num_workers={w}", o["rays_per_s"], b["rays_per_s"], "rays/s")
 
 
