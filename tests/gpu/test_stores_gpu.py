@@ -70,3 +70,32 @@ def test_auto_picks_the_gpu_store_when_it_fits(dirs):
     ds = HierarchicalVoxelRayDataset(dirs[0], dirs[1])
     with GPURayLoader(ds, RAYS, SPB, transform=transform(), device="cuda", num_workers=0) as ld:
         assert ld.store == "gpu" and "GPU budget" in ld.store_reason
+
+
+def _cloned(batches) -> list[dict]:
+    """Batches copied out of the GPU store's ring of reused output buffers."""
+    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+            for b in batches]  # fmt: skip
+
+
+@pytest.mark.parametrize("store", ["gpu", "host"])
+def test_one_pass_at_a_time_on_cuda(dirs, store):
+    """Issue 18 item 9 on the GPU stores: a new ``iter(loader)`` ends the pass in progress;
+    the new pass is the next epoch, whole and unmixed; the old iterator's next ``next()``
+    raises PassEndedError (tests/loading/test_one_pass.py checks the CPU stores)."""
+    from gpuloader.errors import PassEndedError
+
+    ds = HierarchicalVoxelRayDataset(dirs[0], dirs[1])
+    want = [cpu_batches(ds, e) for e in (0, 1)]
+    with GPURayLoader(ds, RAYS, SPB, transform=transform(), device="cuda", store=store,
+                      num_workers=2) as ld:  # fmt: skip
+        ld.set_epoch(0)
+        it = iter(ld)
+        peek = _cloned([next(it)])
+        torch.cuda.synchronize()
+        assert_close(peek, want[0][:1])
+        got = _cloned(ld)  # epoch 1, from its first batch
+        torch.cuda.synchronize()
+        assert_close(got, want[1])
+        with pytest.raises(PassEndedError, match=r"a new iter\(loader\) started"):
+            next(it)
