@@ -39,7 +39,7 @@ import upstream_baseline as up  # noqa: E402  (baseline only, not part of gpuloa
 
 RAYS_PER_SAMPLE = 512
 #: dataset constructions and DataLoader epochs timed per figure (the median is printed)
-REPEATS, EPOCHS = 7, 3
+REPEATS, EPOCHS = 7, 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
